@@ -1,0 +1,337 @@
+"""The routed decoder loop.
+
+`apply_routing(model, config)` replaces the forward of the model's text decoder by `Router._decoder_forward`,
+which owns the layer loop:
+
+* Prefill. The schedule cuts the layers into segments at its stage layers. At a stage the scorer ranks the
+  candidate visual tokens from the hidden states entering that layer, and the top `keep` of each sample become
+  the active set. Within a segment the sequence is compact: only the text tokens and the active visual tokens,
+  in their original order, right-padded per sample. Tokens keep their original rotary positions, so a causal
+  mask over the compact order is the causal mask of the original sequence. After the segment the outputs are
+  written back into a full-length buffer: tokens that did not run keep the state they had (the reroute bypass;
+  under prune they are never selected again).
+* K/V. Each layer caches only the tokens that ran in it (`RoutedCache`), with a per-layer validity mask; the
+  cache reports the logical (unrouted) sequence length so that `generate()` and M-RoPE continue from it.
+* Decode. New tokens are text: they run through every layer and attend to that layer's valid cache entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from visroute.config import RoutingConfig
+from visroute.families import adapter_for
+from visroute.record import RoutingRecord, StageRecord
+from visroute.scoring import build_scorer
+from visroute.scoring.base import StageContext
+from visroute.tensors import compact_index, gather_rows, scatter_rows_
+
+
+class RoutedCache(DynamicCache):
+    """The K/V cache of a routed prefill. Layer l holds only the tokens that ran in layer l (compact,
+    right-padded per sample); `kv_valid[l]` (B, entries) marks the real entries. `get_seq_length` reports the
+    logical sequence length (prompt + generated tokens, as if nothing had been routed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logical_length = 0
+        self.kv_valid: list[torch.Tensor] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.logical_length
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the cached key and value tensors (padding included)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.kv_valid = [v.index_select(0, beam_idx.to(v.device)) for v in self.kv_valid]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.kv_valid = [v.repeat_interleave(repeats, dim=0) for v in self.kv_valid]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.kv_valid = [v[indices] for v in self.kv_valid]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("A routed K/V cache cannot be cropped (assisted decoding is not supported)")
+
+
+def _causal_mask(key_valid: torch.Tensor, n_query: int, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, Q, K) mask for the last Q of K compact positions: causal over the compact order and blind to
+    invalid keys. Bool for SDPA, additive for eager attention."""
+    b, k = key_valid.shape
+    q_pos = torch.arange(k - n_query, k, device=key_valid.device)
+    allowed = (torch.arange(k, device=key_valid.device)[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]
+    allowed = allowed[:, None]
+    if eager:
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed
+
+
+def select_top(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, Nv) bool: per sample the `min(keep, #candidates)` candidates with the highest scores (ties go to the
+    lower index)."""
+    big = torch.finfo(torch.float32).max
+    s = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big)
+    s = torch.where(candidates, s, torch.full_like(s, float("-inf")))
+    k = torch.minimum(keep, candidates.sum(1))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    take = torch.arange(s.shape[1], device=s.device)[None, :] < k[:, None]
+    return torch.zeros_like(candidates).scatter_(1, order, take)
+
+
+class Router:
+    """Routes every forward / `generate` of `model` by `config`. Create it with `apply_routing`."""
+
+    def __init__(self, model: nn.Module, config: RoutingConfig):
+        if getattr(model, "_visroute_router", None) is not None:
+            raise RuntimeError("This model is already routed; call router.remove() first")
+        self.model = model
+        self.config = config
+        self.adapter = adapter_for(model)
+        config.validate_for(self.adapter.num_layers)
+        impl = getattr(self.adapter.text_config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"visroute runs the decoder with SDPA or eager attention, not {impl!r}")
+        self.scorer = build_scorer(config.scorer, config.scorer_options)
+        self.last_record: RoutingRecord | None = None
+        self._pending: tuple[tuple, dict] | None = None
+        self._replay: RoutingRecord | None = None
+        self._extras: dict[str, Any] = {}
+
+        lm = self.adapter.language_model
+        self._lm = lm
+        self._lm_had_forward = "forward" in lm.__dict__  # e.g. an accelerate hook wrapper: keep and restore it
+        self._lm_prev_forward = lm.__dict__.get("forward")
+        self._original_forward = lm.forward
+        lm.forward = self._decoder_forward
+        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.adapter.install()
+        self.scorer.attach(self.adapter)
+        model._visroute_router = self
+
+    # ---- public ---------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Undo `apply_routing`: the model is exactly as before."""
+        if getattr(self.model, "_visroute_router", None) is not self:
+            return
+        self._hook.remove()
+        self.adapter.uninstall()
+        if self._lm_had_forward:
+            self._lm.forward = self._lm_prev_forward
+        else:
+            del self._lm.forward
+        self.scorer.detach()
+        del self.model._visroute_router
+
+    def __enter__(self) -> "Router":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def replaying(self, record: RoutingRecord) -> Iterator[None]:
+        """Within the block, prefills take the stage selections of `record` instead of scoring (the replay of
+        DESIGN.md rule 4: one forward over prompt + generated tokens with the prefill's decisions frozen)."""
+        self._replay = record
+        try:
+            yield
+        finally:
+            self._replay = None
+
+    @contextlib.contextmanager
+    def call_options(self, **extras: Any) -> Iterator[None]:
+        """Per-call inputs for scorers within the block, e.g. `relevance=` for the oracle."""
+        old, self._extras = self._extras, dict(extras)
+        try:
+            yield
+        finally:
+            self._extras = old
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pending = (args, kwargs)
+
+    def _decoder_forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ):
+        pending, self._pending = self._pending, None
+        if isinstance(past_key_values, RoutedCache) and past_key_values.logical_length > 0:
+            self._check_kwargs(kwargs, attention_mask)
+            return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
+        call = self.adapter.capture(*pending) if pending is not None else None
+        if call is None or call.visual_mask is None:
+            self.last_record = None
+            return self._original_forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            )
+        self._check_kwargs(kwargs, attention_mask)
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("Routing needs the image prompt in one prefill that starts from an empty cache")
+        if use_cache is None:
+            use_cache = bool(getattr(self.adapter.text_config, "use_cache", True))
+        return self._prefill(call, input_ids, inputs_embeds, attention_mask, position_ids, use_cache)
+
+    @staticmethod
+    def _check_kwargs(kwargs: dict, attention_mask) -> None:
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError(
+                "output_attentions / output_hidden_states are not available while routing; "
+                "use router.last_record, or router.remove() for an unrouted forward"
+            )
+        if attention_mask is not None and (isinstance(attention_mask, dict) or attention_mask.dim() != 2):
+            raise ValueError("Routing takes a 2-D padding attention mask (batch, sequence); it builds its own masks")
+
+    # ---- prefill --------------------------------------------------------------------------------------------
+    def _prefill(self, call, input_ids, embeds, attention_mask, position_ids, use_cache):
+        lm, adapter, cfg = self._lm, self.adapter, self.config
+        if embeds is None:
+            embeds = lm.embed_tokens(input_ids)
+        b, length, dim = embeds.shape
+        dev = embeds.device
+        eager = adapter.text_config._attn_implementation == "eager"
+        no = torch.zeros(b, 1, dtype=torch.bool, device=dev)
+
+        valid = attention_mask.to(dev).bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
+        layout = adapter.layout(call, valid)
+        visual = torch.zeros(b, length + 1, dtype=torch.bool, device=dev).scatter_(1, layout.positions, layout.valid)
+        visual[:, length] = False
+        valid_x = torch.cat([valid, no], 1)  # "_x": with the dummy slot at index L
+        text = valid_x & ~visual
+        seq = torch.arange(length, device=dev)
+        last_index = torch.where(valid, seq, -1).max(1).values
+
+        pos = adapter.rope_position_ids(position_ids, b, length, 0, dev)
+        cos, sin = adapter.rotary(embeds, pos)
+        cos, sin = torch.cat([cos, cos[:, :1]], 1), torch.cat([sin, sin[:, :1]], 1)
+        embeds_x = torch.cat([embeds, embeds.new_zeros(b, 1, dim)], 1)
+        full = embeds_x.clone()
+
+        counts = layout.counts
+        num_layers = adapter.num_layers
+        record = RoutingRecord(
+            action=cfg.action, scorer=cfg.scorer, num_layers=num_layers, num_visual=counts.cpu(),
+            images=layout.images, seq_lengths=valid.sum(1).cpu(),
+            active_tokens=torch.zeros(num_layers, b, dtype=torch.long),
+            active_visual=torch.zeros(num_layers, b, dtype=torch.long),
+        )
+        cache = RoutedCache() if use_cache else None
+        active = layout.valid.clone()
+        stage_at = {s.layer: i for i, s in enumerate(cfg.stages)}
+        bounds = sorted({0, num_layers, *stage_at})
+
+        for start, end in zip(bounds, bounds[1:]):
+            if start in stage_at:
+                active = self._run_stage(stage_at[start], active, record, layout, full, embeds_x, valid_x, text,
+                                         cos, sin, last_index, call.input_ids)
+            present = text.clone().scatter_(1, layout.positions, active)
+            present[:, length] = False
+            idx, cvalid = compact_index(present, dummy=length)
+            h = gather_rows(full, idx)
+            rotary = (gather_rows(cos, idx), gather_rows(sin, idx))
+            mask = None if bool(cvalid.all()) else _causal_mask(cvalid, cvalid.shape[1], eager, embeds.dtype)
+            ran, ran_visual = cvalid.sum(1).cpu(), active.sum(1).cpu()
+            for li in range(start, end):
+                out = adapter.layers[li](h, attention_mask=mask, position_embeddings=rotary,
+                                         past_key_values=cache, use_cache=use_cache)
+                h = out[0] if isinstance(out, tuple) else out
+                record.active_tokens[li], record.active_visual[li] = ran, ran_visual
+                if cache is not None:
+                    cache.kv_valid.append(cvalid)
+            scatter_rows_(full, idx, h)
+
+        hidden = lm.norm(full[:, :length])
+        if cache is not None:
+            cache.logical_length = length
+            record.kv_tokens = torch.stack([v.sum(1) for v in cache.kv_valid]).cpu()
+        self.last_record = record
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+    def _run_stage(self, i, active, record, layout, full, embeds_x, valid_x, text, cos, sin, last_index, input_ids):
+        cfg = self.config
+        stage = cfg.stages[i]
+        counts = layout.counts
+        candidates = active if cfg.action == "prune" else layout.valid
+        if isinstance(stage.keep, int):
+            requested = torch.full_like(counts, stage.keep)
+        else:
+            requested = torch.floor(stage.keep * counts.double() + 1e-9).long()
+        scores = None
+        if self._replay is not None:
+            new = self._replay.stages[i].active.to(active.device)
+            if new.shape != active.shape:
+                raise ValueError("The replayed record does not match this batch's visual tokens")
+        else:
+            key_mask = text.clone().scatter_(1, layout.positions, candidates)
+            key_mask[:, -1] = False
+            ctx = StageContext(
+                stage_index=i, layer_index=stage.layer, action=cfg.action, layer=self.adapter.layers[stage.layer],
+                hidden=full, inputs_embeds=embeds_x, valid=valid_x, text=text, layout=layout,
+                candidates=candidates, key_mask=key_mask, cos=cos, sin=sin, last_index=last_index,
+                input_ids=input_ids, adapter=self.adapter, extras=self._extras,
+            )
+            scores = self.scorer.score(ctx).to(active.device)
+            new = select_top(scores, candidates, requested)
+        record.stages.append(
+            StageRecord(layer=stage.layer, keep=stage.keep, active=new.cpu(), requested=requested.cpu(),
+                        candidates=candidates.sum(1).cpu(), num_visual=counts.cpu(),
+                        scores=None if scores is None else scores.detach().float().cpu())
+        )
+        return new
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    def _decode(self, input_ids, embeds, attention_mask, position_ids, cache: RoutedCache):
+        lm, adapter = self._lm, self.adapter
+        if embeds is None:
+            embeds = lm.embed_tokens(input_ids)
+        b, q, _ = embeds.shape
+        dev = embeds.device
+        eager = adapter.text_config._attn_implementation == "eager"
+        new_valid = (attention_mask[:, -q:].to(dev).bool() if attention_mask is not None
+                     else torch.ones(b, q, dtype=torch.bool, device=dev))
+        pos = adapter.rope_position_ids(position_ids, b, q, cache.logical_length, dev)
+        rotary = adapter.rotary(embeds, pos)
+        h = embeds
+        for li, layer in enumerate(adapter.layers):
+            key_valid = torch.cat([cache.kv_valid[li].to(dev), new_valid], 1)
+            mask = None if (q == 1 and bool(key_valid.all())) else _causal_mask(key_valid, q, eager, embeds.dtype)
+            out = layer(h, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, use_cache=True)
+            h = out[0] if isinstance(out, tuple) else out
+            cache.kv_valid[li] = key_valid
+        cache.logical_length += q
+        return BaseModelOutputWithPast(last_hidden_state=lm.norm(h), past_key_values=cache)
+
+
+def apply_routing(model: nn.Module, config: RoutingConfig | dict | str | Path) -> Router:
+    """Route every later forward / `generate` of `model` by `config` (a RoutingConfig, a dict, or a YAML
+    path). Returns the Router; `router.remove()` (or leaving a `with` block) restores the model."""
+    if isinstance(config, dict):
+        config = RoutingConfig.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        config = RoutingConfig.from_yaml(config)
+    elif not isinstance(config, RoutingConfig):
+        raise TypeError(f"config must be a RoutingConfig, a dict or a YAML path, not {type(config).__name__}")
+    return Router(model, config)

@@ -1,0 +1,162 @@
+"""The interface every model-family adapter implements: where the decoder, its layers and rotary embedding live,
+which positions of a batch are visual tokens and how they form image grids."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from visroute.record import ImageSpan, VisualLayout
+
+
+@dataclass
+class CallInputs:
+    """What the top-level forward was called with, as the routed decoder needs it."""
+
+    input_ids: torch.Tensor | None
+    visual_mask: torch.Tensor | None  # (B, L) True at visual-token positions, None when there are none
+    image_token_counts: list[int]  # tokens of each image of the batch, in batch order
+    image_grids: list[tuple[int | None, int | None, int]]  # (rows, cols, frames) per image
+    images_given: bool  # pixel values or pre-encoded image features came with the call
+    extras: dict[str, Any]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _default_rope(q, k, cos, sin, unsqueeze_dim=1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class FamilyAdapter:
+    """Base adapter. Subclasses set `model_classes` and implement the visual-token and position logic."""
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        inner = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        self.inner = inner
+        self.language_model: nn.Module = inner.language_model
+        self.text_config = self.language_model.config
+        layer_types = getattr(self.text_config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(
+                f"visroute supports decoders with full attention in every layer; this model has layer types "
+                f"{sorted(set(layer_types))}"
+            )
+        self._signature = inspect.signature(model.forward)
+
+    # ---- decoder structure -------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.language_model.layers)
+
+    def rope_function(self) -> Callable:
+        """The model's own `apply_rotary_pos_emb`, found in the module that defines its attention class."""
+        attn = self.layers[0].self_attn
+        return getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", _default_rope)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (B, L, head_dim) for the given (family-normalised) position ids."""
+        return self.language_model.rotary_emb(hidden, position_ids)
+
+    def rope_position_ids(
+        self, position_ids: torch.Tensor | None, batch: int, length: int, past: int, device: torch.device
+    ) -> torch.Tensor:
+        """Position ids in the form this family's rotary embedding takes; when none were given, the same default
+        the unmodified decoder would use (consecutive positions after the `past` cached tokens)."""
+        raise NotImplementedError
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = self._signature.bind_partial(*args, **kwargs)
+        out = dict(bound.arguments)
+        out.update(out.pop("kwargs", {}) or {})
+        return out
+
+    def install(self) -> None:
+        """Hooks the adapter needs while routing (removed by `uninstall`)."""
+
+    def uninstall(self) -> None:
+        pass
+
+    def capture(self, args: tuple, kwargs: dict) -> CallInputs:
+        """Read a top-level forward call: input ids, which positions are visual, and each image's grid."""
+        raise NotImplementedError
+
+    def _visual_mask(self, a: dict[str, Any]) -> tuple[torch.Tensor | None, bool]:
+        """The image-token mask of a bound call (None when it holds none), and whether images came with it."""
+        input_ids, embeds = a.get("input_ids"), a.get("inputs_embeds")
+        if input_ids is not None:
+            visual = input_ids == self.image_token_id
+        elif embeds is not None:
+            visual = self.visual_mask_from_embeds(embeds, self.image_token_id)
+        else:
+            visual = None
+        encoded = a.get("mm_encoder_outputs") or {}
+        images_given = a.get("pixel_values") is not None or encoded.get("image") is not None
+        if visual is not None and not bool(visual.any()):
+            if images_given:
+                raise ValueError(
+                    f"Images were given but the input holds no image token (id {self.image_token_id}); the "
+                    "processor does not match the model. Use the processor saved with this model."
+                )
+            visual = None
+        return visual, images_given
+
+    def visual_mask_from_embeds(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.Tensor:
+        # Without input ids, placeholders are recognised by their embedding (as transformers itself does).
+        emb = self.inner.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == emb).all(-1)
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def layout(self, call: CallInputs, valid: torch.Tensor) -> VisualLayout:
+        """Per sample, the sequence positions of its visual tokens and the images they belong to."""
+        visual = call.visual_mask.to(valid.device) & valid
+        batch, length = visual.shape
+        counts = visual.sum(1)
+        nv = int(counts.max()) if batch else 0
+        # Stable sort puts each sample's visual positions first, in sequence order.
+        order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :nv]
+        pos_valid = torch.arange(nv, device=visual.device)[None, :] < counts[:, None]
+        positions = torch.where(pos_valid, order, torch.full_like(order, length))
+        images = self._assign_images(call, counts.tolist())
+        return VisualLayout(positions=positions, valid=pos_valid, images=images)
+
+    def _assign_images(self, call: CallInputs, counts: list[int]) -> list[list[ImageSpan]]:
+        spans: list[list[ImageSpan]] = []
+        it = iter(zip(call.image_token_counts, call.image_grids))
+        for n in counts:
+            sample, offset = [], 0
+            while offset < n:
+                try:
+                    length, (rows, cols, frames) = next(it)
+                except StopIteration:
+                    raise ValueError(
+                        "The visual tokens in the input do not match the images given: a sample holds more "
+                        "image placeholder tokens than the image features account for. Use the processor "
+                        "that belongs to this model."
+                    ) from None
+                sample.append(ImageSpan(offset, length, rows, cols, frames))
+                offset += length
+            if offset != n:
+                raise ValueError(
+                    "The visual tokens of a sample do not split into whole images; the processor and the model "
+                    "disagree on the number of tokens per image."
+                )
+            spans.append(sample)
+        return spans

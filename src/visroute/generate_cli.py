@@ -1,0 +1,159 @@
+"""`visroute generate`: answer one image question with a routed model and show what routing did."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visroute.config import RoutingConfig, parse_stages
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="answer a question about an image with a routed model")
+    p.add_argument("--model", help="Hugging Face model id or local folder (default: the shipped testbed model)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--config", help="routing config YAML (instead of --action/--scorer/--stages)")
+    p.add_argument("--action", choices=["prune", "reroute"], default="prune")
+    p.add_argument("--scorer", default="last_token_attention")
+    p.add_argument("--stages", help='schedule as "layer:keep,...", e.g. 2:0.5,7:0.25 (omit for no routing)')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--show-kept", metavar="PNG", help="write the image with the kept patches of each stage")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a supported VLM and its processor (local folder or hub id), with SDPA attention."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from visroute.families import supported_model_classes
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    archs = set(getattr(config, "architectures", None) or [])
+    if archs and not archs & set(supported_model_classes()):
+        raise TypeError(
+            f"{name_or_path} is a {', '.join(sorted(archs))}; visroute supports "
+            f"{', '.join(supported_model_classes())}"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return model, processor
+
+
+def build_inputs(model, processor, images: list, prompt: str) -> dict[str, Any]:
+    """Format one prompt with its images the way the model expects (its chat template when it has one)."""
+    family = type(model).__name__
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    elif family.startswith("Llava"):
+        text = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"
+    else:
+        text = "<|vision_start|><|image_pad|><|vision_end|>" * len(images) + prompt
+    return dict(processor(images=images, text=text, return_tensors="pt"))
+
+
+def default_model_path() -> str:
+    try:
+        from visroute.testbed import checkpoint_path
+    except ImportError:
+        raise ValueError("no --model given and this build ships no testbed checkpoint") from None
+    return str(checkpoint_path())
+
+
+def run(args) -> int:
+    from PIL import Image
+
+    from visroute.engine import apply_routing
+
+    dtype = getattr(torch, args.dtype)
+    model, processor = load_model(args.model or default_model_path(), dtype, args.device)
+    if args.config:
+        cfg = RoutingConfig.from_yaml(args.config)
+    elif args.stages:
+        cfg = RoutingConfig(action=args.action, scorer=args.scorer, stages=parse_stages(args.stages))
+    else:
+        cfg = None
+    if not Path(args.image).exists():
+        raise FileNotFoundError(f"no image at {args.image}")
+    image = Image.open(args.image).convert("RGB")
+    inputs = build_inputs(model, processor, [image], args.prompt)
+    inputs = {k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+
+    router = apply_routing(model, cfg) if cfg is not None else None
+    timer = _PrefillTimer(model)
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        total = time.perf_counter() - t0
+        record = router.last_record if router is not None else None
+    finally:
+        timer.remove()
+        if router is not None:
+            router.remove()
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    print(answer.strip())
+    print()
+    print(report_table(model, inputs, cfg, record, timer.prefill_s, total))
+    if args.show_kept:
+        if record is None:
+            raise ValueError("--show-kept needs a routing schedule (--stages or --config)")
+        from visroute.visualize import save_kept_patches
+
+        save_kept_patches(image, record, args.show_kept, sample=0, processor=processor)
+        print(f"kept patches written to {args.show_kept}")
+    return 0
+
+
+class _PrefillTimer:
+    """Times the first forward of a generate call (the prefill)."""
+
+    def __init__(self, model):
+        self.prefill_s: float | None = None
+        self._t = None
+        self._h1 = model.register_forward_pre_hook(self._pre)
+        self._h2 = model.register_forward_hook(self._post)
+
+    def _pre(self, *a):
+        if self.prefill_s is None:
+            self._t = time.perf_counter()
+
+    def _post(self, *a):
+        if self.prefill_s is None and self._t is not None:
+            self.prefill_s = time.perf_counter() - self._t
+
+    def remove(self):
+        self._h1.remove()
+        self._h2.remove()
+
+
+def report_table(model, inputs, cfg, record, prefill_s, total_s) -> str:
+    n_layers = record.num_layers if record is not None else model.config.get_text_config().num_hidden_layers
+    seq = int(inputs["attention_mask"][0].sum()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
+    lines = []
+    if record is None:
+        lines.append("routing: none")
+        kv = n_layers * seq
+    else:
+        nv = int(record.num_visual[0])
+        lines.append(f"routing: {cfg.action} by {cfg.scorer}; {nv} visual tokens, {n_layers} decoder layers")
+        lines.append(f"{'stage':>5} {'layer':>5} {'keep':>8} {'visual tokens':>13}")
+        lines.append(f"{'-':>5} {0:>5} {'all':>8} {nv:>13}")
+        for i, st in enumerate(record.stages):
+            note = " (all: keep exceeded the candidates)" if st.clipped[0] else ""
+            lines.append(f"{i:>5} {st.layer:>5} {st.keep!s:>8} {int(st.kept[0]):>13}{note}")
+        lines.append(f"avg_T (visual tokens per layer): {float(record.avg_visual_tokens[0]):.1f}")
+        kv = int(record.kv_tokens[:, 0].sum()) if record.kv_tokens is not None else 0
+    unrouted = n_layers * seq
+    lines.append(f"K/V entries cached after prefill: {kv} of {unrouted} unrouted ({100 * kv / unrouted:.1f}%)")
+    if prefill_s is not None:
+        lines.append(f"prefill {prefill_s * 1e3:.1f} ms, total {total_s * 1e3:.1f} ms")
+    return "\n".join(lines)

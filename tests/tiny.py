@@ -1,0 +1,133 @@
+"""Tiny random-weight VLMs built from configs with the real transformers classes, and batches for them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+VOCAB = 120
+IMAGE_TOKEN = 100  # LLaVA <image>
+PAD = 0
+
+
+def tiny_llava(layers: int = 6, attn: str = "sdpa", seed: int = 0, image_size: int = 32, patch: int = 8):
+    torch.manual_seed(seed)
+    text = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=patch,
+    )
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-1, image_seq_length=(image_size // patch) ** 2)
+    cfg._attn_implementation = attn
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _spread_weights(model)
+    return model
+
+
+def _spread_weights(model, std: float = 0.2):
+    # Random init of tiny models gives near-uniform attention; larger weights make routing decisions matter.
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "language_model" in name and ("proj" in name):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def llava_batch(model, prompts: list[list[int]], n_images: list[int], seed: int = 0):
+    """Left-padded batch. Each prompt is a list of text ids; sample i gets n_images[i] image blocks after its
+    first token."""
+    g = torch.Generator().manual_seed(seed)
+    per = model.config.image_seq_length
+    seqs = []
+    for ids, n in zip(prompts, n_images):
+        seqs.append(ids[:1] + [IMAGE_TOKEN] * (per * n) + ids[1:])
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), PAD)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, length - len(s):] = torch.tensor(s)
+        mask[i, length - len(s):] = 1
+    vc = model.config.vision_config
+    pixel_values = torch.randn(sum(n_images), 3, vc.image_size, vc.image_size, generator=g)
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+
+QWEN_IMAGE, QWEN_VSTART, QWEN_VEND = 110, 111, 112
+
+
+def tiny_qwen(version: str = "2.5", layers: int = 6, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=PAD,
+    )
+    if version == "2.5":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                      fullatt_block_indexes=[1])
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                               vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND,
+                               video_token_id=113)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                            vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND,
+                            video_token_id=113)
+        cls = Qwen2VLForConditionalGeneration
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    model = cls(cfg).eval()
+    _spread_weights(model)
+    return model
+
+
+def qwen_batch(model, prompts: list[list[int]], grids: list[list[tuple[int, int]]], seed: int = 0):
+    """Left-padded batch; sample i holds images with patch grids grids[i] = [(h, w), ...] (before merging),
+    each wrapped in vision-start / vision-end after the prompt's first token."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    m = vc.spatial_merge_size
+    patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+    seqs, types, pixels, thw = [], [], [], []
+    for ids, sample_grids in zip(prompts, grids):
+        s, t = ids[:1], [0]
+        for h, w in sample_grids:
+            n = (h // m) * (w // m)
+            s += [QWEN_VSTART] + [QWEN_IMAGE] * n + [QWEN_VEND]
+            t += [0] + [1] * n + [0]
+            pixels.append(torch.randn(h * w, patch_dim, generator=g))
+            thw.append([1, h, w])
+        s += ids[1:]
+        t += [0] * (len(ids) - 1)
+        seqs.append(s)
+        types.append(t)
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), PAD)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    mm = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, types)):
+        input_ids[i, length - len(s):] = torch.tensor(s)
+        mask[i, length - len(s):] = 1
+        mm[i, length - len(s):] = torch.tensor(t)
+    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm}
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+        out["image_grid_thw"] = torch.tensor(thw)
+    return out
