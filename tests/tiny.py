@@ -74,7 +74,7 @@ def tiny_qwen(version: str = "2.5", layers: int = 6, attn: str = "sdpa", seed: i
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        pad_token_id=PAD,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
     )
     if version == "2.5":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
@@ -82,14 +82,14 @@ def tiny_qwen(version: str = "2.5", layers: int = 6, attn: str = "sdpa", seed: i
                       fullatt_block_indexes=[1])
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
                                vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND,
-                               video_token_id=113)
+                               video_token_id=113, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2)
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
                             vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND,
-                            video_token_id=113)
+                            video_token_id=113, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
         cls = Qwen2VLForConditionalGeneration
     cfg._attn_implementation = attn
     cfg.text_config._attn_implementation = attn

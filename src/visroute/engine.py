@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from visroute.config import RoutingConfig
-from visroute.families import adapter_for
+from visroute.families import CallInputs, adapter_for
 from visroute.record import RoutingRecord, StageRecord
 from visroute.scoring import build_scorer
 from visroute.scoring.base import StageContext
@@ -109,7 +109,7 @@ class Router:
             raise ValueError(f"visroute runs the decoder with SDPA or eager attention, not {impl!r}")
         self.scorer = build_scorer(config.scorer, config.scorer_options)
         self.last_record: RoutingRecord | None = None
-        self._pending: tuple[tuple, dict] | None = None
+        self._pending: CallInputs | None = None
         self._replay: RoutingRecord | None = None
         self._extras: dict[str, Any] = {}
 
@@ -165,7 +165,12 @@ class Router:
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._pending = (args, kwargs)
+        # Read the call here, before the model itself complains about a processor mismatch. Decode steps hold
+        # no images (a generated token may still equal the image token id), so they are not read.
+        bound = self.adapter.bind(args, kwargs)
+        past = bound.get("past_key_values")
+        decoding = past is not None and past.get_seq_length() > 0
+        self._pending = None if decoding else self.adapter.capture(bound)
 
     def _decoder_forward(
         self,
@@ -177,11 +182,10 @@ class Router:
         use_cache: bool | None = None,
         **kwargs: Any,
     ):
-        pending, self._pending = self._pending, None
+        call, self._pending = self._pending, None
         if isinstance(past_key_values, RoutedCache) and past_key_values.logical_length > 0:
             self._check_kwargs(kwargs, attention_mask)
             return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
-        call = self.adapter.capture(*pending) if pending is not None else None
         if call is None or call.visual_mask is None:
             self.last_record = None
             return self._original_forward(

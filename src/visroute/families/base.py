@@ -94,8 +94,9 @@ class FamilyAdapter:
     def uninstall(self) -> None:
         pass
 
-    def capture(self, args: tuple, kwargs: dict) -> CallInputs:
-        """Read a top-level forward call: input ids, which positions are visual, and each image's grid."""
+    def capture(self, a: dict[str, Any]) -> CallInputs:
+        """Read a top-level forward call (its arguments bound by name): input ids, which positions are visual,
+        and each image's grid."""
         raise NotImplementedError
 
     def _visual_mask(self, a: dict[str, Any]) -> tuple[torch.Tensor | None, bool]:

@@ -33,8 +33,7 @@ class LlavaAdapter(FamilyAdapter):
             position_ids = (torch.arange(length, device=device) + past)[None, :].expand(batch, -1)
         return position_ids
 
-    def capture(self, args, kwargs) -> CallInputs:
-        a = self.bind(args, kwargs)
+    def capture(self, a: dict) -> CallInputs:
         visual, images_given = self._visual_mask(a)
         counts, grids = [], []
         if visual is not None:

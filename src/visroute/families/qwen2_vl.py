@@ -55,8 +55,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             position_ids = position_ids[1:]
         return position_ids
 
-    def capture(self, args, kwargs) -> CallInputs:
-        a = self.bind(args, kwargs)
+    def capture(self, a: dict) -> CallInputs:
         visual, images_given = self._visual_mask(a)
         counts, grids = [], []
         if visual is not None:

@@ -1,0 +1,164 @@
+"""The public API: configs, apply/remove, generate across schedules, records, and clear errors for bad input."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import family
+from visroute import RoutingConfig, Stage, apply_routing
+from visroute.config import parse_stages
+
+
+# ---- config --------------------------------------------------------------------------------------------------
+def test_config_round_trips_dict_and_yaml(tmp_path):
+    cfg = RoutingConfig(action="reroute", scorer="random", stages=[Stage(2, 0.5), Stage(7, 64)],
+                        scorer_options={"seed": 3})
+    assert RoutingConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(path)
+    back = RoutingConfig.from_yaml(path)
+    assert back == cfg
+    assert isinstance(back.stages[0].keep, float) and isinstance(back.stages[1].keep, int)
+
+
+def test_parse_stages():
+    assert parse_stages("2:0.5,7:64") == [Stage(2, 0.5), Stage(7, 64)]
+    with pytest.raises(ValueError, match="layer:keep"):
+        parse_stages("2-0.5")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(action="drop", scorer="random", stages=[Stage(1, 0.5)]), "Unknown action"),
+        (dict(action="prune", scorer="nope", stages=[Stage(1, 0.5)]), "Unknown scorer 'nope'"),
+        (dict(action="prune", scorer="random", stages=[Stage(3, 0.5), Stage(3, 0.2)]), "strictly increasing"),
+        (dict(action="prune", scorer="random", stages=[Stage(3, 0.5), Stage(1, 0.2)]), "strictly increasing"),
+        (dict(action="prune", scorer="random", stages=[Stage(1, 0.5)], scorer_options={"sed": 1}), "Unknown option"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cfg = RoutingConfig(**kwargs)
+        apply_routing(family("llava").model, cfg).remove()
+
+
+def test_negative_keep_and_bad_layer_are_refused():
+    with pytest.raises(ValueError, match="keep must be >= 0"):
+        Stage(1, -0.5)
+    with pytest.raises(ValueError, match="layer must be >= 0"):
+        Stage(-1, 0.5)
+    cfg = RoutingConfig(action="prune", scorer="random", stages=[Stage(6, 0.5)])
+    with pytest.raises(ValueError, match="outside the model's decoder layers 0..5"):
+        apply_routing(family("llava").model, cfg)
+
+
+def test_unsupported_model_names_the_supported_ones():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    cfg = RoutingConfig(action="prune", scorer="random", stages=[Stage(1, 0.5)])
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration.*Qwen2_5_VLForConditionalGeneration"):
+        apply_routing(model, cfg)
+
+
+def test_images_without_image_tokens_is_a_clear_error(fam):
+    inputs = fam.batch()
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == fam.image_token_id, 7)
+    cfg = RoutingConfig(action="prune", scorer="random", stages=[Stage(1, 0.5)])
+    with apply_routing(fam.model, cfg), pytest.raises(ValueError, match="processor does not match the model"):
+        fam.model(**inputs)
+
+
+# ---- apply / remove ------------------------------------------------------------------------------------------
+def test_remove_restores_the_model_exactly(fam):
+    model, inputs = fam.model, fam.batch()
+    lm = model.model.language_model
+    with torch.no_grad():
+        before = model(**inputs).logits
+    cfg = RoutingConfig(action="prune", scorer="last_token_attention", stages=[Stage(1, 0.25)])
+    router = apply_routing(model, cfg)
+    with pytest.raises(RuntimeError, match="already routed"):
+        apply_routing(model, cfg)
+    with torch.no_grad():
+        routed = model(**inputs).logits
+    router.remove()
+    assert "forward" not in lm.__dict__ and not model._forward_pre_hooks
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert not torch.allclose(routed, before)
+    assert torch.equal(after, before)
+
+
+def test_apply_routing_takes_a_dict_or_yaml(tmp_path):
+    model = family("llava").model
+    d = {"action": "prune", "scorer": "random", "stages": [{"layer": 1, "keep": 0.5}]}
+    apply_routing(model, d).remove()
+    RoutingConfig.from_dict(d).to_yaml(tmp_path / "c.yaml")
+    with apply_routing(model, tmp_path / "c.yaml") as router:
+        assert router.config.stages == [Stage(1, 0.5)]
+
+
+# ---- generate and records ------------------------------------------------------------------------------------
+SCHEDULES = [
+    [Stage(0, 0.5)],
+    [Stage(0, 0)],
+    [Stage(2, 4)],
+    [Stage(1, 0.5), Stage(3, 0.25), Stage(5, 0.1)],
+    [Stage(0, 1.0), Stage(5, 0.0)],
+]
+
+
+@pytest.mark.parametrize("schedule", range(len(SCHEDULES)))
+@pytest.mark.parametrize("action", ["prune", "reroute"])
+def test_generate_works_for_every_schedule(any_fam, action, schedule):
+    model, inputs = any_fam.model, any_fam.batch()
+    cfg = RoutingConfig(action=action, scorer="last_token_attention", stages=SCHEDULES[schedule])
+    with apply_routing(model, cfg) as router, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    rec = router.last_record
+    assert out.shape == (3, inputs["input_ids"].shape[1] + 4)
+    nv = rec.num_visual
+    text = inputs["attention_mask"].sum(1) - nv
+    for st in rec.stages:
+        expect = torch.tensor([min(st.keep if isinstance(st.keep, int) else int(st.keep * n), n) for n in nv.tolist()])
+        assert torch.equal(st.kept, expect)
+        for i, sel in enumerate(st.selected):
+            assert torch.equal(sel, sel.sort().values) and len(sel) == expect[i]
+    # tokens that ran = text + active visual; what is cached equals what ran
+    for li in range(rec.num_layers):
+        assert torch.equal(rec.active_tokens[li], text + rec.active_visual[li])
+    assert torch.equal(rec.kv_tokens, rec.active_tokens)
+
+
+def test_beam_search_runs_on_a_routed_cache():
+    fam = family("llava")
+    cfg = RoutingConfig(action="reroute", scorer="last_token_attention", stages=[Stage(1, 0.5), Stage(3, 0.25)])
+    with apply_routing(fam.model, cfg), torch.no_grad():
+        out = fam.model.generate(**fam.batch(), max_new_tokens=3, num_beams=2, do_sample=False)
+    assert out.shape[0] == 3
+
+
+def test_kv_cache_holds_only_the_tokens_that_ran(fam):
+    model, inputs = fam.model, fam.batch()
+    cfg = RoutingConfig(action="prune", scorer="last_token_attention", stages=[Stage(2, 0.25)])
+    with apply_routing(model, cfg) as router, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache, rec = out.past_key_values, router.last_record
+    for li, layer in enumerate(cache.layers):
+        assert layer.keys.shape[2] == int(rec.kv_tokens[li].max())
+        assert torch.equal(cache.kv_valid[li].sum(1), rec.kv_tokens[li])
+    assert cache.get_seq_length() == inputs["input_ids"].shape[1]
+
+
+def test_random_scorer_is_reproducible_and_seeded(fam):
+    model, inputs = fam.model, fam.batch()
+
+    def picks(seed):
+        cfg = RoutingConfig(action="prune", scorer="random", stages=[Stage(1, 0.5)], scorer_options={"seed": seed})
+        with apply_routing(model, cfg) as router, torch.no_grad():
+            model(**inputs)
+        return router.last_record.stages[0].selected
+
+    a, b, c = picks(0), picks(0), picks(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
