@@ -97,7 +97,7 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tenso
 class Router:
     """Routes every forward / `generate` of `model` by `config`. Create it with `apply_routing`."""
 
-    def __init__(self, model: nn.Module, config: RoutingConfig):
+    def __init__(self, model: nn.Module, config: RoutingConfig, measure_scorer_flops: bool = False):
         if getattr(model, "_visroute_router", None) is not None:
             raise RuntimeError("This model is already routed; call router.remove() first")
         self.model = model
@@ -109,6 +109,7 @@ class Router:
             raise ValueError(f"visroute runs the decoder with SDPA or eager attention, not {impl!r}")
         self.scorer = build_scorer(config.scorer, config.scorer_options)
         self.last_record: RoutingRecord | None = None
+        self.measure_scorer_flops = measure_scorer_flops
         self._pending: CallInputs | None = None
         self._replay: RoutingRecord | None = None
         self._extras: dict[str, Any] = {}
@@ -283,7 +284,7 @@ class Router:
             requested = torch.full_like(counts, stage.keep)
         else:
             requested = torch.floor(stage.keep * counts.double() + 1e-9).long()
-        scores = None
+        scores, scorer_flops = None, None
         if self._replay is not None:
             new = self._replay.stages[i].active.to(active.device)
             if new.shape != active.shape:
@@ -297,12 +298,20 @@ class Router:
                 candidates=candidates, key_mask=key_mask, cos=cos, sin=sin, last_index=last_index,
                 input_ids=input_ids, adapter=self.adapter, extras=self._extras,
             )
-            scores = self.scorer.score(ctx).to(active.device)
+            if self.measure_scorer_flops:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    scores = self.scorer.score(ctx)
+                scorer_flops = counter.get_total_flops()
+            else:
+                scores = self.scorer.score(ctx)
+            scores = scores.to(active.device)
             new = select_top(scores, candidates, requested)
         record.stages.append(
             StageRecord(layer=stage.layer, keep=stage.keep, active=new.cpu(), requested=requested.cpu(),
                         candidates=candidates.sum(1).cpu(), num_visual=counts.cpu(),
-                        scores=None if scores is None else scores.detach().float().cpu())
+                        scores=None if scores is None else scores.detach().float().cpu(), scorer_flops=scorer_flops)
         )
         return new
 
@@ -329,13 +338,16 @@ class Router:
         return BaseModelOutputWithPast(last_hidden_state=lm.norm(h), past_key_values=cache)
 
 
-def apply_routing(model: nn.Module, config: RoutingConfig | dict | str | Path) -> Router:
+def apply_routing(
+    model: nn.Module, config: RoutingConfig | dict | str | Path, measure_scorer_flops: bool = False
+) -> Router:
     """Route every later forward / `generate` of `model` by `config` (a RoutingConfig, a dict, or a YAML
-    path). Returns the Router; `router.remove()` (or leaving a `with` block) restores the model."""
+    path). Returns the Router; `router.remove()` (or leaving a `with` block) restores the model.
+    `measure_scorer_flops` counts each stage's scoring FLOPs (torch's FlopCounterMode) into the record."""
     if isinstance(config, dict):
         config = RoutingConfig.from_dict(config)
     elif isinstance(config, (str, Path)):
         config = RoutingConfig.from_yaml(config)
     elif not isinstance(config, RoutingConfig):
         raise TypeError(f"config must be a RoutingConfig, a dict or a YAML path, not {type(config).__name__}")
-    return Router(model, config)
+    return Router(model, config, measure_scorer_flops=measure_scorer_flops)

@@ -43,7 +43,8 @@ class VisualLayout:
 class StageRecord:
     """One stage of a prefill. `active` (B, Nv) marks the visual tokens that ran in this stage;
     `requested` the keep count each sample asked for, `candidates` how many tokens it could choose from;
-    `scores` what the scorer returned (None when the decisions were replayed)."""
+    `scores` what the scorer returned (None when the decisions were replayed); `scorer_flops` the FLOPs the
+    scoring took, when the router measures them."""
 
     layer: int
     keep: int | float
@@ -52,6 +53,7 @@ class StageRecord:
     candidates: torch.Tensor
     num_visual: torch.Tensor
     scores: torch.Tensor | None = None
+    scorer_flops: int | None = None
 
     @property
     def selected(self) -> list[torch.Tensor]:
