@@ -131,3 +131,31 @@ def qwen_batch(model, prompts: list[list[int]], grids: list[list[tuple[int, int]
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(thw)
     return out
+
+
+def tiny_llava_processor(model):
+    """A real LlavaProcessor for `tiny_llava`: a word-level tokenizer over the tiny vocabulary and the PIL CLIP
+    image processor, so the pair saves and loads like any Hugging Face checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3}
+    words = ["USER:", "ASSISTANT:", "what", "is", "the", "colour", "of", "shape", "red", "blue", "?"]
+    for i, w in enumerate(words):
+        vocab[w] = 4 + i
+    for i in range(4 + len(words), VOCAB):
+        if i != IMAGE_TOKEN:
+            vocab[f"w{i}"] = i
+    vocab["<image>"] = IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", padding_side="left")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    vc = model.config.vision_config
+    images = CLIPImageProcessorPil(size={"shortest_edge": vc.image_size},
+                                   crop_size={"height": vc.image_size, "width": vc.image_size})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vc.patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token="<image>")
