@@ -45,8 +45,6 @@ def test_keep_all_equals_unmodified(any_fam, action):
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("action", ACTIONS)
 def test_routed_equals_masking_oracle(any_fam, action, schedule):
-    if any_fam.name == "qwen2" and action == "reroute":
-        pytest.skip("Qwen2-VL: rules 1, 2, 4")
     model, inputs = any_fam.model, any_fam.batch()
     cfg = RoutingConfig(action=action, scorer="last_token_attention", stages=SCHEDULES[schedule])
     out, rec = routed_logits(model, inputs, cfg)
@@ -76,8 +74,6 @@ def test_reroute_tokens_come_back(fam):
 # Rule 4 ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("action", ACTIONS)
 def test_cached_decoding_equals_replay(any_fam, action):
-    if any_fam.name == "qwen2" and action == "reroute":
-        pytest.skip("Qwen2-VL: rules 1, 2, 4")
     model, inputs = any_fam.model, any_fam.batch()
     cfg = RoutingConfig(action=action, scorer="last_token_attention", stages=[Stage(1, 0.5), Stage(3, 0.25)])
     steps = 5

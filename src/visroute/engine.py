@@ -43,6 +43,7 @@ class RoutedCache(DynamicCache):
         super().__init__()
         self.logical_length = 0
         self.kv_valid: list[torch.Tensor] = []
+        self.kv_dense: list[bool] = []  # per layer: no invalid entry (decode can then skip the mask)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.logical_length
@@ -266,6 +267,7 @@ class Router:
                 record.active_tokens[li], record.active_visual[li] = ran, ran_visual
                 if cache is not None:
                     cache.kv_valid.append(cvalid)
+                    cache.kv_dense.append(mask is None)
             scatter_rows_(full, idx, h)
 
         hidden = lm.norm(full[:, :length])
@@ -327,13 +329,15 @@ class Router:
                      else torch.ones(b, q, dtype=torch.bool, device=dev))
         pos = adapter.rope_position_ids(position_ids, b, q, cache.logical_length, dev)
         rotary = adapter.rotary(embeds, pos)
+        new_dense = bool(new_valid.all())  # one host sync per step, not one per layer
         h = embeds
         for li, layer in enumerate(adapter.layers):
             key_valid = torch.cat([cache.kv_valid[li].to(dev), new_valid], 1)
-            mask = None if (q == 1 and bool(key_valid.all())) else _causal_mask(key_valid, q, eager, embeds.dtype)
+            dense = cache.kv_dense[li] and new_dense
+            mask = None if (q == 1 and dense) else _causal_mask(key_valid, q, eager, embeds.dtype)
             out = layer(h, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, use_cache=True)
             h = out[0] if isinstance(out, tuple) else out
-            cache.kv_valid[li] = key_valid
+            cache.kv_valid[li], cache.kv_dense[li] = key_valid, dense
         cache.logical_length += q
         return BaseModelOutputWithPast(last_hidden_state=lm.norm(h), past_key_values=cache)
 
