@@ -124,6 +124,32 @@ class FamilyAdapter:
         emb = self.inner.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == emb).all(-1)
 
+    # ---- vision tower -------------------------------------------------------------------------------------
+    def vision_attention_modules(self) -> list[nn.Module]:
+        """The attention module of every layer of the vision tower, in order."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower")
+
+    def default_vision_layer(self) -> int:
+        """The tower layer whose output the projector reads (the layer vision-attention scores default to)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower")
+
+    def vision_layer_index(self, layer: int | None) -> int:
+        """`layer` as a 0-based tower layer (None: the default; negative: from the end)."""
+        n = len(self.vision_attention_modules())
+        index = self.default_vision_layer() if layer is None else int(layer)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise ValueError(f"Vision layer {layer} is outside the vision tower's layers 0..{n - 1}")
+        return index
+
+    def hook_vision_scores(self, layer: int | None, sink: Callable[[torch.Tensor], None]) -> list:
+        """Hook tower layer `layer` so that, whenever the tower runs, one attention score per visual token of
+        every image of that call ([CLS] attention, or the mean attention a patch receives for towers without
+        [CLS]) is passed to `sink` as one flat fp32 tensor, in the order the images' tokens fill the batch's
+        visual tokens. Returns the hook handles (call `.remove()` on each)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower")
+
     # ---- layout -------------------------------------------------------------------------------------------
     def layout(self, call: CallInputs, valid: torch.Tensor) -> VisualLayout:
         """Per sample, the sequence positions of its visual tokens and the images they belong to."""
@@ -161,3 +187,47 @@ class FamilyAdapter:
                 )
             spans.append(sample)
         return spans
+
+
+# ---- vision-tower attention scores ------------------------------------------------------------------------------
+# Used by the vision-attention scorer: each family hooks one attention layer of its tower and computes, from that
+# layer's own q/k, one score per visual token. Only the needed query rows are computed, a chunk at a time, in fp32.
+
+VISION_CHUNK_ELEMENTS = 1 << 19  # about 2 MiB of fp32 logits per chunk of query rows
+
+
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the [CLS] query to every token, summed over heads: q_cls (N, H, hd), k (N, H, T, hd) ->
+    (N, T) fp32."""
+    logits = torch.einsum("nhd,nhtd->nht", q_cls.float(), k.float()) * scale
+    return torch.softmax(logits, dim=-1).sum(1)
+
+
+def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """For packed tokens that attend only within their segment (`cu_seqlens`: segment boundaries, as the
+    Qwen ViT takes them), the attention each token receives, summed over heads and averaged over the queries
+    of its segment:  r_j = 1/n_seg * sum_{i in seg(j)} sum_h softmax_k(q_h(i) . k_h(k) * scale)[j].
+
+    q, k: (S, H, hd). Returns (S,) fp32. Segments are padded into one batch; query rows go a chunk at a time."""
+    s, heads, head_dim = q.shape
+    device = q.device
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    n_seg, longest = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=device), lengths)
+    slot = torch.arange(s, device=device) - cu[:-1][seg]
+    index = torch.full((n_seg, longest), s, dtype=torch.long, device=device)
+    index[seg, slot] = torch.arange(s, device=device)
+    valid = index < s
+    pad = lambda x: torch.cat([x.float(), x.new_zeros(1, heads, head_dim).float()])[index].transpose(1, 2)
+    qp, kp = pad(q), pad(k)  # (n_seg, H, longest, hd)
+    received = torch.zeros(n_seg, longest, dtype=torch.float32, device=device)
+    rows = max(1, VISION_CHUNK_ELEMENTS // max(1, n_seg * heads * longest))
+    for start in range(0, longest, rows):
+        logits = torch.einsum("shqd,shkd->shqk", qp[:, :, start : start + rows], kp) * scale
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        query_valid = valid[:, start : start + rows]
+        received += (probs.sum(1) * query_valid[..., None]).sum(1)
+    received = received / lengths.clamp(min=1)[:, None].float()
+    return received[valid]  # segments in order, tokens in order: the packed order again

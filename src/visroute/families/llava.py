@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from visroute.families.base import CallInputs, FamilyAdapter
+from visroute.families.base import CallInputs, FamilyAdapter, cls_attention, mean_attention_received
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -47,3 +47,44 @@ class LlavaAdapter(FamilyAdapter):
                 )
             counts, grids = [per_image] * n_images, [self.image_grid()] * n_images
         return CallInputs(a.get("input_ids"), visual, counts, grids, images_given, a)
+
+    # ---- vision tower -------------------------------------------------------------------------------------
+    def _vision_model(self):
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    def vision_attention_modules(self):
+        return [layer.self_attn for layer in self._vision_model().encoder.layers]
+
+    def default_vision_layer(self) -> int:
+        # hidden_states[f] of the tower is the output of layer f-1 (hidden_states[0] is the embedding), so the
+        # feature layer -2 of LLaVA-1.5 is the output of the second-to-last layer; its attention is the one
+        # VisionZip and FasterVLM read (`attentions[-2]`). With several feature layers, the last one.
+        n = len(self.vision_attention_modules())
+        f = self.model.config.vision_feature_layer
+        f = f[-1] if isinstance(f, (list, tuple)) else f
+        return max(f % (n + 1) - 1, 0)
+
+    def hook_vision_scores(self, layer, sink):
+        attn = self.vision_attention_modules()[self.vision_layer_index(layer)]
+        has_cls = hasattr(self._vision_model().embeddings, "class_embedding")
+        drop_first = self.model.config.vision_feature_select_strategy == "default"  # the projector never sees it
+
+        def hook(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            n, t, _ = x.shape
+            heads = module.num_heads
+            k = module.k_proj(x).float().view(n, t, heads, -1).transpose(1, 2)  # (N, H, T, hd)
+            if has_cls:
+                q = module.q_proj(x[:, 0]).float().view(n, heads, -1)
+                scores = cls_attention(q, k, module.scale)
+            else:
+                q = module.q_proj(x).float().view(n, t, heads, -1)
+                cu = torch.arange(n + 1, device=x.device) * t
+                scores = mean_attention_received(q.reshape(n * t, heads, -1), k.transpose(1, 2).reshape(n * t, heads, -1),
+                                                 module.scale, cu).view(n, t)
+            if drop_first:
+                scores = scores[:, 1:]
+            sink(scores.reshape(-1).detach())
+
+        return [attn.register_forward_pre_hook(hook, with_kwargs=True)]

@@ -3,9 +3,11 @@ tokens between vision-start and vision-end are the visual tokens; each image has
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from visroute.families.base import CallInputs, FamilyAdapter
+from visroute.families.base import CallInputs, FamilyAdapter, mean_attention_received
 
 
 class Qwen2VLAdapter(FamilyAdapter):
@@ -78,3 +80,45 @@ class Qwen2VLAdapter(FamilyAdapter):
                 counts = [int(f.shape[0]) for f in encoded.pooler_output]  # features known, grids not
                 grids = [(None, None, 1)] * len(counts)
         return CallInputs(a.get("input_ids"), visual, counts, grids, images_given, a)
+
+    # ---- vision tower -------------------------------------------------------------------------------------
+    def vision_attention_modules(self):
+        return [block.attn for block in self.inner.visual.blocks]
+
+    def default_vision_layer(self) -> int:
+        return len(self.inner.visual.blocks) - 1  # the merger reads the last block's output
+
+    def hook_vision_scores(self, layer, sink):
+        """The ViT has no [CLS]: each patch scores the attention it receives, summed over heads and averaged
+        over the queries it is visible to at that layer (its image in full-attention blocks, its window in
+        Qwen2.5-VL's windowed blocks, exactly the `cu_seqlens` the block runs with). A visual token is a 2x2
+        merge of patches: it scores the mean of its patches. Qwen2.5-VL orders the merge units by window before
+        the blocks; the scores are put back in token order as the tower does with its output."""
+        tower = self.inner.visual
+        attn = self.vision_attention_modules()[self.vision_layer_index(layer)]
+        unit = tower.spatial_merge_size ** 2
+        windowed = getattr(tower, "window_size", None) is not None
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+        if windowed:
+            from transformers.vision_utils import get_vision_window_index
+        call = {}
+
+        def remember_grid(module, args, kwargs):
+            call["grid"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+        def hook(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            s = x.shape[0]
+            q, k, _ = module.qkv(x).float().reshape(s, 3, module.num_heads, -1).unbind(1)  # (S, H, hd)
+            cos, sin = kwargs["position_embeddings"]
+            q, k = rope(q, k, cos, sin)
+            per_patch = mean_attention_received(q, k, module.scaling, kwargs["cu_seqlens"])
+            per_unit = per_patch.view(-1, unit).mean(1)  # in the order the blocks run: by window for Qwen2.5-VL
+            if windowed:
+                window_index, _ = get_vision_window_index(call["grid"], tower.spatial_merge_size, tower.window_size,
+                                                          tower.patch_size)
+                per_unit = torch.empty_like(per_unit).index_copy_(0, window_index.to(per_unit.device), per_unit)
+            sink(per_unit.detach())
+
+        return [tower.register_forward_pre_hook(remember_grid, with_kwargs=True),
+                attn.register_forward_pre_hook(hook, with_kwargs=True)]

@@ -35,5 +35,8 @@ def available_scorers() -> dict[str, type[Scorer]]:
 # Importing the modules registers their scorers.
 from visroute.scoring import attention as _attention  # noqa: E402,F401
 from visroute.scoring import controls as _controls  # noqa: E402,F401
+from visroute.scoring import redundancy as _redundancy  # noqa: E402,F401
+from visroute.scoring import similarity as _similarity  # noqa: E402,F401
+from visroute.scoring import vision as _vision  # noqa: E402,F401
 
 __all__ = ["Scorer", "StageContext", "register", "get_scorer_class", "build_scorer", "available_scorers"]

@@ -4,10 +4,57 @@ in fp32, for the few query rows a scorer needs: no L x L map is ever built."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from visroute.scoring import register
 from visroute.scoring.base import Scorer, StageContext
 from visroute.tensors import compact_index, gather_rows
+
+
+# Query rows are computed in chunks so that one chunk's (B, heads, rows, keys) fp32 logits stay near this many
+# elements (2 MiB): the cost of scoring stays linear in the sequence length.
+CHUNK_ELEMENTS = 1 << 19
+
+
+def _project(ctx: StageContext, index: torch.Tensor, proj: nn.Module, heads: int, device) -> torch.Tensor:
+    """The stage layer's projection of the tokens at `index` (B, N), after its input norm, with RoPE at their
+    positions, in fp32: (B, heads, N, head_dim)."""
+    layer = ctx.layer
+    head_dim = layer.self_attn.head_dim
+    x = layer.input_layernorm(gather_rows(ctx.hidden, index).to(device))
+    y = proj(x).float().view(*index.shape, heads, head_dim).transpose(1, 2)
+    cos = gather_rows(ctx.cos, index).float().to(device)
+    sin = gather_rows(ctx.sin, index).float().to(device)
+    y, _ = ctx.adapter.rope_function()(y, y, cos, sin)
+    return y
+
+
+def _layer_device(ctx: StageContext) -> torch.device:
+    weight = ctx.layer.self_attn.q_proj.weight
+    return weight.device if weight.device.type != "meta" else ctx.hidden.device
+
+
+def stage_keys(ctx: StageContext, key_mask: torch.Tensor | None = None):
+    """The stage layer's keys (after RoPE, fp32) of the tokens in `key_mask` (default: `ctx.key_mask`).
+    Returns (keys (B, kv_heads, K, head_dim), key_index (B, K), key_valid (B, K))."""
+    attn = ctx.layer.self_attn
+    dummy = ctx.valid.shape[1] - 1
+    k_index, k_valid = compact_index(ctx.key_mask if key_mask is None else key_mask, dummy)
+    keys = _project(ctx, k_index, attn.k_proj, attn.config.num_key_value_heads, _layer_device(ctx))
+    return keys, k_index, k_valid
+
+
+def _probs(ctx, q, q_index, k, k_index, k_valid) -> torch.Tensor:
+    """Causal attention probabilities (B, H, Q, K) of queries q (B, H, Q, hd) over keys k (B, kv, K, hd)."""
+    attn = ctx.layer.self_attn
+    b, n_heads, nq, head_dim = q.shape
+    n_kv = k.shape[1]
+    device = q.device
+    logits = torch.einsum("bkgqd,bknd->bkgqn", q.view(b, n_kv, n_heads // n_kv, nq, head_dim), k) * attn.scaling
+    logits = logits.reshape(b, n_heads, nq, -1)
+    allowed = k_valid.to(device)[:, None, :] & (k_index.to(device)[:, None, :] <= q_index.to(device)[:, :, None])
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 def query_attention(ctx: StageContext, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -16,37 +63,32 @@ def query_attention(ctx: StageContext, query_mask: torch.Tensor) -> tuple[torch.
 
     Returns (probs (B, H, Q, K) fp32, query_valid (B, Q), key_index (B, K) sequence positions of the keys;
     padded keys point at the dummy slot and have probability 0)."""
-    layer, attn = ctx.layer, ctx.layer.self_attn
-    cfg = attn.config
-    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = attn.head_dim
-    dummy = ctx.valid.shape[1] - 1
+    attn = ctx.layer.self_attn
+    k, k_index, k_valid = stage_keys(ctx)
+    q_index, q_valid = compact_index(query_mask, ctx.valid.shape[1] - 1)
+    q = _project(ctx, q_index, attn.q_proj, attn.config.num_attention_heads, k.device)
+    return _probs(ctx, q, q_index, k, k_index, k_valid), q_valid, k_index
 
-    k_index, k_valid = compact_index(ctx.key_mask, dummy)
-    q_index, q_valid = compact_index(query_mask, dummy)
-    device = attn.q_proj.weight.device if attn.q_proj.weight.device.type != "meta" else ctx.hidden.device
 
-    def project(index, proj, heads):
-        x = layer.input_layernorm(gather_rows(ctx.hidden, index).to(device))
-        y = proj(x).float()
-        return y.view(*index.shape, heads, head_dim).transpose(1, 2)  # (B, heads, N, hd)
+def mean_query_attention(ctx: StageContext, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage layer's attention from the tokens in `query_mask` to every present key, averaged over heads
+    and over each sample's queries; the query rows are computed a chunk at a time.
 
-    q = project(q_index, attn.q_proj, n_heads)
-    k = project(k_index, attn.k_proj, n_kv)
-    rope = ctx.adapter.rope_function()
-    cos_q, sin_q = gather_rows(ctx.cos, q_index).float().to(device), gather_rows(ctx.sin, q_index).float().to(device)
-    cos_k, sin_k = gather_rows(ctx.cos, k_index).float().to(device), gather_rows(ctx.sin, k_index).float().to(device)
-    q, _ = rope(q, q, cos_q, sin_q)
-    _, k = rope(k, k, cos_k, sin_k)
-
-    b, nq = q_index.shape
-    groups = n_heads // n_kv
-    logits = torch.einsum("bkgqd,bknd->bkgqn", q.view(b, n_kv, groups, nq, head_dim), k) * attn.scaling
-    logits = logits.reshape(b, n_heads, nq, -1)
-    allowed = k_valid.to(device)[:, None, :] & (k_index.to(device)[:, None, :] <= q_index.to(device)[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs, q_valid, k_index
+    Returns (mean probs (B, K) fp32, key_index (B, K))."""
+    attn = ctx.layer.self_attn
+    n_heads = attn.config.num_attention_heads
+    k, k_index, k_valid = stage_keys(ctx)
+    q_index, q_valid = compact_index(query_mask, ctx.valid.shape[1] - 1)
+    b, n_keys = k_index.shape
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * n_heads * n_keys))
+    total = torch.zeros(b, n_keys, dtype=torch.float32, device=k.device)
+    for start in range(0, q_index.shape[1], rows):
+        index = q_index[:, start : start + rows]
+        q = _project(ctx, index, attn.q_proj, n_heads, k.device)
+        probs = _probs(ctx, q, index, k, k_index, k_valid).mean(1)  # (B, rows, K)
+        total += (probs * q_valid[:, start : start + rows, None].to(k.device)).sum(1)
+    count = q_valid.sum(1).clamp(min=1).to(k.device)
+    return total / count[:, None], k_index
 
 
 def key_scores_to_visual(ctx: StageContext, per_key: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
@@ -74,3 +116,52 @@ class LastTokenAttention(Scorer):
         query.scatter_(1, ctx.last_index[:, None], True)
         probs, _, key_index = query_attention(ctx, query)
         return key_scores_to_visual(ctx, probs.mean(1)[:, 0], key_index)
+
+
+def rater_mask(ctx: StageContext, query_mask: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters (Zhang et al., 2025, sec. 3.2): among the query tokens, those whose relevance to
+    the image, computed from the input embeddings, exceeds the sample's mean relevance:
+
+        R = mean_over_visual_v softmax_over_text_t( e_v . e_t ),   raters = { t : R_t > mean_t R_t }
+
+    A sample where no token exceeds the mean (e.g. a single query token) keeps all its query tokens."""
+    dummy = ctx.valid.shape[1] - 1
+    t_index, t_valid = compact_index(query_mask, dummy)
+    visual = gather_rows(ctx.inputs_embeds, ctx.layout.positions).float()  # (B, Nv, D)
+    text = gather_rows(ctx.inputs_embeds, t_index).float()  # (B, T, D)
+    logits = torch.einsum("bvd,btd->bvt", visual, text).masked_fill(~t_valid[:, None, :], float("-inf"))
+    per_visual = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (B, Nv, T)
+    v_valid = ctx.layout.valid.to(per_visual.device)
+    relevance = (per_visual * v_valid[..., None]).sum(1) / v_valid.sum(1, keepdim=True).clamp(min=1)  # (B, T)
+    mean = (relevance * t_valid).sum(1, keepdim=True) / t_valid.sum(1, keepdim=True).clamp(min=1)
+    raters = t_valid & (relevance > mean)
+    raters = torch.where(raters.any(1, keepdim=True), raters, t_valid)
+    out = torch.zeros_like(query_mask)
+    out.scatter_(1, t_index, raters)
+    out[:, dummy] = False
+    return out
+
+
+@register
+class TextAttention(Scorer):
+    """SparseVLM-style text-to-visual attention (Zhang et al., 2025): the attention probability from the
+    instruction tokens to each visual token at the stage's layer, averaged over heads and over the queries:
+
+        s_j = 1/|Q| * sum_{q in Q} 1/H * sum_h softmax_k(q_h(q) . k_h(k) / sqrt(d))[j]
+
+    with q, k from that layer's own projections after RoPE (fp32), keys = text tokens + candidate visual tokens,
+    and Q = the instruction tokens (prompt tokens after the last visual token; the last prompt token when
+    there are none). With `raters=True`, Q keeps only SparseVLM's "raters": the instruction tokens whose
+    input-embedding relevance to the image exceeds the mean (see `rater_mask`). SparseVLM then adds token
+    recycling and a rank-based keep count; those are not part of the signal and are left out."""
+
+    name = "text_attention"
+    description = "attention from the instruction tokens to each visual token, mean over heads and queries (SparseVLM)"
+    options = {"raters": (False, "keep only SparseVLM's rater tokens (embedding relevance to the image above the mean)")}
+
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        queries = ctx.query_text_mask
+        if self.opts["raters"]:
+            queries = rater_mask(ctx, queries)
+        mean, key_index = mean_query_attention(ctx, queries)
+        return key_scores_to_visual(ctx, mean, key_index)

@@ -32,6 +32,7 @@ class StageContext:
     layer:       the decoder layer the stage starts at (for its q/k projections), and `layer_index`.
     input_ids:   (B, L) or None.
     extras:      per-call inputs given through `Router.call_options` (e.g. an oracle's relevance).
+    requested:   (B,) the keep count the stage asks for per sample, when the engine passes it (see `budget`).
     """
 
     stage_index: int
@@ -51,6 +52,7 @@ class StageContext:
     input_ids: torch.Tensor | None
     adapter: "FamilyAdapter"
     extras: dict[str, Any] = field(default_factory=dict)
+    requested: torch.Tensor | None = None
 
     @property
     def instruction_mask(self) -> torch.Tensor:
@@ -59,9 +61,39 @@ class StageContext:
         last_visual = torch.where(self.layout.valid, self.layout.positions, -1).max(1).values
         return self.valid & (seq[None, :] > last_visual[:, None]) & (seq[None, :] <= self.last_index[:, None])
 
+    @property
+    def query_text_mask(self) -> torch.Tensor:
+        """(B, L+1) the instruction tokens; for a sample without any (its prompt ends with an image), its last
+        prompt token, so that text-guided scorers always have a query."""
+        instruction = self.instruction_mask
+        seq = torch.arange(self.valid.shape[1], device=self.valid.device)
+        last = seq[None, :] == self.last_index[:, None]
+        return instruction | (last & ~instruction.any(1, keepdim=True))
+
+    def budget(self) -> torch.Tensor:
+        """(B,) how many visual tokens the stage will keep per sample: its keep count, at most the candidates.
+        Selection procedures (DART, DivPrune, the uniform lattice) need it; rankings do not."""
+        requested = self.requested
+        if requested is None:
+            requested = _requested_from_router(self)
+        return torch.minimum(requested.to(self.candidates.device), self.candidates.sum(1))
+
     def gather_visual(self, per_token: torch.Tensor) -> torch.Tensor:
         """Pick the visual positions out of a (B, L+1) per-token tensor -> (B, Nv)."""
         return per_token.gather(1, self.layout.positions)
+
+
+def _requested_from_router(ctx: StageContext) -> torch.Tensor:
+    # The engine does not pass the keep count in the context yet; read it from the routing config, with the
+    # engine's own rule (an int count, or floor(fraction * visual tokens)).
+    router = getattr(ctx.adapter.model, "_visroute_router", None) if ctx.adapter is not None else None
+    if router is None:
+        raise ValueError("This scorer needs the stage's keep count: pass `requested` in the StageContext")
+    keep = router.config.stages[ctx.stage_index].keep
+    counts = ctx.layout.counts
+    if isinstance(keep, int):
+        return torch.full_like(counts, keep)
+    return torch.floor(keep * counts.double() + 1e-9).long()
 
 
 class Scorer:

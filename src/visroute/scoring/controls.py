@@ -45,3 +45,113 @@ class RandomScorer(Scorer):
         base = _mix(torch.tensor(int(self.opts["seed"]) * 7919 + ctx.stage_index, device=ctx.valid.device) % _P)
         keys = _mix((sample_keys(ctx) + base) % _P)
         return _mix((keys[:, None] * 31 + j) % _P).float() / _P
+
+
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """`total` split across parts proportionally to `sizes` (largest remainder; ties to the earlier part),
+    never more than a part's size."""
+    n = sum(sizes)
+    if n == 0:
+        return [0] * len(sizes)
+    total = min(total, n)
+    shares = [total * s // n for s in sizes]
+    remainders = sorted(range(len(sizes)), key=lambda i: (-(total * sizes[i] % n), i))
+    for i in remainders[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _lattice_lines(size: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced indices in 0..size-1: the centres of `count` equal strides."""
+    return ((torch.arange(count, dtype=torch.float64) + 0.5) * size / count).floor().long()
+
+
+def lattice_scores(rows: int, cols: int, keep: int) -> torch.Tensor:
+    """(rows*cols,) scores over a grid, row-major, whose top `keep` form an evenly spread subset.
+
+    A lattice of r x c >= keep points, r/c close to rows/cols, at the stride centres. Every token scores minus its
+    squared distance (in grid cells) to the nearest lattice point, so the lattice points come first and, when
+    some of them are not candidates, the tokens nearest to the lattice come next. When r*c > keep, the keep
+    lattice points at evenly strided places of the lattice's row-major order get a half-point bonus."""
+    n = rows * cols
+    if keep <= 0:
+        return torch.full((n,), -float(rows * rows + cols * cols + 1))
+    if keep >= n:
+        return torch.zeros(n)
+    r = min(rows, max(1, round((keep * rows / cols) ** 0.5)))
+    c = min(cols, -(-keep // r))
+    r = min(rows, -(-keep // c))
+    lat_rows, lat_cols = _lattice_lines(rows, r), _lattice_lines(cols, c)
+    d_row = (torch.arange(rows)[:, None] - lat_rows[None, :]).abs().min(1).values
+    d_col = (torch.arange(cols)[:, None] - lat_cols[None, :]).abs().min(1).values
+    scores = -(d_row[:, None] ** 2 + d_col[None, :] ** 2).double()
+    chosen = _lattice_lines(r * c, keep)  # evenly strided among the r*c lattice points
+    scores[lat_rows[chosen // c], lat_cols[chosen % c]] += 0.5
+    return scores.flatten()
+
+
+@register
+class UniformScorer(Scorer):
+    """Spatially uniform control: an evenly spread subset of each image's grid, whatever the content. The
+    stage's keep count k of a sample is split across its images in proportion to their tokens (largest
+    remainder); image i then keeps a lattice of k_i tokens at the centres of equal row and column strides
+    (`lattice_scores`). Deterministic; it uses no model state, so a layer-0 stage prunes before the decoder.
+    Images without a grid are treated as one row; a video's frames are stacked as rows. Under prune after an
+    earlier stage, lattice points that are no longer candidates give way to the candidates nearest to them."""
+
+    name = "uniform"
+    description = "spatially uniform control: an evenly strided lattice over each image's grid"
+    options = {}
+
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        budget = ctx.budget().tolist()
+        out = torch.zeros(ctx.layout.positions.shape, dtype=torch.float64)
+        # A handful of small index computations per image: cheap next to any forward pass.
+        for b, spans in enumerate(ctx.layout.images):
+            shares = split_budget(int(budget[b]), [span.length for span in spans])
+            for span, share in zip(spans, shares):
+                if span.rows is None or span.cols is None:
+                    rows, cols = 1, span.length
+                else:
+                    rows, cols = span.frames * span.rows, span.cols
+                out[b, span.offset : span.offset + span.length] = lattice_scores(rows, cols, share)
+        return out.float().to(ctx.valid.device)
+
+
+@register
+class OracleScorer(Scorer):
+    """Oracle control: keeps the tokens with the highest given relevance. Per call, a relevance over each
+    sample's visual tokens is passed with `router.call_options(relevance=R)`: R is a (B, Nv) tensor (Nv = the
+    batch's largest visual-token count; padding entries ignored) or a list of per-sample 1-D tensors, each as
+    long as that sample's visual tokens (the testbed and box-annotated benchmarks provide them). The score is
+    the relevance itself: with a 0/1 relevance and a budget that covers the relevant tokens, every relevant
+    token is kept."""
+
+    name = "oracle"
+    description = "oracle control: keeps the tokens with the highest relevance given per call (call_options(relevance=...))"
+    options = {}
+
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        relevance = ctx.extras.get("relevance")
+        if relevance is None:
+            raise ValueError(
+                "The oracle scorer needs a relevance per visual token: call the model within "
+                "`router.call_options(relevance=R)`, R a (batch, visual tokens) tensor or a list of 1-D tensors"
+            )
+        counts = ctx.layout.counts.tolist()
+        b, nv = ctx.layout.positions.shape
+        if torch.is_tensor(relevance):
+            if relevance.dim() != 2 or tuple(relevance.shape) != (b, nv):
+                raise ValueError(
+                    f"oracle relevance has shape {tuple(relevance.shape)}; this batch needs ({b}, {nv}) "
+                    f"(its samples hold {counts} visual tokens)"
+                )
+            return relevance.detach().float().to(ctx.valid.device)
+        rows = list(relevance)
+        if len(rows) != b or any(torch.as_tensor(r).numel() != n for r, n in zip(rows, counts)):
+            given = [torch.as_tensor(r).numel() for r in rows]
+            raise ValueError(f"oracle relevance lengths {given} do not match the samples' visual tokens {counts}")
+        out = torch.zeros(b, nv, dtype=torch.float32, device=ctx.valid.device)
+        for i, r in enumerate(rows):
+            out[i, : counts[i]] = torch.as_tensor(r).detach().float().flatten().to(out.device)
+        return out
