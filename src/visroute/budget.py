@@ -1,0 +1,383 @@
+"""Token budgets: schedule builders, the avg_T a schedule implies, a solver that hits a target avg_T with
+integer keeps, presets for the papers' configs at the 192 / 128 / 64 tiers, and matched configs.
+
+avg_T (DESIGN.md) is the mean over all decoder layers of the visual tokens active in that layer; layers before
+the first stage hold all of them. Integer keeps make a preset exact for one visual-token count: a fraction is
+floored per sample, so the same fraction lands on a different avg_T for every count and layer depth.
+
+    from visroute.budget import Shape, solve, preset
+    sol = solve(Shape.pdrop([2, 7, 15, 23]), num_layers=32, num_visual=576, target=128)
+    sol.keeps, sol.avg_T          # integer keeps, and the avg_T they achieve
+    cfg = preset("pdrop", 128)    # a RoutingConfig for LLaVA-1.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from visroute.config import RoutingConfig, Stage
+
+TIERS = (192, 128, 64)
+DEFAULT_SCORER = "last_token_attention"
+
+
+# ---- schedule builders ----------------------------------------------------------------------------------------
+def fastv(layer: int = 3, keep: int | float = 0.5) -> list[Stage]:
+    """FastV: one stage at `layer` keeping `keep` visual tokens (count or fraction) to the last layer."""
+    return [Stage(layer=layer, keep=keep)]
+
+
+def pdrop(layers: Sequence[int], ratio: float, num_visual: int | None = None) -> list[Stage]:
+    """PyramidDrop: geometric keeps, stage s keeps ratio**(s+1) of the visual tokens. Fractions, or integer
+    counts (floored) when `num_visual` is given."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"pdrop ratio must lie in [0, 1], got {ratio}")
+    fractions = [ratio ** (i + 1) for i in range(len(layers))]
+    if num_visual is None:
+        return [Stage(layer=int(l), keep=float(f)) for l, f in zip(layers, fractions)]
+    return [Stage(layer=int(l), keep=int(math.floor(f * num_visual + 1e-9))) for l, f in zip(layers, fractions)]
+
+
+def uniform_stages(layers: Sequence[int], keep: int | float) -> list[Stage]:
+    """The same keep at every stage layer (re-selection with a constant budget)."""
+    return [Stage(layer=int(l), keep=keep) for l in layers]
+
+
+# ---- avg_T of a schedule --------------------------------------------------------------------------------------
+def _stages_of(schedule: RoutingConfig | Sequence[Stage]) -> list[Stage]:
+    return list(schedule.stages) if isinstance(schedule, RoutingConfig) else list(schedule)
+
+
+def active_per_layer(
+    schedule: RoutingConfig | Sequence[Stage], num_layers: int, num_visual: int, action: str | None = None
+) -> list[int]:
+    """Visual tokens active in each decoder layer for a sample with `num_visual` visual tokens, as the engine
+    runs it: under prune a stage can keep at most what the previous stage kept; under reroute at most all."""
+    stages = _stages_of(schedule)
+    if action is None:
+        action = schedule.action if isinstance(schedule, RoutingConfig) else "prune"
+    if action not in ("prune", "reroute"):
+        raise ValueError(f"Unknown action {action!r}")
+    _check_layers([s.layer for s in stages], num_layers)
+    at = {s.layer: s for s in stages}
+    active, out = num_visual, []
+    for layer in range(num_layers):
+        if layer in at:
+            cap = active if action == "prune" else num_visual
+            active = min(at[layer].keep_count(num_visual), cap)
+        out.append(active)
+    return out
+
+
+def schedule_avg_T(
+    schedule: RoutingConfig | Sequence[Stage], num_layers: int, num_visual: int, action: str | None = None
+) -> float:
+    """avg_T of a schedule for a sample with `num_visual` visual tokens on a `num_layers`-layer decoder."""
+    return sum(active_per_layer(schedule, num_layers, num_visual, action)) / num_layers
+
+
+def _check_layers(layers: Sequence[int], num_layers: int) -> None:
+    if num_layers <= 0:
+        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"Stage layers must be strictly increasing, got {list(layers)}")
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"Stage layers {bad} lie outside the decoder's layers 0..{num_layers - 1}")
+
+
+# ---- shapes and the solver ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """A family of schedules with one free parameter p.
+
+    kind "weights":   keep_s = min(p * weights_s, 1) * num_visual (FastV: one stage; reroute-vs-PDrop: [1, 1, .5, .25]);
+                      a stage whose keep reaches all visual tokens stays there while the others grow
+    kind "geometric": keep_s = p**(s+1) * num_visual (PyramidDrop)
+    """
+
+    layers: tuple[int, ...]
+    kind: str = "weights"
+    weights: tuple[float, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("A shape needs at least one stage layer")
+        if self.kind not in ("weights", "geometric"):
+            raise ValueError(f"Unknown shape kind {self.kind!r}; use 'weights' or 'geometric'")
+        if self.kind == "weights":
+            if len(self.weights) != len(self.layers):
+                raise ValueError(f"{len(self.layers)} layers need as many weights, got {len(self.weights)}")
+            if any(w < 0 for w in self.weights) or max(self.weights) <= 0:
+                raise ValueError(f"Shape weights must be >= 0 with one positive, got {list(self.weights)}")
+
+    @classmethod
+    def fastv(cls, layer: int = 3) -> "Shape":
+        return cls((int(layer),), "weights", (1.0,), "fastv")
+
+    @classmethod
+    def pdrop(cls, layers: Sequence[int]) -> "Shape":
+        return cls(tuple(int(l) for l in layers), "geometric", (), "pdrop")
+
+    @classmethod
+    def uniform(cls, layers: Sequence[int]) -> "Shape":
+        return cls(tuple(int(l) for l in layers), "weights", (1.0,) * len(layers), "uniform")
+
+    @classmethod
+    def weighted(cls, layers: Sequence[int], weights: Sequence[float]) -> "Shape":
+        return cls(tuple(int(l) for l in layers), "weights", tuple(float(w) for w in weights), "weighted")
+
+    @property
+    def param_max(self) -> float:
+        return 1.0 if self.kind == "geometric" else 1.0 / min(w for w in self.weights if w > 0)
+
+    def keeps(self, p: float, num_visual: int) -> list[float]:
+        """Continuous keeps (token counts) at parameter p."""
+        if self.kind == "geometric":
+            return [num_visual * p ** (i + 1) for i in range(len(self.layers))]
+        return [min(num_visual, p * w * num_visual) for w in self.weights]
+
+    @property
+    def non_increasing(self) -> bool:
+        return self.kind == "geometric" or all(b <= a for a, b in zip(self.weights, self.weights[1:]))
+
+
+@dataclass
+class Solution:
+    """Integer keeps for a shape, and the avg_T they achieve (`avg_T`) against the `target`."""
+
+    shape: Shape
+    num_layers: int
+    num_visual: int
+    target: float
+    keeps: list[int]
+    avg_T: float
+    param: float
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage(layer=l, keep=k) for l, k in zip(self.shape.layers, self.keeps)]
+
+    @property
+    def error(self) -> float:
+        return self.avg_T - self.target
+
+    def config(self, action: str = "prune", scorer: str = DEFAULT_SCORER, **scorer_options) -> RoutingConfig:
+        return RoutingConfig(action=action, scorer=scorer, stages=self.stages, scorer_options=scorer_options)
+
+
+def avg_T_range(shape: Shape, num_layers: int, num_visual: int) -> tuple[float, float]:
+    """The smallest and largest avg_T a schedule with these stage layers can reach."""
+    first = shape.layers[0]
+    return first * num_visual / num_layers, float(num_visual)
+
+
+def solve(shape: Shape, num_layers: int, num_visual: int, target: float, radius: int = 3) -> Solution:
+    """Integer keeps of `shape` whose avg_T is the closest possible to `target`.
+
+    The shape's parameter is solved continuously first; then every combination of integer keeps within
+    `radius` of the continuous keeps (non-increasing when the shape is, so that prune and reroute run the same
+    counts) is searched by dynamic programming over the stages for the one closest to the target, ties broken by
+    the distance to the continuous keeps."""
+    _check_layers(shape.layers, num_layers)
+    if num_visual <= 0:
+        raise ValueError(f"num_visual must be positive, got {num_visual}")
+    lo, hi = avg_T_range(shape, num_layers, num_visual)
+    if not lo - 1e-9 <= target <= hi + 1e-9:
+        raise ValueError(
+            f"Target avg_T {target} is out of reach: with the first stage at layer {shape.layers[0]} of "
+            f"{num_layers} and {num_visual} visual tokens, avg_T lies in [{lo:.2f}, {hi:.2f}]"
+        )
+    spans = [b - a for a, b in zip(shape.layers, [*shape.layers[1:], num_layers])]
+    before = shape.layers[0] * num_visual
+
+    def continuous_avg(p: float) -> float:
+        return (before + sum(s * k for s, k in zip(spans, shape.keeps(p, num_visual)))) / num_layers
+
+    reach = continuous_avg(shape.param_max)
+    if target > reach + 0.5:
+        raise ValueError(f"Target avg_T {target} is out of reach of this shape: at most {reach:.2f} with "
+                         f"{num_visual} visual tokens on {num_layers} layers")
+
+    a, b = 0.0, shape.param_max
+    for _ in range(200):  # avg_T grows with p: bisection
+        mid = (a + b) / 2
+        a, b = (mid, b) if continuous_avg(mid) < target else (a, mid)
+    p = (a + b) / 2
+    x = shape.keeps(p, num_visual)
+
+    goal = target * num_layers - before  # sum over stages of span * keep
+    # states: (sum, last keep) -> (squared distance to x, keeps)
+    states: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {(0, num_visual): (0.0, ())}
+    for span, xs in zip(spans, x):
+        cands = range(max(0, math.floor(xs) - radius), min(num_visual, math.ceil(xs) + radius) + 1)
+        nxt: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
+        for (total, last), (cost, keeps) in states.items():
+            for k in cands:
+                if shape.non_increasing and k > last:
+                    continue
+                key = (total + span * k, k if shape.non_increasing else num_visual)
+                c = cost + (k - xs) ** 2
+                if key not in nxt or c < nxt[key][0]:
+                    nxt[key] = (c, keeps + (k,))
+        states = nxt
+    if not states:
+        raise ValueError("No integer keeps fit this shape; widen `radius`")
+    (total, _), (cost, keeps) = min(states.items(), key=lambda kv: (round(abs(kv[0][0] - goal), 9), kv[1][0]))
+    return Solution(shape=shape, num_layers=num_layers, num_visual=num_visual, target=float(target),
+                    keeps=list(keeps), avg_T=(before + total) / num_layers, param=p)
+
+
+# ---- matched configs ------------------------------------------------------------------------------------------
+def matched(
+    config: RoutingConfig,
+    num_layers: int,
+    num_visual: int,
+    action: str = "reroute",
+    reselect_at: Sequence[int] = (),
+    shape: Shape | None = None,
+    scorer: str | None = None,
+) -> RoutingConfig:
+    """A config with the same avg_T as `config` (for a sample with `num_visual` visual tokens).
+
+    Without `shape`: the same per-layer active counts as `config`, as integer keeps, with `action`; `reselect_at`
+    adds stages that re-select with the budget already in force (e.g. Reroute-vs-FastV re-selects at
+    [7, 15, 23] with FastV's keep). With `shape`: the shape solved for `config`'s avg_T (closest possible)."""
+    target = schedule_avg_T(config, num_layers, num_visual)
+    scorer = scorer or config.scorer
+    opts = dict(config.scorer_options)
+    if shape is not None:
+        sol = solve(shape, num_layers, num_visual, target)
+        return sol.config(action, scorer, **opts)
+    active = active_per_layer(config, num_layers, num_visual)
+    layers = sorted({s.layer for s in config.stages} | {int(l) for l in reselect_at})
+    _check_layers(layers, num_layers)
+    first = config.stages[0].layer if config.stages else num_layers
+    if any(l < first for l in layers):
+        raise ValueError(f"Re-selection layers {list(reselect_at)} must not precede the first stage (layer {first})")
+    stages = [Stage(layer=l, keep=int(active[l])) for l in layers]
+    if action == "prune" and any(b.keep > a.keep for a, b in zip(stages, stages[1:])):
+        raise ValueError(
+            "This schedule grows the active set at a later stage, which pruning cannot do; pass shape= to solve a "
+            "prune schedule with the same avg_T"
+        )
+    out = RoutingConfig(action=action, scorer=scorer, stages=stages, scorer_options=opts)
+    assert sum(active_per_layer(out, num_layers, num_visual)) == sum(active)
+    return out
+
+
+# ---- presets --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelBudget:
+    """What a preset needs to know about a model: decoder layers and visual tokens per image (None when it
+    depends on the image, as for Qwen2.5-VL)."""
+
+    num_layers: int
+    num_visual: int | None
+
+
+MODELS: dict[str, ModelBudget] = {
+    "llava-1.5": ModelBudget(32, 576),
+    "qwen2.5-vl-7b": ModelBudget(28, None),
+    "qwen2.5-vl-3b": ModelBudget(36, None),
+}
+
+# The papers' stage layers on a 32-layer decoder (LLaVA-1.5-7B). FastV's K=3 is a fixed depth; the other
+# layers are scaled to other depths (round(l * L / 32), which gives the Reroute code's Qwen layers).
+FASTV_LAYER = 3
+PDROP_LAYERS = (2, 7, 15, 23)
+REROUTE_FASTV_RESELECT = (7, 15, 23)
+REROUTE_PDROP_WEIGHTS = (1.0, 1.0, 0.5, 0.25)
+
+PRESETS = {
+    "fastv": "FastV K=3, prune: one stage at layer 3",
+    "pdrop": "PyramidDrop, prune: geometric keeps at [2, 7, 15, 23]",
+    "reroute-fastv": "reroute matched to FastV: FastV's keep, re-selected at [3, 7, 15, 23]",
+    "reroute-pdrop": "reroute matched to PyramidDrop: keeps [a, a, a/2, a/4] at [2, 7, 15, 23]",
+}
+
+
+def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int = 32) -> list[int]:
+    return [int(math.floor(l * num_layers / reference_layers + 0.5)) for l in layers]
+
+
+def qwen_visual_tokens(height: int, width: int, patch: int = 14, merge: int = 2,
+                       min_pixels: int = 56 * 56, max_pixels: int = 12845056) -> int:
+    """Visual tokens Qwen2/2.5-VL's image processor gives an image of height x width pixels: each side is
+    rounded to a multiple of patch*merge, the area kept within [min_pixels, max_pixels], then one token per
+    merge x merge patches. The defaults are the Qwen2.5-VL processor's."""
+    factor = patch * merge
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return (h // factor) * (w // factor)
+
+
+def _model_budget(model: str, num_layers: int | None, num_visual: int | None) -> tuple[int, int]:
+    if model not in MODELS and (num_layers is None or num_visual is None):
+        raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)} or give num_layers and num_visual")
+    base = MODELS.get(model, ModelBudget(num_layers or 0, num_visual))
+    layers = num_layers or base.num_layers
+    visual = num_visual or base.num_visual
+    if visual is None:
+        raise ValueError(
+            f"{model}'s visual token count depends on the image; pass num_visual= "
+            "(e.g. visroute.budget.qwen_visual_tokens(height, width))"
+        )
+    return layers, visual
+
+
+def preset_solution(name: str, tier: int | float, model: str = "llava-1.5", num_visual: int | None = None,
+                    num_layers: int | None = None) -> tuple[Solution, str]:
+    """The solved schedule of a preset and its action. Any avg_T is accepted here; `preset` checks tiers."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    layers, visual = _model_budget(model, num_layers, num_visual)
+    pd_layers = scale_layers(PDROP_LAYERS, layers)
+    if name in ("fastv", "reroute-fastv"):
+        sol = solve(Shape.fastv(FASTV_LAYER), layers, visual, tier)
+        if name == "reroute-fastv":
+            reselect = [l for l in scale_layers(REROUTE_FASTV_RESELECT, layers) if l > FASTV_LAYER]
+            shape = Shape.uniform([FASTV_LAYER, *reselect])
+            sol = Solution(shape, layers, visual, sol.target, [sol.keeps[0]] * len(shape.layers), sol.avg_T, sol.param)
+        return sol, "prune" if name == "fastv" else "reroute"
+    if name == "pdrop":
+        return solve(Shape.pdrop(pd_layers), layers, visual, tier), "prune"
+    return solve(Shape.weighted(pd_layers, REROUTE_PDROP_WEIGHTS), layers, visual, tier), "reroute"
+
+
+def preset(name: str, tier: int, model: str = "llava-1.5", num_visual: int | None = None,
+           num_layers: int | None = None, scorer: str = DEFAULT_SCORER, **scorer_options) -> RoutingConfig:
+    """A named preset at one of the tiers 192 / 128 / 64 for `model` ("llava-1.5", "qwen2.5-vl-7b",
+    "qwen2.5-vl-3b", or any model given `num_layers` and `num_visual`). Keeps are integer counts for
+    `num_visual` visual tokens, solved to the tier's avg_T."""
+    if tier not in TIERS:
+        raise ValueError(f"Unknown tier {tier!r}; presets come at avg_T {', '.join(map(str, TIERS))}")
+    sol, action = preset_solution(name, tier, model, num_visual, num_layers)
+    return sol.config(action, scorer, **scorer_options)
+
+
+def parse_preset(spec: str) -> tuple[str, int]:
+    """"pdrop@128" -> ("pdrop", 128)."""
+    name, _, tier = spec.partition("@")
+    if not tier:
+        raise ValueError(f"Bad preset {spec!r}: expected name@tier, e.g. pdrop@128")
+    try:
+        t = int(tier)
+    except ValueError:
+        raise ValueError(f"Bad tier in {spec!r}: expected one of {', '.join(map(str, TIERS))}") from None
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if t not in TIERS:
+        raise ValueError(f"Unknown tier {t} in {spec!r}; presets come at avg_T {', '.join(map(str, TIERS))}")
+    return name, t
