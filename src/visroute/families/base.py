@@ -193,7 +193,7 @@ class FamilyAdapter:
 # Used by the vision-attention scorer: each family hooks one attention layer of its tower and computes, from that
 # layer's own q/k, one score per visual token. Only the needed query rows are computed, a chunk at a time, in fp32.
 
-VISION_CHUNK_ELEMENTS = 1 << 19  # about 2 MiB of fp32 logits per chunk of query rows
+VISION_CHUNK_ELEMENTS = 1 << 18  # about 1 MiB of fp32 logits per chunk of query rows
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -220,14 +220,15 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_s
     index[seg, slot] = torch.arange(s, device=device)
     valid = index < s
     pad = lambda x: torch.cat([x.float(), x.new_zeros(1, heads, head_dim).float()])[index].transpose(1, 2)
-    qp, kp = pad(q), pad(k)  # (n_seg, H, longest, hd)
+    qp, kp = pad(q) * scale, pad(k)  # (n_seg, H, longest, hd)
     received = torch.zeros(n_seg, longest, dtype=torch.float32, device=device)
     rows = max(1, VISION_CHUNK_ELEMENTS // max(1, n_seg * heads * longest))
     for start in range(0, longest, rows):
-        logits = torch.einsum("shqd,shkd->shqk", qp[:, :, start : start + rows], kp) * scale
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        query_valid = valid[:, start : start + rows]
-        received += (probs.sum(1) * query_valid[..., None]).sum(1)
+        logits = torch.einsum("shqd,shkd->shqk", qp[:, :, start : start + rows], kp)
+        logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        del logits
+        # padded query rows do not count
+        received += torch.einsum("shqk,sq->sk", probs, valid[:, start : start + rows].float())
     received = received / lengths.clamp(min=1)[:, None].float()
     return received[valid]  # segments in order, tokens in order: the packed order again

@@ -50,11 +50,12 @@ def _probs(ctx, q, q_index, k, k_index, k_valid) -> torch.Tensor:
     b, n_heads, nq, head_dim = q.shape
     n_kv = k.shape[1]
     device = q.device
-    logits = torch.einsum("bkgqd,bknd->bkgqn", q.view(b, n_kv, n_heads // n_kv, nq, head_dim), k) * attn.scaling
+    q = q * attn.scaling  # scale the few query rows, not the logits
+    logits = torch.einsum("bkgqd,bknd->bkgqn", q.view(b, n_kv, n_heads // n_kv, nq, head_dim), k)
     logits = logits.reshape(b, n_heads, nq, -1)
     allowed = k_valid.to(device)[:, None, :] & (k_index.to(device)[:, None, :] <= q_index.to(device)[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    logits.masked_fill_(~allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def query_attention(ctx: StageContext, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
