@@ -183,9 +183,10 @@ def _llava_cls_reference(model, inputs, layer):
 def _qwen_received_reference(model, inputs, layer, monkeypatch):
     """Per image, per visual token: the mean attention each of its patches receives at `layer`, from the eager
     weights the tower computes for each attention segment, mapped to tokens by the tower's own ordering."""
-    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as qmod
+    import sys
 
     tower = model.model.visual
+    qmod = sys.modules[type(tower.blocks[layer].attn).__module__]  # Qwen2-VL or Qwen2.5-VL
     assert tower.config._attn_implementation == "eager"
     weights, inside = [], {"on": False}
     original = qmod.eager_attention_forward
@@ -219,7 +220,8 @@ def _qwen_received_reference(model, inputs, layer, monkeypatch):
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-def test_vision_attention_equals_the_towers_eager_attention(fam, layer, monkeypatch):
+def test_vision_attention_equals_the_towers_eager_attention(any_fam, layer, monkeypatch):
+    fam = any_fam
     # both tiny towers have 2 layers and feed the projector from the last: layer 1 is the default
     options = {} if layer == 1 else {"layer": layer}
     inputs, record = _routed(fam, "vision_cls_attention", [Stage(0, 0.5)], **options)
@@ -229,6 +231,18 @@ def test_vision_attention_equals_the_towers_eager_attention(fam, layer, monkeypa
     else:
         per_image = _qwen_received_reference(ref, inputs, layer, monkeypatch)
     _assert_scores(record, 0, _per_sample(per_image, record), atol=1e-5)
+
+
+def test_vision_attention_under_generate_takes_the_towers_scores_before_the_prefill(any_fam):
+    inputs = any_fam.batch(PROMPTS[:2])
+    cfg = RoutingConfig(action="prune", scorer="vision_cls_attention", stages=[Stage(0, 0.5), Stage(2, 0.25)])
+    with apply_routing(any_fam.model, cfg) as router, torch.no_grad():
+        any_fam.model(**inputs)
+        forward = router.last_record
+        any_fam.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        generated = router.last_record
+    for a, b in zip(forward.stages, generated.stages):
+        torch.testing.assert_close(a.scores, b.scores)
 
 
 def test_qwen_windowed_block_scores_stay_within_windows():

@@ -38,7 +38,10 @@ class Duplication(Scorer):
     Keys: DART reads the keys layer l-1 left in the K/V cache; here they are the stage layer's own k-projection
     (after its input norm and RoPE) of the states entering it, which exist at layer 0 (the input embeddings, so a
     layer-0 stage prunes before the decoder) and, under reroute, for the carried states of inactive tokens.
-    Similarities use the decoder's final norm of those states, as DART does."""
+    Similarities use the decoder's final norm of those states, as DART does. The L1 norm of a rotated key
+    depends on its absolute position (RoPE preserves L2, not L1), so pivots can change with the position ids,
+    e.g. between a left-padded `forward` (plain positions) and `generate` (positions that skip padding); DART
+    has the same property."""
 
     name = "duplication"
     description = "DART: keep the visual tokens least similar to a few high-key-norm pivot tokens"
