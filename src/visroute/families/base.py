@@ -219,8 +219,11 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_s
     index = torch.full((n_seg, longest), s, dtype=torch.long, device=device)
     index[seg, slot] = torch.arange(s, device=device)
     valid = index < s
-    pad = lambda x: torch.cat([x.float(), x.new_zeros(1, heads, head_dim).float()])[index].transpose(1, 2)
-    qp, kp = pad(q) * scale, pad(k)  # (n_seg, H, longest, hd)
+
+    def by_segment(x: torch.Tensor) -> torch.Tensor:  # (S, H, hd) -> (n_seg, H, longest, hd), zero padded
+        return torch.cat([x.float(), x.new_zeros(1, heads, head_dim).float()])[index].transpose(1, 2)
+
+    qp, kp = by_segment(q) * scale, by_segment(k)
     received = torch.zeros(n_seg, longest, dtype=torch.float32, device=device)
     rows = max(1, VISION_CHUNK_ELEMENTS // max(1, n_seg * heads * longest))
     for start in range(0, longest, rows):
