@@ -298,7 +298,7 @@ class Router:
                 stage_index=i, layer_index=stage.layer, action=cfg.action, layer=self.adapter.layers[stage.layer],
                 hidden=full, inputs_embeds=embeds_x, valid=valid_x, text=text, layout=layout,
                 candidates=candidates, key_mask=key_mask, cos=cos, sin=sin, last_index=last_index,
-                input_ids=input_ids, adapter=self.adapter, extras=self._extras,
+                input_ids=input_ids, adapter=self.adapter, extras=self._extras, requested=requested,
             )
             if self.measure_scorer_flops:
                 from torch.utils.flop_counter import FlopCounterMode

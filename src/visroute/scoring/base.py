@@ -32,7 +32,7 @@ class StageContext:
     layer:       the decoder layer the stage starts at (for its q/k projections), and `layer_index`.
     input_ids:   (B, L) or None.
     extras:      per-call inputs given through `Router.call_options` (e.g. an oracle's relevance).
-    requested:   (B,) the keep count the stage asks for per sample, when the engine passes it (see `budget`).
+    requested:   (B,) the keep count the stage asks for per sample (see `budget`).
     """
 
     stage_index: int
@@ -51,8 +51,8 @@ class StageContext:
     last_index: torch.Tensor
     input_ids: torch.Tensor | None
     adapter: "FamilyAdapter"
+    requested: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
-    requested: torch.Tensor | None = None
 
     @property
     def instruction_mask(self) -> torch.Tensor:
@@ -73,27 +73,11 @@ class StageContext:
     def budget(self) -> torch.Tensor:
         """(B,) how many visual tokens the stage will keep per sample: its keep count, at most the candidates.
         Selection procedures (DART, DivPrune, the uniform lattice) need it; rankings do not."""
-        requested = self.requested
-        if requested is None:
-            requested = _requested_from_router(self)
-        return torch.minimum(requested.to(self.candidates.device), self.candidates.sum(1))
+        return torch.minimum(self.requested.to(self.candidates.device), self.candidates.sum(1))
 
     def gather_visual(self, per_token: torch.Tensor) -> torch.Tensor:
         """Pick the visual positions out of a (B, L+1) per-token tensor -> (B, Nv)."""
         return per_token.gather(1, self.layout.positions)
-
-
-def _requested_from_router(ctx: StageContext) -> torch.Tensor:
-    # The engine does not pass the keep count in the context yet; read it from the routing config, with the
-    # engine's own rule (an int count, or floor(fraction * visual tokens)).
-    router = getattr(ctx.adapter.model, "_visroute_router", None) if ctx.adapter is not None else None
-    if router is None:
-        raise ValueError("This scorer needs the stage's keep count: pass `requested` in the StageContext")
-    keep = router.config.stages[ctx.stage_index].keep
-    counts = ctx.layout.counts
-    if isinstance(keep, int):
-        return torch.full_like(counts, keep)
-    return torch.floor(keep * counts.double() + 1e-9).long()
 
 
 class Scorer:
