@@ -101,10 +101,6 @@ class Qwen2VLAdapter(FamilyAdapter):
         rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
         if windowed:
             from transformers.vision_utils import get_vision_window_index
-        call = {}
-
-        def remember_grid(module, args, kwargs):
-            call["grid"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 
         def hook(module, args, kwargs):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -115,10 +111,10 @@ class Qwen2VLAdapter(FamilyAdapter):
             per_patch = mean_attention_received(q, k, module.scaling, kwargs["cu_seqlens"])
             per_unit = per_patch.view(-1, unit).mean(1)  # in the order the blocks run: by window for Qwen2.5-VL
             if windowed:
-                window_index, _ = get_vision_window_index(call["grid"], tower.spatial_merge_size, tower.window_size,
-                                                          tower.patch_size)
+                # the grid of this tower call, remembered by the tower hook `install` put in place
+                window_index, _ = get_vision_window_index(self._last_grid_thw, tower.spatial_merge_size,
+                                                          tower.window_size, tower.patch_size)
                 per_unit = torch.empty_like(per_unit).index_copy_(0, window_index.to(per_unit.device), per_unit)
             sink(per_unit.detach())
 
-        return [tower.register_forward_pre_hook(remember_grid, with_kwargs=True),
-                attn.register_forward_pre_hook(hook, with_kwargs=True)]
+        return [attn.register_forward_pre_hook(hook, with_kwargs=True)]
