@@ -10,7 +10,8 @@ Method (also printed into the JSON):
 * prefill: one forward of the prompt with `logits_to_keep=1` (as `generate` does), under `torch.inference_mode`,
   after warm-up runs; median and inter-quartile range over the repeats.
 * decode: `generate` with a fixed number of greedy tokens; forward hooks time every model call, the first call
-  is the prefill and every later one a decode step; median and IQR over all decode steps of all repeats.
+  is the prefill (transformers encodes the images before it) and every later one a decode step; median and IQR
+  over all decode steps of all repeats. Time spent in `generate` between model calls is not counted.
 * peak memory: CUDA `max_memory_allocated` above the allocation before the call; on CPU the peak of the tensor
   bytes allocated during the call (torch profiler memory events), the same quantity on both: activations, K/V
   cache and logits, not the weights.
@@ -281,7 +282,9 @@ def time_prefill(model, inputs, device, repeats: int, on_start: Callable[[], Non
 
 
 def time_decode(model, inputs, device, new_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Per repeat, `generate` `new_tokens` greedy tokens; returns (prefill call times, decode step times)."""
+    """Per repeat, `generate` `new_tokens` greedy tokens; returns (first model call times, decode step times).
+    transformers encodes the images before the first model call of `generate`, so that call is the decoder
+    prefill without the vision tower."""
     stamps: list[float] = []
 
     def stamp(*_):
@@ -362,7 +365,7 @@ def _measure(label, model, inputs, settings, device, router=None) -> dict[str, A
     if settings.decode_repeats > 0 and settings.new_tokens > 1:
         gen_prefill, steps = time_decode(model, inputs, device, settings.new_tokens, settings.decode_repeats)
         row["decode_step_s"] = _stats(steps)
-        row["generate_prefill_s"] = _stats(gen_prefill)
+        row["generate_first_call_s"] = _stats(gen_prefill)
     return row
 
 
@@ -461,8 +464,9 @@ def _ms(stats: dict | None) -> str:
     return f"{stats['median'] * 1e3:.1f} [{stats['q1'] * 1e3:.1f}-{stats['q3'] * 1e3:.1f}]"
 
 
-def format_table(result: dict[str, Any]) -> str:
-    head = ["config", "avg_T", "prefill ms [IQR]", "speedup", "ideal", "% ideal", "decode ms/tok [IQR]", "dec x",
+def format_table(result: dict[str, Any], markdown: bool = False) -> str:
+    """The result as a terminal table, or as a Markdown table."""
+    head = ["config", "avg_T", "prefill ms [IQR]", "speedup", "ideal", "% ideal", "decode ms/tok [IQR]", "dec x", "dec ideal",
             "exec TFLOPs", "formula TFLOPs", "K/V MiB", "peak MiB", "scoring ms (% unrouted)"]
     lines = []
     for r in result["results"]:
@@ -471,11 +475,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append([
             r["label"], f"{r['avg_T']:.2f}", _ms(r["prefill_s"]), f"{r['prefill_speedup']:.2f}",
             f"{r['ideal_speedup']:.2f}", f"{100 * r['fraction_of_ideal']:.0f}%", _ms(r.get("decode_step_s")),
-            f"{r['decode_speedup']:.3f}" if "decode_speedup" in r else "-",
+            f"{r['decode_speedup']:.3f}" if "decode_speedup" in r else "-", f"{r['decode_ideal_speedup']:.3f}",
             f"{acc['flops']['total'] / 1e12:.3f}", f"{acc['formula_tflops']:.3f}",
             f"{(acc['kv_bytes'] or 0) / 2**20:.1f}", f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-",
             f"{score['median'] * 1e3:.1f} ({100 * r['scoring_fraction_of_unrouted_prefill']:.2f}%)" if score else "-",
         ])
+    if markdown:
+        rows = [head, ["---"] * len(head), *lines]
+        return "\n".join("| " + " | ".join(r) + " |" for r in rows)
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     m = result["machine"]
