@@ -525,16 +525,16 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    s = _shape(args.shape)  # a clear error for an unknown shape before anything is built
     settings = BenchSettings(
-        shape=_shape(args.shape) and args.shape, dtype=args.dtype, device=args.device, repeats=args.repeats,
+        shape=args.shape, dtype=args.dtype, device=args.device, repeats=args.repeats,
         warmup=args.warmup, new_tokens=args.new_tokens, decode_repeats=args.decode_repeats,
         text_tokens=args.text_tokens, image_size=parse_image_size(args.image_size), threads=args.threads,
         seed=args.seed, keep_all=not args.no_keep_all, memory=not args.no_memory,
     )
     if settings.repeats < 1:
         raise ValueError("--repeats must be at least 1")
-    configs: list[tuple[str, RoutingConfig]] | None = []
-    s = _shape(args.shape)
+    configs: list[tuple[str, RoutingConfig]] = []
     num_visual = _visual_count(args.shape, settings.image_size)
     for spec in args.preset:
         name, tier = parse_preset(spec)
