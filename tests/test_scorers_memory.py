@@ -107,12 +107,12 @@ def test_qwen_mean_received_stays_far_below_an_attention_map():
     patches = 56 * 56
     scores = []
     handles = adapter.hook_vision_scores(1, scores.append)
+    adapter._last_grid_thw = grid  # what the adapter's tower hook remembers from the tower call
     try:
-        tower._forward_pre_hooks[handles[0].id](tower, (), {"grid_thw": grid})  # what the tower call would pass
         head_dim = tower.config.hidden_size // tower.config.num_heads
         kwargs = {"cu_seqlens": torch.tensor([0, patches], dtype=torch.int32),
                   "position_embeddings": (torch.randn(patches, head_dim), torch.randn(patches, head_dim))}
-        peak = _hook_peak(attn, handles[1].id, (torch.randn(patches, tower.config.hidden_size),), kwargs)
+        peak = _hook_peak(attn, handles[0].id, (torch.randn(patches, tower.config.hidden_size),), kwargs)
     finally:
         for h in handles:
             h.remove()
