@@ -1,0 +1,144 @@
+"""Testbed items: one image, one question, its answer and the relevance of every visual token.
+
+`make_items(n, seed)` is deterministic: item i depends only on (seed, i). Families cycle through `FAMILIES`, so
+any prefix of a set is balanced across them. `write_dataset` stores PNG images plus one `items.jsonl`;
+`read_dataset` loads them back.
+
+JSONL fields: id, image (path relative to the JSONL), family, subtype, template, question, answer, box
+(grounding: [x1, y1, x2, y2] in patch units, end exclusive; else null), grid ([rows, cols]), relevant_tokens
+(row-major indices of the visual tokens that hold the objects the question is about), targets (their indices
+in objects), objects (shape, color, x, y, size, margin, tint) and background_seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from visroute.testbed.questions import FAMILIES, Question, answer_of, ask, targets_of
+from visroute.testbed.scenes import GRID, Obj, object_tokens, random_scene, render
+
+
+@dataclass
+class Item:
+    """One testbed question about one image."""
+
+    id: str
+    family: str
+    subtype: str
+    template: str
+    question: str
+    answer: str
+    objects: list[Obj]
+    targets: list[int]
+    relevant_tokens: list[int]
+    background_seed: int
+    box: list[int] | None = None
+    image_path: Path | None = None
+    grid: tuple[int, int] = (GRID, GRID)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def num_visual(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def image(self) -> Image.Image:
+        """The RGB image (read from disk when the item was loaded, else drawn from the scene)."""
+        if self._image is None:
+            if self.image_path is not None:
+                self._image = Image.open(self.image_path).convert("RGB")
+            else:
+                self._image = render(self.objects, self.background_seed)
+        return self._image
+
+    def relevance(self) -> torch.Tensor:
+        """(num_visual,) float: 1 for the visual tokens of the objects the question is about, else 0."""
+        r = torch.zeros(self.num_visual)
+        r[self.relevant_tokens] = 1.0
+        return r
+
+    def to_dict(self, image: str | None = None) -> dict:
+        return {
+            "id": self.id, "image": image, "family": self.family, "subtype": self.subtype,
+            "template": self.template, "question": self.question, "answer": self.answer, "box": self.box,
+            "grid": list(self.grid), "relevant_tokens": self.relevant_tokens, "targets": self.targets,
+            "objects": [o.to_dict() for o in self.objects], "background_seed": self.background_seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, root: Path | None = None) -> "Item":
+        path = (root / d["image"]) if (root is not None and d.get("image")) else None
+        return cls(
+            id=d["id"], family=d["family"], subtype=d["subtype"], template=d["template"], question=d["question"],
+            answer=d["answer"], objects=[Obj.from_dict(o) for o in d["objects"]], targets=list(d["targets"]),
+            relevant_tokens=list(d["relevant_tokens"]), background_seed=int(d["background_seed"]),
+            box=d.get("box"), image_path=path, grid=tuple(d.get("grid", (GRID, GRID))),
+        )
+
+
+def relevant_tokens(objs: list[Obj], targets: list[int]) -> list[int]:
+    """Sorted visual-token indices covered by the objects `targets`."""
+    return sorted({t for i in targets for t in object_tokens(objs[i])})
+
+
+def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int) -> Item:
+    """An Item for question `q` on the (final) scene `objs`; answer and relevance are read off the scene."""
+    answer = answer_of(q, objs)
+    if answer is None:
+        raise ValueError(f"question {q.text!r} is ill-posed on this scene")
+    targets = targets_of(q, objs)
+    box = [int(v) for v in answer.split()] if q.family == "grounding" else None
+    return Item(
+        id=item_id, family=q.family, subtype=q.subtype, template=q.template, question=q.text, answer=answer,
+        objects=list(objs), targets=targets, relevant_tokens=relevant_tokens(objs, targets),
+        background_seed=background_seed, box=box,
+    )
+
+
+def make_item(seed: int, index: int, family: str | None = None) -> Item:
+    """Item `index` of the set `seed` (family: FAMILIES[index % 6] unless given)."""
+    family = family or FAMILIES[index % len(FAMILIES)]
+    rng = random.Random(f"visroute-testbed:{seed}:{index}")
+    while True:
+        background_seed = rng.getrandbits(32)
+        questions, objs = ask(rng, random_scene(rng), [family])
+        if questions:
+            return build_item(f"{seed}-{index:06d}", questions[0], objs, background_seed)
+
+
+def make_items(n: int, seed: int = 0, families: list[str] | None = None) -> list[Item]:
+    """`n` items of the set `seed`, families cycling through `families` (default: all of them)."""
+    fams = list(families or FAMILIES)
+    for f in fams:
+        if f not in FAMILIES:
+            raise ValueError(f"unknown family {f!r}; families: {', '.join(FAMILIES)}")
+    return [make_item(seed, i, fams[i % len(fams)]) for i in range(n)]
+
+
+def write_dataset(items: list[Item], out: str | Path) -> Path:
+    """Write the images (out/images/<id>.png) and out/items.jsonl; returns the JSONL path."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    path = out / "items.jsonl"
+    with path.open("w") as f:
+        for it in items:
+            rel = f"images/{it.id}.png"
+            it.image().save(out / rel)
+            f.write(json.dumps(it.to_dict(rel)) + "\n")
+    return path
+
+
+def read_dataset(path: str | Path) -> list[Item]:
+    """Items of a dataset folder (or its items.jsonl)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "items.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no testbed dataset at {path}")
+    with path.open() as f:
+        return [Item.from_dict(json.loads(line), path.parent) for line in f if line.strip()]

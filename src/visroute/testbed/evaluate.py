@@ -1,0 +1,275 @@
+"""Testbed evaluation: accuracy per question family, the blind control, and retention recall per stage.
+
+    from visroute.testbed import load_model, make_items, Evaluator
+    model, processor = load_model()                 # the shipped checkpoint
+    ev = Evaluator(model, processor, make_items(300, seed=HELDOUT_SEED))
+    base = ev.run(None)                             # unrouted
+    blind = ev.run(None, blind=True)                # the image removed
+    fastv = ev.run(RoutingConfig("prune", "last_token_attention", [Stage(2, 0.25)]))
+    print(format_table({"unrouted": base, "blind": blind, "fastv": fastv}, ev.items))
+
+Scoring: exact match of the whitespace-normalised answer; grounding answers are boxes, correct when their IoU
+with the true box is at least 0.5. The blind control asks the same questions with the image removed from the
+prompt (`USER: {question} ASSISTANT:`, no pixels). Retention recall of stage s for one item is the share of its
+relevant visual tokens that are active in stage s; items without relevant tokens are left out of the mean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from visroute.testbed.data import Item
+from visroute.testbed.modeling import prompt
+from visroute.testbed.questions import FAMILIES
+
+HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
+MAX_NEW_TOKENS = 5  # the longest answer (a box) is 4 tokens, then </s>
+
+
+def box_iou(a: list[int], b: list[int]) -> float:
+    """IoU of two boxes (x1, y1, x2, y2), end exclusive."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_box(text: str) -> list[int] | None:
+    parts = text.split()
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        return None
+    x1, y1, x2, y2 = (int(p) for p in parts)
+    return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
+
+
+def score(item: Item, prediction: str) -> tuple[bool, float | None]:
+    """(correct, IoU for grounding items else None)."""
+    pred = " ".join(prediction.split())
+    if item.family == "grounding":
+        box = parse_box(pred)
+        iou = box_iou(box, item.box) if box is not None else 0.0
+        return iou >= 0.5, iou
+    return pred == item.answer, None
+
+
+def majority_rates(items: list[Item]) -> dict[str, float]:
+    """Per family (and "all"): the accuracy of always giving the most common answer of the item's question
+    form (template) within its family. Grouping by form gives the blind guesser what it can always see: whether
+    a colour, a shape, a number or yes/no is asked for."""
+    groups: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for it in items:
+        groups[(it.family, it.template)][it.answer] += 1
+    hits: Counter = Counter()
+    sizes: Counter = Counter()
+    for (fam, _), answers in groups.items():
+        hits[fam] += answers.most_common(1)[0][1]
+        sizes[fam] += sum(answers.values())
+    out = {f: hits[f] / sizes[f] for f in FAMILIES if sizes[f]}
+    out["all"] = sum(hits.values()) / max(1, sum(sizes.values()))
+    return out
+
+
+@dataclass
+class ItemResult:
+    """The outcome for one item. `recall[s]`: share of its relevant tokens active in stage s (None without
+    relevant tokens); `avg_T`: its visual tokens per decoder layer."""
+
+    id: str
+    family: str
+    subtype: str
+    prediction: str
+    correct: bool
+    iou: float | None = None
+    recall: list[float | None] = field(default_factory=list)
+    avg_T: float | None = None
+
+
+@dataclass
+class EvalReport:
+    """The results of one configuration on a set of items."""
+
+    name: str
+    config: object
+    blind: bool
+    results: list[ItemResult]
+    stage_layers: list[int]
+    num_visual: int
+    seconds: float
+    kv_fraction: float | None = None  # K/V entries cached after prefill, as a share of the unrouted count
+
+    def accuracy(self) -> dict[str, float]:
+        """Per family (and "all"): share of correct answers."""
+        by: dict[str, list[bool]] = defaultdict(list)
+        for r in self.results:
+            by[r.family].append(r.correct)
+        out = {f: sum(v) / len(v) for f in FAMILIES if (v := by.get(f))}
+        out["all"] = sum(r.correct for r in self.results) / max(1, len(self.results))
+        return out
+
+    def recall(self) -> dict[str, list[float | None]]:
+        """Per family (and "all"): mean retention recall of each stage over items with relevant tokens."""
+        out: dict[str, list[float | None]] = {}
+        for fam in list(FAMILIES) + ["all"]:
+            rows = [r for r in self.results if fam in ("all", r.family)]
+            if not rows:
+                continue
+            per_stage = []
+            for s in range(len(self.stage_layers)):
+                vals = [r.recall[s] for r in rows if r.recall and r.recall[s] is not None]
+                per_stage.append(sum(vals) / len(vals) if vals else None)
+            out[fam] = per_stage
+        return out
+
+    @property
+    def avg_T(self) -> float:
+        """Mean over items of the visual tokens active per decoder layer (all of them when unrouted)."""
+        vals = [r.avg_T for r in self.results if r.avg_T is not None]
+        return sum(vals) / len(vals) if vals else (0.0 if self.blind else float(self.num_visual))
+
+    def to_dict(self) -> dict:
+        cfg = self.config.to_dict() if hasattr(self.config, "to_dict") else None
+        return {
+            "name": self.name, "config": cfg, "blind": self.blind, "accuracy": self.accuracy(),
+            "recall": self.recall(), "stage_layers": self.stage_layers, "avg_T": self.avg_T,
+            "kv_fraction": self.kv_fraction, "seconds": self.seconds, "n": len(self.results),
+            "items": [r.__dict__ for r in self.results],
+        }
+
+
+class Evaluator:
+    """Runs routing configs over a fixed item set with batched greedy generation (left-padded batches). The
+    processed inputs are built once and reused by every `run`."""
+
+    def __init__(self, model, processor, items: list[Item], batch_size: int = 32, progress: bool = True,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
+        self.model = model.eval()
+        self.processor = processor
+        self.items = list(items)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.max_new_tokens = max_new_tokens
+        self._batches: dict[bool, list[tuple[list[Item], dict]]] = {}
+
+    def batches(self, blind: bool = False) -> list[tuple[list[Item], dict]]:
+        if blind not in self._batches:
+            out = []
+            for i in range(0, len(self.items), self.batch_size):
+                chunk = self.items[i:i + self.batch_size]
+                texts = [prompt(it.question, image=not blind) for it in chunk]
+                if blind:
+                    inputs = self.processor(text=texts, padding=True, return_tensors="pt")
+                else:
+                    inputs = self.processor(images=[it.image() for it in chunk], text=texts, padding=True,
+                                            return_tensors="pt")
+                out.append((chunk, dict(inputs)))
+            self._batches[blind] = out
+        return self._batches[blind]
+
+    def run(self, config=None, *, blind: bool = False, name: str | None = None) -> EvalReport:
+        """Evaluate the model routed by `config` (a RoutingConfig, dict, YAML path, or None for unrouted);
+        `blind=True` runs the blind control (the image removed; routing has nothing to act on)."""
+        from tqdm.auto import tqdm
+
+        from visroute import RoutingConfig, apply_routing
+
+        if config is not None and not isinstance(config, RoutingConfig):
+            config = RoutingConfig.from_dict(config) if isinstance(config, dict) else RoutingConfig.from_yaml(config)
+        name = name or ("blind" if blind else ("unrouted" if config is None else f"{config.action}:{config.scorer}"))
+        batches = self.batches(blind)
+        router = apply_routing(self.model, config) if config is not None else None
+        results: list[ItemResult] = []
+        kv_routed = kv_full = 0
+        t0 = time.perf_counter()
+        try:
+            for chunk, inputs in tqdm(batches, desc=name, disable=not self.progress, leave=False):
+                options = {}
+                if router is not None and config.scorer == "oracle":
+                    options["relevance"] = torch.stack([it.relevance() for it in chunk])
+                with torch.no_grad():
+                    if router is not None:
+                        with router.call_options(**options):
+                            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+                    else:
+                        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+                texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                record = router.last_record if router is not None else None
+                if record is not None and record.kv_tokens is not None:
+                    kv_routed += int(record.kv_tokens.sum())
+                    kv_full += int(record.seq_lengths.sum()) * record.num_layers
+                for b, (it, text) in enumerate(zip(chunk, texts)):
+                    correct, iou = score(it, text)
+                    res = ItemResult(it.id, it.family, it.subtype, " ".join(text.split()), correct, iou)
+                    if record is not None:
+                        res.recall = [_recall(st.active[b], it.relevant_tokens) for st in record.stages]
+                        res.avg_T = float(record.avg_visual_tokens[b])
+                    results.append(res)
+        finally:
+            if router is not None:
+                router.remove()
+        return EvalReport(
+            name=name, config=config, blind=blind, results=results,
+            stage_layers=[s.layer for s in config.stages] if config is not None else [],
+            num_visual=self.items[0].num_visual if self.items else 0, seconds=time.perf_counter() - t0,
+            kv_fraction=(kv_routed / kv_full) if kv_full else None,
+        )
+
+    def compare(self, configs: dict[str, object], blind_control: bool = True) -> dict[str, EvalReport]:
+        """Run every named config (None = unrouted), and the blind control once, as "blind"."""
+        reports = {name: self.run(cfg, name=name) for name, cfg in configs.items()}
+        if blind_control:
+            reports["blind"] = self.run(None, blind=True, name="blind")
+        return reports
+
+
+def _recall(active_row: torch.Tensor, relevant: list[int]) -> float | None:
+    if not relevant:
+        return None
+    return float(active_row[relevant].float().mean())
+
+
+def evaluate(model, processor, items: list[Item], config=None, *, blind: bool = False, batch_size: int = 32,
+             progress: bool = True) -> EvalReport:
+    """One config on `items` (see `Evaluator.run`)."""
+    return Evaluator(model, processor, items, batch_size=batch_size, progress=progress).run(config, blind=blind)
+
+
+def format_table(reports: dict[str, EvalReport], items: list[Item] | None = None) -> str:
+    """Accuracy per family (columns: one per report, plus the majority-answer rate when `items` are given),
+    then avg_T, K/V share and the mean retention recall of each stage of the routed reports."""
+    fams = [f for f in list(FAMILIES) + ["all"] if any(f in r.accuracy() for r in reports.values())]
+    maj = majority_rates(items) if items is not None else None
+    names = list(reports)
+    width = max([14] + [len(n) + 1 for n in names])
+    head = f"{'family':16s}" + (f"{'majority':>10s}" if maj else "") + "".join(f"{n:>{width}s}" for n in names)
+    lines = ["accuracy (grounding: IoU >= 0.5)", head]
+    for fam in fams:
+        row = f"{fam:16s}" + (f"{maj.get(fam, float('nan')):>10.3f}" if maj else "")
+        for n in names:
+            acc = reports[n].accuracy().get(fam)
+            row += f"{'-' if acc is None else f'{acc:.3f}':>{width}s}"
+        lines.append(row)
+    lines.append(f"{'avg_T':16s}" + (" " * 10 if maj else "") + "".join(f"{reports[n].avg_T:>{width}.1f}" for n in names))
+    kv = [reports[n].kv_fraction for n in names]
+    if any(k is not None for k in kv):
+        lines.append(f"{'K/V share':16s}" + (" " * 10 if maj else "")
+                     + "".join(f"{'-' if k is None else f'{k:.3f}':>{width}s}" for k in kv))
+    routed = [n for n in names if reports[n].stage_layers]
+    if routed:
+        lines.append("")
+        lines.append("retention recall of the relevant visual tokens, per stage (layer)")
+        for n in routed:
+            rep = reports[n]
+            rec = rep.recall()
+            stages = "  ".join(f"L{layer}" for layer in rep.stage_layers)
+            lines.append(f"{n} [{stages}]")
+            for fam in fams:
+                vals = rec.get(fam)
+                if vals is None:
+                    continue
+                lines.append(f"  {fam:14s}" + "".join(f"{'-' if v is None else f'{v:.3f}':>8s}" for v in vals))
+    return "\n".join(lines)

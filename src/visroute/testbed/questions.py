@@ -1,0 +1,326 @@
+"""Question families of the testbed, and how a scene is edited so that each question gets the answer drawn for it.
+
+Every question is a `Question` spec: a family, a subtype, a template and the names it mentions. Its answer and
+the objects it is about are pure functions of the scene (`answer_of`, `targets_of`), so labels always follow
+from the objects that are drawn. Generators draw the *answer first* (uniformly over the family's answers, for
+every wording of the question) and then edit the scene until it holds: the words of a question therefore say
+nothing about its answer, except in the blind-solvable family, where the world's prior decides it.
+
+Families (`FAMILIES`):
+  attribute       "what color is the {shape}?" / "what shape is the {color} object?" (the object is unique)
+  existence       "is there a {color} {shape}?" yes/no, POPE-style subtypes for the negatives: random (any
+                  absent pair), popular (one of the pairs ordinary scenes draw most), adversarial (an absent pair
+                  whose colour or shape is present on another object)
+  counting        "how many {color} objects are there?" / "how many {shape}s are there?" (0..3)
+  relation        "is the {c1} {s1} left of / above the {c2} {s2}?" yes when the first object lies entirely left
+                  of (above) the second, no when entirely right of (below) it; overlapping spans are never asked
+  grounding       "where is the {color} {shape}?" -> "x1 y1 x2 y2", its box in patch units (end exclusive)
+  blind_solvable  "what color is the {star|heart|moon}?": the prior shapes always have the same colour
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from visroute.testbed.scenes import (
+    COLORS,
+    COMBOS,
+    MAX_OBJECTS,
+    PLURALS,
+    POPULAR,
+    PRIOR_SHAPES,
+    SHAPES,
+    SIZE_NAMES,
+    Obj,
+    new_object,
+)
+
+FAMILIES = ("attribute", "existence", "counting", "relation", "grounding", "blind_solvable")
+TEMPLATES = {  # question forms of each family
+    "attribute": ("color_of_shape", "shape_of_color"),
+    "existence": ("exists",),
+    "counting": ("count_color", "count_shape"),
+    "relation": ("left", "above"),
+    "grounding": ("where",),
+    "blind_solvable": ("color_of_shape",),
+}
+VISION_FAMILIES = FAMILIES[:-1]
+MAX_COUNT = 3
+
+Generated = tuple  # (Question, edited scene or None, the answer drawn for it)
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a question asks. `a`/`b` are the (colour, shape) or single names it mentions (see `text`)."""
+
+    family: str
+    subtype: str
+    template: str
+    a: tuple[str, ...]
+    b: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        t, a, b = self.template, self.a, self.b
+        if t == "color_of_shape":
+            return f"what color is the {a[0]}?"
+        if t == "shape_of_color":
+            return f"what shape is the {a[0]} object?"
+        if t == "exists":
+            return f"is there a {a[0]} {a[1]}?"
+        if t == "count_color":
+            return f"how many {a[0]} objects are there?"
+        if t == "count_shape":
+            return f"how many {PLURALS[a[0]]} are there?"
+        if t in ("left", "above"):
+            word = "left of" if t == "left" else "above"
+            return f"is the {a[0]} {a[1]} {word} the {b[0]} {b[1]}?"
+        if t == "where":
+            return f"where is the {a[0]} {a[1]}?"
+        raise ValueError(f"unknown template {t!r}")
+
+
+def _with(objs: list[Obj], pred) -> list[Obj]:
+    return [o for o in objs if pred(o)]
+
+
+def _unique(objs: list[Obj], color: str, shape: str) -> Obj | None:
+    found = _with(objs, lambda o: o.color == color and o.shape == shape)
+    return found[0] if len(found) == 1 else None
+
+
+def _entirely_before(p: Obj, q: Obj, axis: str) -> bool:
+    if axis == "left":
+        return p.x + p.size <= q.x
+    return p.y + p.size <= q.y
+
+
+def answer_of(q: Question, objs: list[Obj]) -> str | None:
+    """The answer of `q` in the scene `objs`, or None when the question is ill-posed there."""
+    t = q.template
+    if t == "color_of_shape":
+        found = _with(objs, lambda o: o.shape == q.a[0])
+        if q.family == "blind_solvable":
+            return PRIOR_SHAPES[q.a[0]] if found else None
+        return found[0].color if len(found) == 1 else None
+    if t == "shape_of_color":
+        found = _with(objs, lambda o: o.color == q.a[0])
+        return found[0].shape if len(found) == 1 else None
+    if t == "exists":
+        present = any(o.combo == q.a for o in objs)
+        if q.subtype == "adversarial" and not present and not _distractors(objs, q.a):
+            return None
+        return "yes" if present else "no"
+    if t in ("count_color", "count_shape"):
+        key = (lambda o: o.color == q.a[0]) if t == "count_color" else (lambda o: o.shape == q.a[0])
+        n = len(_with(objs, key))
+        return str(n) if n <= MAX_COUNT else None
+    if t in ("left", "above"):
+        p, r = _unique(objs, *q.a), _unique(objs, *q.b)
+        if p is None or r is None:
+            return None
+        if _entirely_before(p, r, t):
+            return "yes"
+        if _entirely_before(r, p, t):
+            return "no"
+        return None
+    if t == "where":
+        o = _unique(objs, *q.a)
+        return None if o is None else " ".join(str(v) for v in o.box)
+    raise ValueError(f"unknown template {t!r}")
+
+
+def _distractors(objs: list[Obj], combo: tuple[str, str]) -> list[Obj]:
+    """Objects that share exactly one of the colour and the shape of `combo`."""
+    return _with(objs, lambda o: (o.color == combo[0]) != (o.shape == combo[1]))
+
+
+def targets_of(q: Question, objs: list[Obj]) -> list[int]:
+    """Indices of the objects the question is about; their visual tokens are its relevant tokens.
+
+    For a "no" existence answer these are the distractors (objects with the asked colour or the asked shape):
+    the ones a model has to inspect to rule the pair out; with none, the question has no relevant tokens."""
+    t = q.template
+    if t == "color_of_shape":
+        pick = lambda o: o.shape == q.a[0]  # noqa: E731
+    elif t == "shape_of_color":
+        pick = lambda o: o.color == q.a[0]  # noqa: E731
+    elif t == "exists":
+        if any(o.combo == q.a for o in objs):
+            pick = lambda o: o.combo == q.a  # noqa: E731
+        else:
+            pick = lambda o: (o.color == q.a[0]) != (o.shape == q.a[1])  # noqa: E731
+    elif t == "count_color":
+        pick = lambda o: o.color == q.a[0]  # noqa: E731
+    elif t == "count_shape":
+        pick = lambda o: o.shape == q.a[0]  # noqa: E731
+    elif t in ("left", "above"):
+        pick = lambda o: o.combo in (q.a, q.b)  # noqa: E731
+    elif t == "where":
+        pick = lambda o: o.combo == q.a  # noqa: E731
+    else:
+        raise ValueError(f"unknown template {t!r}")
+    return [i for i, o in enumerate(objs) if pick(o)]
+
+
+# ---- scene edits -------------------------------------------------------------------------------------------------
+def _add(rng: random.Random, objs: list[Obj], shape: str, color: str, where=None) -> list[Obj] | None:
+    """`objs` plus a new object (dropping a random object first when the scene is full), or None."""
+    objs = list(objs)
+    if len(objs) >= MAX_OBJECTS:
+        objs.pop(rng.randrange(len(objs)))
+    o = new_object(rng, objs, shape, color, where=where)
+    return None if o is None else objs + [o]
+
+
+def _keep_one(rng: random.Random, objs: list[Obj], pred, shape: str, color: str) -> list[Obj] | None:
+    """Make exactly one object satisfy `pred`, and make it a `color` `shape`: repaint one existing match and
+    remove the others, or add one."""
+    matches = [i for i, o in enumerate(objs) if pred(o)]
+    if not matches:
+        return _add(rng, objs, shape, color)
+    keep = rng.choice(matches)
+    out = []
+    for i, o in enumerate(objs):
+        if i == keep:
+            out.append(Obj(shape, color, o.x, o.y, o.size, o.margin, o.tint))
+        elif i not in matches:
+            out.append(o)
+    return out
+
+
+def gen_attribute(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    if rng.random() < 0.5:
+        q = Question("attribute", "color", "color_of_shape", (shape,))
+        return q, _keep_one(rng, objs, lambda o: o.shape == shape, shape, color), color
+    q = Question("attribute", "shape", "shape_of_color", (color,))
+    return q, _keep_one(rng, objs, lambda o: o.color == color, shape, color), shape
+
+
+def gen_existence(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    subtype = rng.choice(("random", "popular", "adversarial"))
+    combo = rng.choice(POPULAR) if subtype == "popular" else rng.choice(COMBOS)
+    color, shape = combo
+    q = Question("existence", subtype, "exists", combo)
+    if rng.random() < 0.5:
+        if any(o.combo == combo for o in objs):
+            return q, list(objs), "yes"
+        return q, _add(rng, objs, shape, color), "yes"
+    out = [o for o in objs if o.combo != combo]
+    if subtype == "adversarial" and not _distractors(out, combo):
+        if rng.random() < 0.5:
+            other = (color, rng.choice([s for s in SHAPES if s != shape]))
+        else:
+            other = (rng.choice([c for c in COLORS if c != color]), shape)
+        out = _add(rng, out, other[1], other[0])
+    return q, out, "no"
+
+
+def gen_counting(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    n = rng.randint(0, MAX_COUNT)
+    if rng.random() < 0.5:
+        color = rng.choice(sorted(COLORS))
+        q = Question("counting", "color", "count_color", (color,))
+        pred = lambda o: o.color == color  # noqa: E731
+        make = lambda: (rng.choice(SHAPES), color)  # noqa: E731
+    else:
+        shape = rng.choice(SHAPES)
+        q = Question("counting", "shape", "count_shape", (shape,))
+        pred = lambda o: o.shape == shape  # noqa: E731
+        make = lambda: (shape, rng.choice(sorted(COLORS)))  # noqa: E731
+    matches = [i for i, o in enumerate(objs) if pred(o)]
+    out: list[Obj] | None = list(objs)
+    if len(matches) > n:
+        drop = set(rng.sample(matches, len(matches) - n))
+        out = [o for i, o in enumerate(objs) if i not in drop]
+    for _ in range(n - len(matches)):
+        s, c = make()
+        out = _add(rng, out, s, c) if out is not None else None
+    return q, out, str(n)
+
+
+def gen_relation(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    axis = rng.choice(("left", "above"))
+    yes = rng.random() < 0.5
+    ordinary = [o for o in objs if o.shape in SHAPES]
+    unique = [o for o in ordinary if _unique(objs, *o.combo) is not None]
+    pairs = [(p, r) for p in unique for r in unique if _entirely_before(p, r, axis)]  # p before r
+    out = list(objs)
+    if pairs:
+        p, r = rng.choice(pairs)
+    else:
+        if not unique:
+            combo = rng.choice([c for c in COMBOS if not any(o.combo == c for o in objs)])
+            out = _add(rng, out, combo[1], combo[0])
+            if out is None:
+                return None
+            unique = [out[-1]]
+        anchor = rng.choice(unique)
+        combo = rng.choice([c for c in COMBOS if not any(o.combo == c for o in out)])
+        after = rng.random() < 0.5
+        if after:
+            where = lambda x, y, s: (x >= anchor.x + anchor.size) if axis == "left" else (y >= anchor.y + anchor.size)  # noqa: E731
+        else:
+            where = lambda x, y, s: (x + s <= anchor.x) if axis == "left" else (y + s <= anchor.y)  # noqa: E731
+        out = _add(rng, out, combo[1], combo[0], where=where)
+        if out is None or anchor not in out:
+            return None
+        new = out[-1]
+        p, r = (anchor, new) if after else (new, anchor)
+    first, second = (p, r) if yes else (r, p)
+    return Question("relation", axis, axis, first.combo, second.combo), out, "yes" if yes else "no"
+
+
+def gen_grounding(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    color, shape = rng.choice(COMBOS)
+    out = _keep_one(rng, objs, lambda o: o.combo == (color, shape), shape, color)
+    if out is None:
+        return None
+    o = next(o for o in out if o.combo == (color, shape))
+    return Question("grounding", SIZE_NAMES[o.size], "where", (color, shape)), out, " ".join(map(str, o.box))
+
+
+def gen_blind_solvable(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    shape = rng.choice(sorted(PRIOR_SHAPES))
+    q = Question("blind_solvable", "prior", "color_of_shape", (shape,))
+    if any(o.shape == shape for o in objs):
+        return q, list(objs), PRIOR_SHAPES[shape]
+    return q, _add(rng, objs, shape, PRIOR_SHAPES[shape]), PRIOR_SHAPES[shape]
+
+
+GENERATORS = {
+    "attribute": gen_attribute,
+    "existence": gen_existence,
+    "counting": gen_counting,
+    "relation": gen_relation,
+    "grounding": gen_grounding,
+    "blind_solvable": gen_blind_solvable,
+}
+
+
+def ask(rng: random.Random, objs: list[Obj], families: list[str], tries: int = 6,
+        templates: set[str] | None = None) -> tuple[list[Question], list[Obj]]:
+    """Draw one question per entry of `families`, editing the scene for each, and keep only edits that leave the
+    answers of the questions drawn before unchanged. With `templates`, only questions of those forms are kept.
+    Returns the questions that succeeded and the final scene."""
+    questions: list[Question] = []
+    answers: list[str] = []
+    for fam in families:
+        for _ in range(tries):
+            res = GENERATORS[fam](rng, objs)
+            if res is None or res[1] is None:
+                continue
+            q, new, target = res
+            if templates is not None and q.template not in templates:
+                continue
+            a = answer_of(q, new)
+            if a != target or any(answer_of(p, new) != b for p, b in zip(questions, answers)):
+                continue
+            questions.append(q)
+            answers.append(a)
+            objs = new
+            break
+    return questions, objs

@@ -1,0 +1,151 @@
+"""The testbed's tokenizer and processor, the packed training rows, resumable training, and evaluation with
+routing (retention recall) on a small model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from visroute import RoutingConfig, Stage
+from visroute.testbed import Evaluator, make_items, majority_rates, score
+from visroute.testbed.modeling import BOS_ID, IMAGE_ID, build_model, build_processor, pixel_values, prompt
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def test_processor_round_trips_and_expands_the_image_to_the_patch_grid(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    items = make_items(2, seed=0)
+    texts = [prompt(it.question) for it in items]
+    a = processor(images=[it.image() for it in items], text=texts, padding=True, return_tensors="pt")
+    b = loaded(images=[it.image() for it in items], text=texts, padding=True, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert ((a["input_ids"] == IMAGE_ID).sum(1) == 144).all()
+    assert a["attention_mask"][:, -1].all()  # left padding: every prompt ends at the last column
+    assert torch.allclose(pixel_values([it.image() for it in items]), a["pixel_values"], atol=1e-6)
+    words = loaded.batch_decode(a["input_ids"][:, -4:], skip_special_tokens=True)
+    assert all(w.endswith("? assistant :") for w in words)
+
+
+def test_packed_questions_compute_exactly_like_separate_prompts(processor):
+    """Training packs several questions after one image; each must see only the image prefix and itself."""
+    from visroute.testbed.train import _pack, _Tok, block_mask
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    tok = _Tok()
+    items = make_items(3, seed=1)
+    image = items[0].image()
+    prefix = [BOS_ID] + tok.user + [IMAGE_ID] * 144
+    ids, pos, blk, lab, _, _ = _pack([prefix], [[(*tok.block(it.question, it.answer), it.family) for it in items]])
+    with torch.no_grad():
+        packed = model.model(input_ids=ids, pixel_values=pixel_values([image]), attention_mask=block_mask(blk),
+                             position_ids=pos, use_cache=False).last_hidden_state[0]
+        for k, it in enumerate(items, start=1):
+            alone = processor(images=[image], text=[prompt(it.question) + " " + it.answer], return_tensors="pt")
+            ref = model.model(**alone).last_hidden_state[0, len(prefix):]
+            mine = packed[blk[0] == k][:-1]  # the block also holds the closing </s>
+            assert ids[0][blk[0] == k][:-1].tolist() == alone["input_ids"][0, len(prefix):].tolist()
+            assert torch.allclose(mine, ref, atol=1e-5)
+            labelled = lab[0][blk[0] == k]
+            answer_ids = tok.ids(it.answer)
+            assert labelled[labelled != -100].tolist() == answer_ids + [2]  # answer tokens, then </s>
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    """Two phase steps each; the interrupted run stops inside phase 2 and at the phase 2/3 boundary."""
+    from visroute.testbed.train import TrainConfig, train
+
+    def cfg(out):
+        return TrainConfig(out=str(out), symbolic_steps=2, tower_steps=2, joint_steps=2, images=2, text_rows=1,
+                           text_questions=3, size="tiny", warmup=1, eval_every=0, save_every=10, log_every=1,
+                           threads=1)
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    assert train(cfg(tmp_path / "b"), progress=False, stop_at=3) is None
+    assert train(cfg(tmp_path / "b"), resume=True, progress=False, stop_at=4) is None
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["phase"] for x in lines] == ["symbolic"] * 2 + ["tower"] * 2 + ["joint"] * 2
+    assert (tmp_path / "a" / "curve.png").stat().st_size > 0
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(straight)
+    AutoProcessor.from_pretrained(straight)
+
+
+def test_phases_train_what_they_say():
+    """Phase 1 leaves the tower alone, phase 2 only the tower and projector; symbolic tokens follow the labels."""
+    from visroute.testbed.train import SymbolicTokens, TrainConfig, _Tok, _Window, init_weights, make_batch, train_step
+
+    model = build_model("tiny")
+    init_weights(model)
+    tok = _Tok()
+    symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
+    cfg = TrainConfig(symbolic_steps=1, tower_steps=1, joint_steps=1, images=2, text_rows=1, text_questions=2)
+    for step, grads in ((0, {"language_model", "lm_head", "symbolic"}), (1, {"vision_tower", "multi_modal_projector"}),
+                        (2, {"language_model", "lm_head", "vision_tower", "multi_modal_projector"})):
+        model.zero_grad(set_to_none=True)
+        symbolic.zero_grad(set_to_none=True)
+        train_step(model, symbolic, cfg, step, make_batch(cfg, step, tok), _Window())
+        named = [*model.named_parameters(), *(("symbolic." + n, p) for n, p in symbolic.named_parameters())]
+        got = {part for n, p in named if p.grad is not None and p.grad.abs().sum() > 0
+               for part in ("language_model", "lm_head", "symbolic", "vision_tower", "multi_modal_projector")
+               if part in n}
+        assert got == grads, step
+    labels = make_batch(cfg, 0, tok)["image"][7]
+    embed = model.get_input_embeddings().weight
+    tokens = symbolic(labels, embed)
+    i = int((labels[0, :, 0] > 0).nonzero()[0])
+    j = int((labels[0, :, 0] == 0).nonzero()[0])
+    color, shape = int(labels[0, i, 0]), int(labels[0, i, 1])
+    want = embed[symbolic.color_words[color - 1]] + embed[symbolic.shape_words[shape - 1]] + symbolic.place[i]
+    assert torch.allclose(tokens[0, i], want)
+    assert torch.allclose(tokens[0, j], symbolic.nothing + symbolic.place[j])
+
+
+def test_scoring_rules():
+    items = make_items(12, seed=2)
+    ground = next(it for it in items if it.family == "grounding")
+    x1, y1, x2, y2 = ground.box
+    assert score(ground, f"{x1} {y1} {x2} {y2}") == (True, 1.0)
+    assert not score(ground, f"{x1 + 1} {y1} {x2 + 1} {y2}")[0]  # a shifted box: IoU 0 or 1/3
+    assert score(ground, "not a box") == (False, 0.0)
+    other = next(it for it in items if it.family == "attribute")
+    assert score(other, f"  {other.answer} ")[0] and not score(other, other.answer + " x")[0]
+    rates = majority_rates(items)
+    assert set(rates) >= {"attribute", "existence", "all"} and all(0 < v <= 1 for v in rates.values())
+
+
+def test_routed_evaluation_reports_retention_recall(processor):
+    """On a small random-weight model: the oracle keeps every relevant token when the budget covers them, and
+    exactly keep/|relevant| of them when it does not; the record's active sets drive the numbers."""
+    items = make_items(18, seed=4)
+    model = build_model("tiny").eval()
+    ev = Evaluator(model, processor, items, batch_size=6, progress=False)
+    most = max(len(it.relevant_tokens) for it in items)
+    rep = ev.run(RoutingConfig("prune", "oracle", [Stage(2, most), Stage(5, most)]))
+    assert [len(r.recall) for r in rep.results] == [2] * len(items)
+    for it, r in zip(items, rep.results):
+        assert r.recall == ([None, None] if not it.relevant_tokens else [1.0, 1.0])
+    assert rep.recall()["all"] == [1.0, 1.0]
+    rep = ev.run(RoutingConfig("reroute", "oracle", [Stage(1, 2)]))
+    for it, r in zip(items, rep.results):
+        if it.relevant_tokens:
+            assert r.recall[0] == pytest.approx(min(1.0, 2 / len(it.relevant_tokens)))
+    assert rep.avg_T < 144
+    blind = ev.run(None, blind=True)
+    assert blind.stage_layers == [] and len(blind.results) == len(items)
