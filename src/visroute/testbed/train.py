@@ -272,8 +272,8 @@ def init_weights(model) -> None:
 class SymbolicTokens(torch.nn.Module):
     """The visual tokens the decoder learns on in phase 1 and the tower learns to produce in phases 2 and 3:
     embed(colour word) + embed(shape word) for a patch an object paints, a learned `nothing` vector for the
-    background, plus a learned vector for the patch's column and one for its row (a box is then read off
-    linearly). Used only in training; not part of the exported model."""
+    background, plus a learned vector for the patch's column and one for its row. Used only in training; not
+    part of the exported model."""
 
     def __init__(self, dim: int, tok: _Tok):
         super().__init__()
@@ -517,7 +517,7 @@ class _Window:
         out = {}
         if self.sums.get("tokens"):
             out["loss"] = self.sums["loss"] / self.sums["tokens"]
-        for k in ("aux", "early"):
+        for k in ("patch", "early"):
             if k in self.sums:
                 out[f"{k}_loss"] = self.sums[k] / self.steps[k]
         if self.stats:
