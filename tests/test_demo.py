@@ -1,0 +1,47 @@
+"""`visroute demo` on a few questions: every config appears, at one avg_T, with FLOPs below the unrouted model's,
+and the oracle keeps every relevant token (the budget covers the few tokens a question's objects paint)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from visroute.demo import demo_configs
+
+
+def test_configs_share_the_fastv_budget():
+    from visroute.budget import schedule_avg_T
+
+    configs = demo_configs(8, 144, 16, first=2)
+    fastv = schedule_avg_T(configs["fastv prune"], 8, 144)
+    assert fastv == (2 * 144 + 6 * 16) / 8
+    for name, cfg in configs.items():
+        if cfg is not None:
+            assert schedule_avg_T(cfg, 8, 144) == pytest.approx(fastv, abs=0.5), name
+    assert configs["pdrop reroute"].action == "reroute"
+    assert [s.keep for s in configs["pdrop reroute"].stages] == [s.keep for s in configs["pdrop prune"].stages]
+    with pytest.raises(ValueError, match="--keep"):
+        demo_configs(8, 144, 144)
+    with pytest.raises(ValueError, match="--layer"):
+        demo_configs(8, 144, 16, first=6)
+
+
+def test_demo_runs_every_config(tmp_path, capsys):
+    from visroute.cli import main
+
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--n", "12", "--batch-size", "12", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("unrouted", "fastv prune", "pdrop reroute", "hidden_sim", "random", "oracle", "blind control",
+                 "majority"):
+        assert name in text
+    reports = json.loads(out.read_text())
+    assert reports["unrouted"]["flops_relative"] == 1.0
+    assert reports["unrouted"]["accuracy"]["attribute"] > reports["blind"]["accuracy"]["attribute"]
+    for name, rep in reports.items():
+        if name not in ("unrouted", "blind"):
+            assert rep["flops_relative"] < 0.6, name
+            assert rep["avg_T"] == pytest.approx(16.0, abs=0.5), name  # FastV's stage at layer 0 keeps 16
+    assert reports["oracle"]["recall"]["all"] == [1.0]
+    assert reports["random"]["recall"]["all"][0] < 1.0
