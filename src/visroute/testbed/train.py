@@ -223,8 +223,9 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok):
         images.append(render(objs, background_seed))
         patch_labels.append(_patch_labels(objs))
         img_blocks.append([(*tok.block(q.text, answer_of(q, objs)), q.family) for q in questions])
+    n_text = text_rows(cfg, step)
     text_blocks = []
-    for row in range(text_rows(cfg, step)):
+    for row in range(n_text):
         rng = random.Random(f"visroute-train-text:{cfg.seed}:{step}:{row}")
         bl = []
         while len(bl) < cfg.text_questions:
@@ -240,8 +241,8 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok):
         first = len(image_prefix) - GRID * GRID
         blk[:, first:first + GRID * GRID][hide] = HIDDEN
     batch = {"image": (ids, pos, blk, lab, early, fams, pixel_values(images), labels)}
-    if text_rows(cfg, step):
-        batch["text"] = (*_pack([[BOS_ID] + tok.user] * cfg.text_rows, text_blocks), None, None)
+    if n_text:
+        batch["text"] = (*_pack([[BOS_ID] + tok.user] * n_text, text_blocks), None, None)
     return batch
 
 
@@ -377,7 +378,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
     """Forward and backward of one step (the caller steps the optimizer)."""
     phase = cfg.phase(step)[0]
     embed = model.get_input_embeddings().weight
-    ids, pos, blk, lab, early, fams, pixels, labels = batch["image"]
+    *_, pixels, labels = batch["image"]
     target = symbolic(labels, embed)
     if phase == "tower":
         loss = patch_loss(projected_tokens(model, pixels), target.detach())
