@@ -120,6 +120,26 @@ def test_phases_train_what_they_say():
     assert torch.allclose(tokens[0, j], symbolic.nothing + place(j), atol=1e-5)
 
 
+def test_place_rows_ask_where_a_lone_object_is():
+    """Early phase-1 steps add rows of one object with the background hidden, asking for its box; later ones don't."""
+    from visroute.testbed.train import HIDDEN, TrainConfig, _Tok, make_batch
+
+    tok = _Tok()
+    cfg = TrainConfig(images=2, place_rows=3, place_until=5, text_rows=0)
+    ids, pos, blk, lab, _, fams, _, labels = make_batch(cfg, 4, tok)["image"]
+    assert ids.shape[0] == 5
+    for r in range(2, 5):
+        painted = labels[r, :, 0] > 0
+        visual = blk[r, 3:147]
+        assert ((visual == HIDDEN) == ~painted).all()
+        assert int(blk[r].max()) == 1 and {f for f in fams[r] if f} == {"grounding"}
+        cells = painted.nonzero()[:, 0]
+        rows, cols = (cells // 12).tolist(), (cells % 12).tolist()
+        answer = tok.tok.decode(lab[r][lab[r] != -100][:-1]).split()
+        assert list(map(int, answer)) == [min(cols), min(rows), max(cols) + 1, max(rows) + 1]
+    assert make_batch(cfg, 5, tok)["image"][0].shape[0] == 2
+
+
 def test_scoring_rules():
     items = make_items(12, seed=2)
     ground = next(it for it in items if it.family == "grounding")

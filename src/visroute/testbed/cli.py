@@ -25,6 +25,9 @@ def register(sub) -> None:
     t.add_argument("--tower-steps", type=int, default=None, help="phase 2: vision tower and projector alone")
     t.add_argument("--joint-steps", type=int, default=None, help="phase 3: the whole model, end to end")
     t.add_argument("--images", type=int, default=None, help="images per step")
+    t.add_argument("--place-rows", type=int, default=None,
+                   help="phase 1: extra rows per step asking where a lone object is")
+    t.add_argument("--place-until", type=int, default=None, help="phase 1: steps that have the place rows")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate of phases 1 and 2")
     t.add_argument("--joint-lr", type=float, default=None, help="peak learning rate of phase 3")
     t.add_argument("--size", choices=["small", "tiny"], default=None)
@@ -67,7 +70,7 @@ def run_train(args) -> int:
     from visroute.testbed.train import TrainConfig, train
 
     cfg = TrainConfig(out=args.out)
-    for name in ("symbolic_steps", "tower_steps", "joint_steps", "images", "lr", "joint_lr", "size", "seed",
+    for name in ("symbolic_steps", "tower_steps", "joint_steps", "images", "place_rows", "place_until", "lr", "joint_lr", "size", "seed",
                  "threads", "eval_every", "save_every"):
         value = getattr(args, name)
         if value is not None:

@@ -13,13 +13,16 @@ therefore separates the two problems (the way LLaVA's first stage aligns the pro
 3. **joint** (`joint_steps`): the whole model, end to end on the rendered images, on the answer loss plus the
    per-patch loss of phase 2 (so the tokens stay what the decoder learned to read).
 
-Each step draws fresh scenes (seeded by (seed, step, row), so a resumed run sees exactly the batches it would
-have seen) and asks several questions about each image. The questions of one image share a single copy of its
-prompt prefix, `<s> USER: <image>x144`: each question block attends to that prefix and to itself only, and its
-positions restart right after the prefix, so every block is computed exactly as if it were the only question
-(the way evaluation asks it). A few rows per step carry questions without any image (`USER: {question}
-ASSISTANT:`): they define what the model answers when the image is removed (the blind control) and can only
-teach it what the question implies.
+Each step draws fresh scenes (seeded by (seed, step, row), so a resumed run sees exactly the batches it would have
+seen) and asks several questions about each image. The questions of one image share a single copy of its prompt
+prefix, `<s> USER: <image>x144`: each question block attends to that prefix and to itself only, and its positions
+restart right after the prefix, so every block is computed exactly as if it were the only question (the way
+evaluation asks it). During the first `place_until` steps of phase 1, `place_rows` more image rows each show a
+single object, with the background hidden, and ask where it is: that is where the decoder learns to read a place
+out of a visual token, which it does not learn among several objects, where reading a place and finding the object
+must both exist before either is rewarded. A few rows per step carry questions without any image (`USER: {question}
+ASSISTANT:`): they define what the model answers when the image is removed (the blind control) and can only teach
+it what the question implies.
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
@@ -73,6 +76,8 @@ class TrainConfig:
     text_from: int = 250  # symbolic step from which the image-free rows join (ask only unlocked families)
     curriculum: int = 0  # symbolic steps over which scenes grow from 1 object to the full 3..6 (0: none)
     reveal: int = 400  # symbolic steps over which the questions come to see the background tokens
+    place_rows: int = 0  # extra image rows per step of one object and one "where" question (see place_rows)
+    place_until: int = 400  # ... during the first this many symbolic steps
     early: float = 0.5  # weight of the early-answer loss at the start of phase 1, falling linearly to 0 ...
     early_until: float = 0.6  # ... at this share of phase 1
     lr: float = 1e-3  # phases 1 and 2
@@ -185,6 +190,15 @@ def background_visible(cfg: TrainConfig, step: int) -> float:
     return min(1.0, d / cfg.reveal)
 
 
+def place_rows(cfg: TrainConfig, step: int) -> int:
+    """Extra rows at `step` that each show one object, with the background hidden, and ask where it is. Reading a
+    place out of the visual tokens and looking an object up among several are learned together only very
+    slowly (neither gives a gradient signal before the other exists); on a lone object the readout forms
+    within a few hundred steps, and the lookup then has something to serve."""
+    name, d, _ = cfg.phase(step)
+    return cfg.place_rows if name == "symbolic" and d < cfg.place_until else 0
+
+
 def scene_sizes(cfg: TrainConfig, step: int) -> tuple[int, int]:
     """(fewest, most) objects of an ordinary scene at `step`: one object at first, then more, up to 3..6 once
     the curriculum is over (questions may still add or remove objects)."""
@@ -214,15 +228,23 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok):
     asked = [f for f in cfg.questions if f in families]
     forms = {t for f in families for t in TEMPLATES[f]}
     images, img_blocks, patch_labels = [], [], []
+
+    def add_image(objs, questions, background_seed):
+        images.append(render(objs, background_seed))
+        patch_labels.append(_patch_labels(objs))
+        img_blocks.append([(*tok.block(q.text, answer_of(q, objs)), q.family) for q in questions])
+
     for row in range(cfg.images):
         rng = random.Random(f"visroute-train:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
         fams = [asked[i % len(asked)] for i in range(len(cfg.questions))]
         rng.shuffle(fams)
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
-        images.append(render(objs, background_seed))
-        patch_labels.append(_patch_labels(objs))
-        img_blocks.append([(*tok.block(q.text, answer_of(q, objs)), q.family) for q in questions])
+        add_image(objs, questions, background_seed)
+    for row in range(place_rows(cfg, step)):
+        rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
+        background_seed = rng.getrandbits(32)
+        add_image(*ask(rng, [], ["grounding"])[::-1], background_seed)
     n_text = text_rows(cfg, step)
     text_blocks = []
     for row in range(n_text):
@@ -232,14 +254,13 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok):
             questions, objs = ask(rng, random_scene(rng), [rng.choice(sorted(families))])
             bl += [(*tok.block(q.text, answer_of(q, objs)), q.family) for q in questions]
         text_blocks.append(bl)
-    ids, pos, blk, lab, early, fams = _pack([image_prefix] * cfg.images, img_blocks)
+    ids, pos, blk, lab, early, fams = _pack([image_prefix] * len(images), img_blocks)
     labels = torch.stack(patch_labels)
-    visible = background_visible(cfg, step)
-    if visible < 1.0:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=g) >= visible)
-        first = len(image_prefix) - GRID * GRID
-        blk[:, first:first + GRID * GRID][hide] = HIDDEN
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=g) >= background_visible(cfg, step))
+    hide[cfg.images:] = labels[cfg.images:, :, 0] == 0  # the place rows never see the background
+    first = len(image_prefix) - GRID * GRID
+    blk[:, first:first + GRID * GRID][hide] = HIDDEN
     batch = {"image": (ids, pos, blk, lab, early, fams, pixel_values(images), labels)}
     if n_text:
         batch["text"] = (*_pack([[BOS_ID] + tok.user] * n_text, text_blocks), None, None)
