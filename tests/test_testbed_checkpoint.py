@@ -70,7 +70,6 @@ def test_unrouted_accuracy_meets_the_bar(unrouted):
     assert unrouted["blind_solvable"] >= 0.9, unrouted
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model does not ground objects yet (TRAINING.md, shortfalls)")
 def test_unrouted_grounding_meets_the_bar(unrouted):
     assert unrouted["grounding"] >= 0.6, unrouted
 

@@ -73,7 +73,7 @@ def build_processor():
 
 MODEL_SIZES = {
     # decoder hidden / layers / heads / kv heads / mlp, tower hidden / layers / mlp
-    "small": dict(hidden=160, layers=8, heads=4, kv_heads=2, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
+    "small": dict(hidden=160, layers=8, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
     "tiny": dict(hidden=64, layers=8, heads=4, kv_heads=2, mlp=128, v_hidden=32, v_layers=1, v_mlp=64),
 }
 

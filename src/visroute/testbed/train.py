@@ -61,9 +61,9 @@ PHASES = ("symbolic", "tower", "joint")
 @dataclass
 class TrainConfig:
     out: str = "runs/testbed"
-    symbolic_steps: int = 2000
+    symbolic_steps: int = 3200
     tower_steps: int = 300
-    joint_steps: int = 400
+    joint_steps: int = 600
     images: int = 8  # images per step
     questions: tuple[str, ...] = FAMILIES + ("attribute", "attribute", "existence", "grounding", "grounding",
                                              "relation", "counting")  # asked of every image
@@ -76,7 +76,7 @@ class TrainConfig:
     text_from: int = 250  # symbolic step from which the image-free rows join (ask only unlocked families)
     curriculum: int = 0  # symbolic steps over which scenes grow from 1 object to the full 3..6 (0: none)
     reveal: int = 400  # symbolic steps over which the questions come to see the background tokens
-    place_rows: int = 0  # extra image rows per step of one object and one "where" question (see place_rows)
+    place_rows: int = 12  # extra image rows per step of one object and one "where" question (see place_rows)
     place_until: int = 400  # ... during the first this many symbolic steps
     early: float = 0.5  # weight of the early-answer loss at the start of phase 1, falling linearly to 0 ...
     early_until: float = 0.6  # ... at this share of phase 1
