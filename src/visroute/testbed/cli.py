@@ -70,8 +70,8 @@ def run_train(args) -> int:
     from visroute.testbed.train import TrainConfig, train
 
     cfg = TrainConfig(out=args.out)
-    for name in ("symbolic_steps", "tower_steps", "joint_steps", "images", "place_rows", "place_until", "lr", "joint_lr", "size", "seed",
-                 "threads", "eval_every", "save_every"):
+    for name in ("symbolic_steps", "tower_steps", "joint_steps", "images", "place_rows", "place_until", "lr",
+                 "joint_lr", "size", "seed", "threads", "eval_every", "save_every"):
         value = getattr(args, name)
         if value is not None:
             if isinstance(value, int) and value < 0:

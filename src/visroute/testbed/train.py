@@ -244,7 +244,8 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok):
     for row in range(place_rows(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
-        add_image(*ask(rng, [], ["grounding"])[::-1], background_seed)
+        questions, objs = ask(rng, [], ["grounding"])
+        add_image(objs, questions, background_seed)
     n_text = text_rows(cfg, step)
     text_blocks = []
     for row in range(n_text):
