@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from visroute.bench import SHAPES, build_model, make_inputs, model_config
+from visroute.bench import build_model, make_inputs, model_config
 from visroute.budget import preset_solution
 from visroute.cli import main
 
 
 def test_bench_cli_runs_a_tiny_shape(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--shape", "llava-1.5-tiny", "--dtype", "fp32", "--preset", "fastv@128",
+    rc = main(["bench", "--shape", "llava-1.5-tiny", "--dtype", "float32", "--preset", "fastv@128",
                "--stages", "2:200,7:50", "--action", "reroute", "--repeats", "2", "--warmup", "0",
                "--new-tokens", "3", "--decode-repeats", "1", "--text-tokens", "16", "--no-keep-all",
                "--quiet", "--out", str(out)])
@@ -38,7 +38,7 @@ def test_bench_cli_runs_a_tiny_shape(tmp_path, capsys):
 
 def test_bench_cli_errors(capsys):
     assert main(["bench", "--shape", "nope"]) == 2
-    assert "Unknown shape" in capsys.readouterr().err
+    assert "Unknown model shape" in capsys.readouterr().err
     assert main(["bench", "--shape", "llava-1.5-tiny", "--preset", "fastv@100"]) == 2
     assert "tier" in capsys.readouterr().err
 
@@ -46,11 +46,11 @@ def test_bench_cli_errors(capsys):
 @pytest.mark.parametrize("name,params", [("llava-1.5-7b", 7_063_427_072), ("qwen2.5-vl-7b", 8_292_166_656),
                                          ("qwen2.5-vl-3b", 3_754_622_976)])
 def test_real_shapes_have_the_published_parameter_counts(name, params):
-    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from visroute.bench.shapes import family_of
 
-    cls = LlavaForConditionalGeneration if SHAPES[name].family == "llava" else Qwen2_5_VLForConditionalGeneration
+    config = model_config(name)
     with torch.device("meta"):
-        model = cls(model_config(name))
+        model = family_of(name).model_class(config)(config)
     assert sum(p.numel() for p in model.parameters()) == params
 
 

@@ -10,17 +10,14 @@ from visroute.budget import (
     PRESETS,
     TIERS,
     Shape,
-    fastv,
     matched,
     parse_preset,
-    pdrop,
     preset,
     preset_solution,
-    qwen_visual_tokens,
     schedule_avg_T,
     solve,
-    uniform_stages,
 )
+from visroute.families.qwen2_vl import Qwen2_5_VLAdapter
 
 
 def layer_counts(stages, num_layers, num_visual, action):
@@ -100,14 +97,10 @@ def test_solver_recovers_the_papers_ratios():
     assert solve(Shape.pdrop([2, 7, 15, 23]), 32, 576, 128).param == pytest.approx(0.4570, abs=1e-3)
 
 
-def test_builders():
-    assert fastv(3, 82) == [Stage(3, 82)]
-    st = pdrop([2, 7], 0.5)
-    assert [s.keep for s in st] == [0.5, 0.25]
-    assert [s.keep for s in pdrop([2, 7], 0.5, num_visual=576)] == [288, 144]
-    assert uniform_stages([3, 7], 10) == [Stage(3, 10), Stage(7, 10)]
-    # floats are floored per sample, as the engine does
-    assert schedule_avg_T(fastv(1, 0.5), 2, 5) == pytest.approx((5 + 2) / 2)
+def test_fractions_are_floored_per_sample_as_the_engine_does():
+    assert schedule_avg_T([Stage(1, 0.5)], 2, 5) == pytest.approx((5 + 2) / 2)
+    assert Stage(3, 0.3).keep_count(10) == 3  # 0.3 * 10 is 2.9999999999999996 in floats
+    assert torch.equal(Stage(3, 0.3).keep_counts(torch.tensor([10, 7, 0])), torch.tensor([3, 2, 0]))
 
 
 def test_matched_configs_keep_avg_T():
@@ -147,10 +140,14 @@ def test_errors():
 
 
 def test_qwen_visual_tokens_follow_the_resize_rule():
+    from visroute.bench import model_config
+
+    config = model_config("qwen2.5-vl-7b")
     for h, w in [(672, 672), (480, 640), (336, 500), (1000, 1000)]:
         rh, rw = round(h / 28) * 28, round(w / 28) * 28  # each side to a multiple of patch * merge
-        assert qwen_visual_tokens(h, w) == (rh // 28) * (rw // 28)
-    assert qwen_visual_tokens(4000, 4000, max_pixels=28 * 28 * 1280) <= 1280
+        assert Qwen2_5_VLAdapter.visual_tokens(config, h, w) == (rh // 28) * (rw // 28)
+    assert Qwen2_5_VLAdapter.visual_tokens(config, 4000, 4000, max_pixels=28 * 28 * 1280) <= 1280
+    assert Qwen2_5_VLAdapter.visual_tokens(config) is None  # without an image size it cannot say
 
 
 def test_engine_runs_the_solved_budget():

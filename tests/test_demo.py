@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from visroute.demo import demo_configs
+from visroute.cli.demo import demo_configs
 
 
 def test_configs_share_the_fastv_budget():
@@ -33,8 +33,8 @@ def test_demo_runs_every_config(tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert main(["demo", "--n", "12", "--batch-size", "12", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    for name in ("unrouted", "fastv prune", "pdrop reroute", "hidden_sim", "random", "oracle", "blind control",
-                 "majority"):
+    for name in ("unrouted", "fastv prune", "pdrop reroute", "hidden_similarity", "random", "oracle",
+                 "blind control", "majority"):
         assert name in text
     reports = json.loads(out.read_text())
     assert reports["unrouted"]["flops_relative"] == 1.0

@@ -107,8 +107,7 @@ def test_oracle_refuses_missing_or_mismatched_relevance(fam):
 
 
 # ---- layer 0: pruning before the decoder ------------------------------------------------------------------------
-BEFORE_DECODER = ["vision_cls_attention", "embedding_similarity", "duplication", "diversity", "uniform", "random",
-                  "oracle"]
+BEFORE_DECODER = [name for name, cls in available_scorers().items() if cls.before_decoder]
 
 
 @pytest.mark.parametrize("scorer", BEFORE_DECODER)
@@ -141,5 +140,5 @@ def test_every_scorer_is_listed_with_its_description_and_options(capsys):
     for name, cls in available_scorers().items():
         assert cls.description and cls.__doc__ and len(cls.__doc__) > 200, name
         assert f"{name:24s} {cls.description}" in out
-        for opt, (default, doc) in cls.options.items():
-            assert doc and f"{opt}={default!r}: {doc}" in out
+        for spec in cls.option_specs():
+            assert spec.help and f"{spec.name}={spec.default!r} ({spec.type}" in out and spec.help in out

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visroute.record import ImageSpan, RoutingRecord
+from visroute.record import RoutingRecord
 
 
 # ---- model dimensions -----------------------------------------------------------------------------------------
@@ -72,71 +72,14 @@ def _text_config(model_or_config):
 
 
 # ---- vision towers --------------------------------------------------------------------------------------------
-def _attn(n: int, dim: int) -> int:
-    return 4 * n * n * dim  # bidirectional attention over n tokens: scores + weighted sum
-
-
-def _llava_vision(cfg, images: list[ImageSpan]) -> tuple[int, int]:
-    vc = cfg.vision_config
-    side = vc.image_size // vc.patch_size
-    n = side * side + 1  # patches + [CLS]
-    d, m = vc.hidden_size, vc.intermediate_size
-    embed = 2 * (3 * vc.patch_size ** 2) * d * (n - 1)
-    # transformers runs every tower layer, although `vision_feature_layer=-2` uses the second to last one.
-    per_layer = 2 * n * (4 * d * d + 2 * d * m) + _attn(n, d)
-    tower = embed + vc.num_hidden_layers * per_layer
-    layers = 1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer)
-    feats = n - 1 if cfg.vision_feature_select_strategy == "default" else n
-    t = cfg.text_config.hidden_size
-    projector = 2 * feats * (d * layers * t + t * t)
-    return tower * len(images), projector * len(images)
-
-
-def _window_sizes(rows: int, cols: int, window: int) -> list[int]:
-    """Tokens (in merged units) of each attention window of a rows x cols grid cut into window x window tiles."""
-    out = []
-    for r in range(0, rows, window):
-        for c in range(0, cols, window):
-            out.append(min(window, rows - r) * min(window, cols - c))
-    return out
-
-
-def _qwen_vision(cfg, images: list[ImageSpan], v25: bool) -> tuple[int, int]:
-    vc = cfg.vision_config
-    merge, unit = vc.spatial_merge_size, vc.spatial_merge_size ** 2
-    d = vc.hidden_size if v25 else vc.embed_dim
-    out_dim = vc.out_hidden_size if v25 else vc.hidden_size
-    mlp = 2 * 3 * d * vc.intermediate_size if v25 else 2 * 2 * d * int(d * vc.mlp_ratio)
-    patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    full_blocks = set(getattr(vc, "fullatt_block_indexes", None) or range(vc.depth)) if v25 else set(range(vc.depth))
-    window = vc.window_size // merge // vc.patch_size if v25 else 0
-    tower = projector = 0
-    for img in images:
-        if img.rows is None or img.cols is None:
-            raise ValueError("The record holds an image without a patch grid; its vision FLOPs cannot be counted")
-        per_frame = img.rows * img.cols * unit
-        p = img.frames * per_frame
-        linear = 2 * p * (3 * d * d + d * d) + p * mlp
-        full = img.frames * _attn(per_frame, d)
-        windowed = img.frames * sum(_attn(w * unit, d) for w in _window_sizes(img.rows, img.cols, window)) if window else full
-        tower += 2 * patch_in * d * p
-        for b in range(vc.depth):
-            tower += linear + (full if b in full_blocks else windowed)
-        dm = d * unit
-        projector += 2 * (p // unit) * (dm * dm + dm * out_dim)
-    return tower, projector
-
-
 def vision_flops(model_or_config, record: RoutingRecord) -> tuple[int, int]:
-    """(vision tower, projector / merger) FLOPs for the images of a record, each image encoded once."""
+    """(vision tower, projector / merger) FLOPs for the images of a record, each image encoded once (the
+    model family's own count, `FamilyAdapter.vision_flops`)."""
+    from visroute.families import family_for_config
+
     _, cfg = _text_config(model_or_config)
     images = [img for sample in record.images for img in sample]
-    kind = getattr(cfg, "model_type", "")
-    if kind == "llava":
-        return _llava_vision(cfg, images)
-    if kind in ("qwen2_5_vl", "qwen2_vl"):
-        return _qwen_vision(cfg, images, v25=kind == "qwen2_5_vl")
-    raise ValueError(f"No vision FLOPs model for model type {kind!r}")
+    return family_for_config(cfg).vision_flops(cfg, images)
 
 
 # ---- reports --------------------------------------------------------------------------------------------------

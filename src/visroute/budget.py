@@ -17,32 +17,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from visroute.config import RoutingConfig, Stage
+from visroute.config import ACTIONS, RoutingConfig, Stage, check_increasing
 
 TIERS = (192, 128, 64)
 DEFAULT_SCORER = "last_token_attention"
-
-
-# ---- schedule builders ----------------------------------------------------------------------------------------
-def fastv(layer: int = 3, keep: int | float = 0.5) -> list[Stage]:
-    """FastV: one stage at `layer` keeping `keep` visual tokens (count or fraction) to the last layer."""
-    return [Stage(layer=layer, keep=keep)]
-
-
-def pdrop(layers: Sequence[int], ratio: float, num_visual: int | None = None) -> list[Stage]:
-    """PyramidDrop: geometric keeps, stage s keeps ratio**(s+1) of the visual tokens. Fractions, or integer
-    counts (floored) when `num_visual` is given."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"pdrop ratio must lie in [0, 1], got {ratio}")
-    fractions = [ratio ** (i + 1) for i in range(len(layers))]
-    if num_visual is None:
-        return [Stage(layer=int(l), keep=float(f)) for l, f in zip(layers, fractions)]
-    return [Stage(layer=int(l), keep=int(math.floor(f * num_visual + 1e-9))) for l, f in zip(layers, fractions)]
-
-
-def uniform_stages(layers: Sequence[int], keep: int | float) -> list[Stage]:
-    """The same keep at every stage layer (re-selection with a constant budget)."""
-    return [Stage(layer=int(l), keep=keep) for l in layers]
 
 
 # ---- avg_T of a schedule --------------------------------------------------------------------------------------
@@ -58,8 +36,8 @@ def active_per_layer(
     stages = _stages_of(schedule)
     if action is None:
         action = schedule.action if isinstance(schedule, RoutingConfig) else "prune"
-    if action not in ("prune", "reroute"):
-        raise ValueError(f"Unknown action {action!r}")
+    if action not in ACTIONS:
+        raise ValueError(f"Unknown action {action!r}; choose one of {', '.join(ACTIONS)}")
     _check_layers([s.layer for s in stages], num_layers)
     at = {s.layer: s for s in stages}
     active, out = num_visual, []
@@ -81,8 +59,7 @@ def schedule_avg_T(
 def _check_layers(layers: Sequence[int], num_layers: int) -> None:
     if num_layers <= 0:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
-    if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"Stage layers must be strictly increasing, got {list(layers)}")
+    check_increasing(layers)
     bad = [l for l in layers if not 0 <= l < num_layers]
     if bad:
         raise ValueError(f"Stage layers {bad} lie outside the decoder's layers 0..{num_layers - 1}")
@@ -270,21 +247,6 @@ def matched(
 
 
 # ---- presets --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelBudget:
-    """What a preset needs to know about a model: decoder layers and visual tokens per image (None when it
-    depends on the image, as for Qwen2.5-VL)."""
-
-    num_layers: int
-    num_visual: int | None
-
-
-MODELS: dict[str, ModelBudget] = {
-    "llava-1.5": ModelBudget(32, 576),
-    "qwen2.5-vl-7b": ModelBudget(28, None),
-    "qwen2.5-vl-3b": ModelBudget(36, None),
-}
-
 # The papers' stage layers on a 32-layer decoder (LLaVA-1.5-7B). FastV's K=3 is a fixed depth; the other
 # layers are scaled to other depths (round(l * L / 32), which gives the Reroute code's Qwen layers).
 FASTV_LAYER = 3
@@ -304,37 +266,23 @@ def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int =
     return [int(math.floor(l * num_layers / reference_layers + 0.5)) for l in layers]
 
 
-def qwen_visual_tokens(height: int, width: int, patch: int = 14, merge: int = 2,
-                       min_pixels: int = 56 * 56, max_pixels: int = 12845056) -> int:
-    """Visual tokens Qwen2/2.5-VL's image processor gives an image of height x width pixels: each side is
-    rounded to a multiple of patch*merge, the area kept within [min_pixels, max_pixels], then one token per
-    merge x merge patches. The defaults are the Qwen2.5-VL processor's."""
-    factor = patch * merge
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return (h // factor) * (w // factor)
+def model_budget(model: str, num_layers: int | None = None, num_visual: int | None = None) -> tuple[int, int]:
+    """(decoder layers, visual tokens per sample) for a preset: `model` names a bench shape or one of its aliases
+    ("llava-1.5", "qwen2.5-vl-7b", ...; `visroute.families.shapes()`), whose family says how many visual tokens
+    an image gives; `num_layers` / `num_visual` override them (any model, given both)."""
+    from visroute.families import families, get_shape
 
-
-def _model_budget(model: str, num_layers: int | None, num_visual: int | None) -> tuple[int, int]:
-    if model not in MODELS and (num_layers is None or num_visual is None):
-        raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)} or give num_layers and num_visual")
-    base = MODELS.get(model, ModelBudget(num_layers or 0, num_visual))
-    layers = num_layers or base.num_layers
-    visual = num_visual or base.num_visual
+    if num_layers is not None and num_visual is not None:
+        return num_layers, num_visual
+    shape = get_shape(model)
+    family = families()[shape.family]
+    visual = num_visual or family.visual_tokens(family.build_config(shape))
     if visual is None:
         raise ValueError(
-            f"{model}'s visual token count depends on the image; pass num_visual= "
-            "(e.g. visroute.budget.qwen_visual_tokens(height, width))"
+            f"{model}'s visual token count depends on the image; pass num_visual= (e.g. "
+            f"visroute.families.families()[{shape.family!r}].visual_tokens(config, height, width))"
         )
-    return layers, visual
+    return num_layers or shape.num_layers, visual
 
 
 def preset_solution(name: str, tier: int | float, model: str = "llava-1.5", num_visual: int | None = None,
@@ -342,7 +290,7 @@ def preset_solution(name: str, tier: int | float, model: str = "llava-1.5", num_
     """The solved schedule of a preset and its action. Any avg_T is accepted here; `preset` checks tiers."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    layers, visual = _model_budget(model, num_layers, num_visual)
+    layers, visual = model_budget(model, num_layers, num_visual)
     pd_layers = scale_layers(PDROP_LAYERS, layers)
     if name in ("fastv", "reroute-fastv"):
         sol = solve(Shape.fastv(FASTV_LAYER), layers, visual, tier)

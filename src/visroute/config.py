@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from visroute.tensors import floor_keep
+
 ACTIONS = ("prune", "reroute")
+
+
+def check_increasing(layers: list[int] | tuple[int, ...]) -> None:
+    """Stage layers must be strictly increasing."""
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"Stage layers must be strictly increasing, got {list(layers)}")
 
 
 @dataclass(frozen=True)
@@ -32,9 +42,14 @@ class Stage:
 
     def keep_count(self, num_visual: int) -> int:
         """How many visual tokens this stage asks to keep for a sample with `num_visual` visual tokens."""
+        return int(self.keep_counts(torch.tensor([num_visual]))[0])
+
+    def keep_counts(self, num_visual: torch.Tensor) -> torch.Tensor:
+        """(B,) long: the keep count this stage asks for, per sample, for samples with `num_visual` visual tokens
+        (a fraction is floored)."""
         if isinstance(self.keep, int):
-            return self.keep
-        return int(math.floor(self.keep * num_visual + 1e-9))
+            return torch.full_like(num_visual, self.keep, dtype=torch.long)
+        return floor_keep(self.keep, num_visual)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "keep": self.keep}
@@ -43,11 +58,12 @@ class Stage:
 @dataclass
 class RoutingConfig:
     """What to do with the visual tokens: `action` ("prune" or "reroute"), the registered `scorer` that ranks
-    them, the `stages` of the schedule (strictly increasing layers) and the scorer's `scorer_options`."""
+    them, the `stages` of the schedule (strictly increasing layers) and the scorer's `scorer_options`.
+    `RoutingConfig()` has no stage: every visual token stays active (keep-all)."""
 
-    action: str
-    scorer: str
-    stages: list[Stage]
+    action: str = "prune"
+    scorer: str = "last_token_attention"
+    stages: list[Stage] = field(default_factory=list)
     scorer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,15 +71,11 @@ class RoutingConfig:
             raise ValueError(f"Unknown action {self.action!r}; choose one of {', '.join(ACTIONS)}")
         from visroute.scoring import get_scorer_class
 
-        get_scorer_class(self.scorer)  # raises a clear error for an unknown scorer
-        stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
-        for prev, cur in zip(stages, stages[1:]):
-            if cur.layer <= prev.layer:
-                raise ValueError(
-                    f"Stage layers must be strictly increasing, got {[s.layer for s in stages]}"
-                )
-        self.stages = stages
         self.scorer_options = dict(self.scorer_options or {})
+        get_scorer_class(self.scorer).check_options(self.scorer_options)  # unknown scorer or bad option: an error
+        stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        check_increasing([s.layer for s in stages])
+        self.stages = stages
 
     def validate_for(self, num_layers: int) -> None:
         """Check the schedule against a decoder with `num_layers` layers."""
@@ -86,10 +98,13 @@ class RoutingConfig:
         unknown = set(data) - {"action", "scorer", "stages", "scorer_options"}
         if unknown:
             raise ValueError(f"Unknown RoutingConfig fields: {sorted(unknown)}")
+        stages = data.get("stages") or []
+        if not isinstance(stages, list):
+            raise ValueError(f"RoutingConfig stages must be a list of {{layer, keep}}, got {stages!r}")
         return cls(
-            action=data["action"],
-            scorer=data["scorer"],
-            stages=[Stage(**s) if isinstance(s, dict) else s for s in data["stages"]],
+            action=data.get("action", "prune"),
+            scorer=data.get("scorer", "last_token_attention"),
+            stages=[Stage(**s) if isinstance(s, dict) else s for s in stages],
             scorer_options=data.get("scorer_options") or {},
         )
 
@@ -102,14 +117,23 @@ class RoutingConfig:
         return text
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> "RoutingConfig":
+    def from_yaml(cls, path: str | Path) -> "RoutingConfig":
+        """The config in the YAML file at `path` (`from_yaml_text` reads YAML text)."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"No routing config file at {p}")
+        return cls.from_yaml_text(p.read_text(), source=str(p))
+
+    @classmethod
+    def from_yaml_text(cls, text: str, source: str = "the YAML text") -> "RoutingConfig":
         import yaml
 
-        p = Path(path_or_text)
-        text = p.read_text() if ("\n" not in str(path_or_text) and p.exists()) else str(path_or_text)
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{source} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError("A routing config YAML must hold a mapping")
+            raise ValueError(f"A routing config must be a YAML mapping (action, scorer, stages, ...); {source} is not")
         return cls.from_dict(data)
 
 

@@ -18,6 +18,7 @@ which owns the layer loop:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from visroute.config import RoutingConfig
 from visroute.families import CallInputs, adapter_for
-from visroute.record import RoutingRecord, StageRecord
+from visroute.record import RoutingRecord, StageRecord, VisualLayout
 from visroute.scoring import build_scorer
 from visroute.scoring.base import StageContext
 from visroute.tensors import compact_index, gather_rows, scatter_rows_
@@ -95,6 +96,27 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tenso
     return torch.zeros_like(candidates).scatter_(1, order, take)
 
 
+# Keyword inputs the text decoder may receive that routing handles (the output flags must be off).
+_KNOWN_DECODER_KWARGS = {"output_attentions", "output_hidden_states", "return_dict", "cache_position"}
+
+
+@dataclass
+class _Prefill:
+    """The state one prefill shares across its stages. Sequence tensors carry a dummy slot at index L ("_x"),
+    which padded index tensors point to, so that gathers and scatters need no masks."""
+
+    layout: VisualLayout
+    full: torch.Tensor  # (B, L+1, D) the latest hidden state of every position: a bypassed token's carry
+    embeds_x: torch.Tensor  # (B, L+1, D) the decoder's input embeddings
+    valid_x: torch.Tensor  # (B, L+1) real (non-padding) tokens
+    text: torch.Tensor  # (B, L+1) text tokens
+    cos: torch.Tensor  # (B, L+1, head_dim) rotary embeddings of every position
+    sin: torch.Tensor
+    last_index: torch.Tensor  # (B,) each sample's last prompt token
+    input_ids: torch.Tensor | None  # (B, L)
+    record: RoutingRecord
+
+
 class Router:
     """Routes every forward / `generate` of `model` by `config`. Create it with `apply_routing`."""
 
@@ -149,12 +171,17 @@ class Router:
     @contextlib.contextmanager
     def replaying(self, record: RoutingRecord) -> Iterator[None]:
         """Within the block, prefills take the stage selections of `record` instead of scoring (the replay of
-        DESIGN.md rule 4: one forward over prompt + generated tokens with the prefill's decisions frozen)."""
+        rule 4 of docs/DESIGN.md: one forward over prompt + generated tokens with the prefill's decisions frozen)."""
         self._replay = record
         try:
             yield
         finally:
             self._replay = None
+
+    @property
+    def call_inputs(self) -> set[str]:
+        """The per-call inputs the config's scorers declare (pass them with `call_options`)."""
+        return set(type(self.scorer).call_inputs)
 
     @contextlib.contextmanager
     def call_options(self, **extras: Any) -> Iterator[None]:
@@ -203,6 +230,14 @@ class Router:
 
     @staticmethod
     def _check_kwargs(kwargs: dict, attention_mask) -> None:
+        unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_DECODER_KWARGS and v is not None)
+        if unknown:
+            # e.g. Qwen3-VL's deepstack_visual_embeds / visual_pos_masks: silently dropping them would change
+            # what the model computes
+            raise ValueError(
+                f"The routed decoder does not know the decoder inputs {unknown}; this model family needs an "
+                "adapter that handles them"
+            )
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise ValueError(
                 "output_attentions / output_hidden_states are not available while routing; "
@@ -219,45 +254,43 @@ class Router:
         b, length, dim = embeds.shape
         dev = embeds.device
         eager = adapter.text_config._attn_implementation == "eager"
-        no = torch.zeros(b, 1, dtype=torch.bool, device=dev)
+        dummy_col = torch.zeros(b, 1, dtype=torch.bool, device=dev)
 
         valid = attention_mask.to(dev).bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
         layout = adapter.layout(call, valid)
         visual = torch.zeros(b, length + 1, dtype=torch.bool, device=dev).scatter_(1, layout.positions, layout.valid)
-        visual[:, length] = False
-        valid_x = torch.cat([valid, no], 1)  # "_x": with the dummy slot at index L
-        text = valid_x & ~visual
+        visual[:, length] = False  # (B, L+1)
+        valid_x = torch.cat([valid, dummy_col], 1)  # (B, L+1)
         seq = torch.arange(length, device=dev)
-        last_index = torch.where(valid, seq, -1).max(1).values
-
         pos = adapter.rope_position_ids(position_ids, b, length, 0, dev)
-        cos, sin = adapter.rotary(embeds, pos)
-        cos, sin = torch.cat([cos, cos[:, :1]], 1), torch.cat([sin, sin[:, :1]], 1)
-        embeds_x = torch.cat([embeds, embeds.new_zeros(b, 1, dim)], 1)
-        full = embeds_x.clone()
-
-        counts = layout.counts
+        cos, sin = adapter.rotary(embeds, pos)  # (B, L, head_dim)
+        embeds_x = torch.cat([embeds, embeds.new_zeros(b, 1, dim)], 1)  # (B, L+1, D)
         num_layers = adapter.num_layers
-        record = RoutingRecord(
-            action=cfg.action, scorer=cfg.scorer, num_layers=num_layers, num_visual=counts.cpu(),
-            images=layout.images, seq_lengths=valid.sum(1).cpu(),
-            active_tokens=torch.zeros(num_layers, b, dtype=torch.long),
-            active_visual=torch.zeros(num_layers, b, dtype=torch.long),
+        state = _Prefill(
+            layout=layout, full=embeds_x.clone(), embeds_x=embeds_x, valid_x=valid_x, text=valid_x & ~visual,
+            cos=torch.cat([cos, cos[:, :1]], 1), sin=torch.cat([sin, sin[:, :1]], 1),  # (B, L+1, head_dim)
+            last_index=torch.where(valid, seq, -1).max(1).values, input_ids=call.input_ids,
+            record=RoutingRecord(
+                action=cfg.action, scorer=cfg.scorer, num_layers=num_layers, num_visual=layout.counts.cpu(),
+                images=layout.images, seq_lengths=valid.sum(1).cpu(),
+                active_tokens=torch.zeros(num_layers, b, dtype=torch.long),
+                active_visual=torch.zeros(num_layers, b, dtype=torch.long),
+            ),
         )
+        record, full = state.record, state.full
         cache = RoutedCache() if use_cache else None
-        active = layout.valid.clone()
+        active = layout.valid.clone()  # (B, Nv)
         stage_at = {s.layer: i for i, s in enumerate(cfg.stages)}
         bounds = sorted({0, num_layers, *stage_at})
 
         for start, end in zip(bounds, bounds[1:]):
             if start in stage_at:
-                active = self._run_stage(stage_at[start], active, record, layout, full, embeds_x, valid_x, text,
-                                         cos, sin, last_index, call.input_ids)
-            present = text.clone().scatter_(1, layout.positions, active)
-            present[:, length] = False
-            idx, cvalid = compact_index(present, dummy=length)
-            h = gather_rows(full, idx)
-            rotary = (gather_rows(cos, idx), gather_rows(sin, idx))
+                active = self._run_stage(stage_at[start], state, active)
+            present = state.text.clone().scatter_(1, layout.positions, active)
+            present[:, length] = False  # (B, L+1): the tokens that run in this segment
+            idx, cvalid = compact_index(present, dummy=length)  # (B, C): the compact sequence
+            h = gather_rows(full, idx)  # (B, C, D)
+            rotary = (gather_rows(state.cos, idx), gather_rows(state.sin, idx))
             mask = None if bool(cvalid.all()) else _causal_mask(cvalid, cvalid.shape[1], eager, embeds.dtype)
             ran, ran_visual = cvalid.sum(1).cpu(), active.sum(1).cpu()
             for li in range(start, end):
@@ -277,28 +310,27 @@ class Router:
         self.last_record = record
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
 
-    def _run_stage(self, i, active, record, layout, full, embeds_x, valid_x, text, cos, sin, last_index, input_ids):
-        cfg = self.config
+    def _run_stage(self, i: int, state: _Prefill, active: torch.Tensor) -> torch.Tensor:
+        """Stage i: score the candidates, keep the top of each sample; returns the new (B, Nv) active set."""
+        cfg, layout = self.config, state.layout
         stage = cfg.stages[i]
         counts = layout.counts
         candidates = active if cfg.action == "prune" else layout.valid
-        if isinstance(stage.keep, int):
-            requested = torch.full_like(counts, stage.keep)
-        else:
-            requested = torch.floor(stage.keep * counts.double() + 1e-9).long()
+        requested = stage.keep_counts(counts)
         scores, scorer_flops = None, None
         if self._replay is not None:
             new = self._replay.stages[i].active.to(active.device)
             if new.shape != active.shape:
                 raise ValueError("The replayed record does not match this batch's visual tokens")
         else:
-            key_mask = text.clone().scatter_(1, layout.positions, candidates)
-            key_mask[:, -1] = False
+            key_mask = state.text.clone().scatter_(1, layout.positions, candidates)
+            key_mask[:, -1] = False  # (B, L+1): text + candidates
             ctx = StageContext(
                 stage_index=i, layer_index=stage.layer, action=cfg.action, layer=self.adapter.layers[stage.layer],
-                hidden=full, inputs_embeds=embeds_x, valid=valid_x, text=text, layout=layout,
-                candidates=candidates, key_mask=key_mask, cos=cos, sin=sin, last_index=last_index,
-                input_ids=input_ids, adapter=self.adapter, extras=self._extras, requested=requested,
+                hidden=state.full, inputs_embeds=state.embeds_x, valid=state.valid_x, text=state.text,
+                layout=layout, candidates=candidates, key_mask=key_mask, cos=state.cos, sin=state.sin,
+                last_index=state.last_index, input_ids=state.input_ids, adapter=self.adapter, extras=self._extras,
+                requested=requested,
             )
             if self.measure_scorer_flops:
                 from torch.utils.flop_counter import FlopCounterMode
@@ -310,7 +342,7 @@ class Router:
                 scores = self.scorer.score(ctx)
             scores = scores.to(active.device)
             new = select_top(scores, candidates, requested)
-        record.stages.append(
+        state.record.stages.append(
             StageRecord(layer=stage.layer, keep=stage.keep, active=new.cpu(), requested=requested.cpu(),
                         candidates=candidates.sum(1).cpu(), num_visual=counts.cpu(),
                         scores=None if scores is None else scores.detach().float().cpu(), scorer_flops=scorer_flops)
@@ -342,16 +374,21 @@ class Router:
         return BaseModelOutputWithPast(last_hidden_state=lm.norm(h), past_key_values=cache)
 
 
+def as_config(config: RoutingConfig | dict | str | Path) -> RoutingConfig:
+    """A RoutingConfig from a RoutingConfig, a dict or a YAML file path."""
+    if isinstance(config, RoutingConfig):
+        return config
+    if isinstance(config, dict):
+        return RoutingConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return RoutingConfig.from_yaml(config)
+    raise TypeError(f"config must be a RoutingConfig, a dict or a YAML path, not {type(config).__name__}")
+
+
 def apply_routing(
     model: nn.Module, config: RoutingConfig | dict | str | Path, measure_scorer_flops: bool = False
 ) -> Router:
     """Route every later forward / `generate` of `model` by `config` (a RoutingConfig, a dict, or a YAML
     path). Returns the Router; `router.remove()` (or leaving a `with` block) restores the model.
     `measure_scorer_flops` counts each stage's scoring FLOPs (torch's FlopCounterMode) into the record."""
-    if isinstance(config, dict):
-        config = RoutingConfig.from_dict(config)
-    elif isinstance(config, (str, Path)):
-        config = RoutingConfig.from_yaml(config)
-    elif not isinstance(config, RoutingConfig):
-        raise TypeError(f"config must be a RoutingConfig, a dict or a YAML path, not {type(config).__name__}")
-    return Router(model, config, measure_scorer_flops=measure_scorer_flops)
+    return Router(model, as_config(config), measure_scorer_flops=measure_scorer_flops)

@@ -92,7 +92,6 @@ class RoutingRecord:
     active_tokens: torch.Tensor | None = None
     active_visual: torch.Tensor | None = None
     kv_tokens: torch.Tensor | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -107,17 +106,3 @@ class RoutingRecord:
     def avg_T(self) -> float:
         """avg_T averaged over the batch."""
         return float(self.avg_visual_tokens.mean())
-
-    def summary(self) -> list[dict]:
-        """Per stage: layer, mean visual tokens kept, and whether any sample was clipped."""
-        rows = []
-        for st in self.stages:
-            rows.append(
-                {
-                    "layer": st.layer,
-                    "keep": st.keep,
-                    "kept_mean": float(st.kept.float().mean()),
-                    "clipped": any(st.clipped),
-                }
-            )
-        return rows

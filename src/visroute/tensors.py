@@ -27,3 +27,16 @@ def scatter_rows_(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> t
     """In place: x[b, index[b, m]] = rows[b, m]. Padded entries should point at a dummy row of x."""
     idx = index.to(x.device).view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
     return x.scatter_(1, idx, rows.to(device=x.device, dtype=x.dtype))
+
+
+# Scoring computes attention rows, similarity rows and vision-tower rows in chunks of query rows, so that one
+# chunk's fp32 intermediate stays near this many elements (2 MiB) and scoring memory stays linear in the
+# sequence length.
+CHUNK_ELEMENTS = 1 << 19
+
+FLOOR_EPSILON = 1e-9  # a fraction times a count that should be an integer may land just below it in floats
+
+
+def floor_keep(fraction: float, counts: torch.Tensor) -> torch.Tensor:
+    """floor(fraction * counts) per entry (long), robust to the float error of a product meant to be whole."""
+    return torch.floor(fraction * counts.double() + FLOOR_EPSILON).long()

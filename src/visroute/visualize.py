@@ -14,48 +14,18 @@ from typing import Any, Sequence
 
 import torch
 
+from visroute.families.base import processor_view_box
 from visroute.record import ImageSpan, RoutingRecord
 
 DROPPED = 0.25  # brightness of a dropped token's cell
 UNSEEN = 0.1  # brightness of image parts the model never saw (cropped away)
 
 
-def _setting(size: Any, key: str):
-    if size is None:
-        return None
-    if isinstance(size, dict):
-        return size.get(key)
-    return getattr(size, key, None)
-
-
 def model_view_box(image_size: tuple[int, int], processor: Any = None) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) in the original image's pixel coordinates: the region the model's token grid covers.
     It may reach beyond the image where the processor padded. Without a processor, or for one that does not
     crop (Qwen), the whole image."""
-    width, height = image_size
-    ip = getattr(processor, "image_processor", processor)
-    crop = getattr(ip, "crop_size", None)
-    if ip is None or not getattr(ip, "do_center_crop", False) or _setting(crop, "height") is None:
-        return 0.0, 0.0, float(width), float(height)
-    # the canvas after an optional pad to a square, the image centred in it
-    ox, oy, cw, ch = 0, 0, width, height
-    if getattr(ip, "do_pad", False):
-        side = max(width, height)
-        ox, oy, cw, ch = -((side - width) // 2), -((side - height) // 2), side, side
-    size = getattr(ip, "size", None)
-    shortest = _setting(size, "shortest_edge")
-    if getattr(ip, "do_resize", False) and shortest:
-        short, long = min(cw, ch), max(cw, ch)
-        new_long = int(shortest * long / short)
-        rw, rh = (shortest, new_long) if cw <= ch else (new_long, shortest)
-    elif getattr(ip, "do_resize", False) and _setting(size, "height"):
-        rw, rh = _setting(size, "width"), _setting(size, "height")
-    else:
-        rw, rh = cw, ch
-    crop_h, crop_w = _setting(crop, "height"), _setting(crop, "width")
-    top, left = int((rh - crop_h) / 2.0), int((rw - crop_w) / 2.0)  # negative where the crop pads
-    sx, sy = rw / cw, rh / ch
-    return ox + left / sx, oy + top / sy, ox + (left + crop_w) / sx, oy + (top + crop_h) / sy
+    return processor_view_box(image_size, processor)
 
 
 def _cell_of_pixels(image_size: tuple[int, int], box, rows: int, cols: int) -> torch.Tensor:

@@ -1,28 +1,140 @@
-"""One adapter per model family; `adapter_for(model)` picks it by the model's class."""
+"""The family registry: one adapter class per model family, found by the model's class (`adapter_for`) or by
+a config's `model_type` (`family_for_config`).
+
+    from visroute.families import FamilyAdapter, register_family
+
+    @register_family
+    class MyFamily(FamilyAdapter):
+        name = "my_vlm"
+        model_classes = ("MyVLMForConditionalGeneration",)
+        ...
+
+Third-party packages register theirs through the entry-point group `visroute.families` (the entry point names
+the adapter class, or a module that registers its adapters when imported); they load the first time the
+registry is read.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+from typing import Any
+
 from torch import nn
 
-from visroute.families.base import CallInputs, FamilyAdapter
-from visroute.families.llava import LlavaAdapter
-from visroute.families.qwen2_vl import Qwen2VLAdapter
+from visroute.families.base import BOX_FRAMES, CallInputs, FamilyAdapter, ImageFrame, ModelShape
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+ENTRY_POINT_GROUP = "visroute.families"
+
+_FAMILIES: dict[str, type[FamilyAdapter]] = {}
+_entry_points_loaded = False
+
+
+class UnsupportedModelError(TypeError):
+    """A model (or config) that no registered family serves."""
+
+
+def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Register a family adapter class (usable as a decorator). A name, a model class or a shape name that
+    another family already holds is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, FamilyAdapter)):
+        raise TypeError(f"register_family takes a FamilyAdapter subclass, not {cls!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    if not cls.model_classes:
+        raise ValueError(f"{cls.__name__} serves no `model_classes`")
+    if cls.box_frame not in BOX_FRAMES:
+        raise ValueError(f"{cls.__name__}.box_frame {cls.box_frame!r} is not one of {', '.join(BOX_FRAMES)}")
+    if _FAMILIES.get(cls.name) is cls:
+        return cls
+    if cls.name in _FAMILIES:
+        raise ValueError(f"A model family named {cls.name!r} is already registered ({_FAMILIES[cls.name].__name__})")
+    for other in _FAMILIES.values():
+        for attr in ("model_classes", "model_types"):
+            taken = set(getattr(cls, attr)) & set(getattr(other, attr))
+            if taken:
+                raise ValueError(f"{cls.__name__} claims {attr} {sorted(taken)} already served by family {other.name!r}")
+        names = {s.name for s in other.shapes} | {a for s in other.shapes for a in s.aliases}
+        taken = names & ({s.name for s in cls.shapes} | {a for s in cls.shapes for a in s.aliases})
+        if taken:
+            raise ValueError(f"{cls.__name__} defines shapes {sorted(taken)} already defined by family {other.name!r}")
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as e:  # a broken plug-in says which one it is
+            raise ImportError(f"The model family entry point {ep.name!r} ({ep.value}) failed to load: {e}") from e
+        if isinstance(loaded, type) and issubclass(loaded, FamilyAdapter):
+            register_family(loaded)
+
+
+def families() -> dict[str, type[FamilyAdapter]]:
+    """Every registered family by name (built-in and entry points)."""
+    _load_entry_points()
+    return dict(_FAMILIES)
 
 
 def supported_model_classes() -> list[str]:
-    return [name for a in ADAPTERS for name in a.model_classes]
+    return [name for cls in families().values() for name in cls.model_classes]
 
 
-def adapter_for(model: nn.Module) -> FamilyAdapter:
-    name = type(model).__name__
-    for cls in ADAPTERS:
-        if name in cls.model_classes:
-            return cls(model)
-    raise TypeError(
-        f"visroute does not support {name}. Supported model classes: {', '.join(supported_model_classes())}"
+def family_for_model(model: nn.Module) -> type[FamilyAdapter]:
+    """The family serving `model`'s class (or the nearest base class it serves)."""
+    served = {name: cls for cls in families().values() for name in cls.model_classes}
+    for klass in type(model).__mro__:
+        if klass.__name__ in served:
+            return served[klass.__name__]
+    raise UnsupportedModelError(
+        f"visroute does not support {type(model).__name__}. Supported model classes: "
+        f"{', '.join(supported_model_classes())}"
     )
 
 
-__all__ = ["CallInputs", "FamilyAdapter", "adapter_for", "supported_model_classes"]
+def family_for_config(config: Any) -> type[FamilyAdapter]:
+    """The family whose models carry `config.model_type` (a model's config, or a model)."""
+    config = getattr(config, "config", config)
+    kind = getattr(config, "model_type", None)
+    for cls in families().values():
+        if kind in cls.model_types:
+            return cls
+    known = [t for cls in families().values() for t in cls.model_types]
+    raise UnsupportedModelError(f"No model family serves model type {kind!r}; known: {', '.join(known)}")
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    """The adapter of `model`'s family, bound to it."""
+    return family_for_model(model)(model)
+
+
+def shapes() -> dict[str, ModelShape]:
+    """Every registered bench shape by name."""
+    return {s.name: s for cls in families().values() for s in cls.shapes}
+
+
+def get_shape(name: str) -> ModelShape:
+    """A bench shape by its name or one of its aliases (e.g. "llava-1.5" for "llava-1.5-7b")."""
+    for s in shapes().values():
+        if name == s.name or name in s.aliases:
+            return s
+    raise ValueError(f"Unknown model shape {name!r}; choose one of {', '.join(shapes())}")
+
+
+# Importing the built-in families registers them.
+from visroute.families.llava import LlavaAdapter  # noqa: E402
+from visroute.families.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter  # noqa: E402
+
+for _cls in (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter):
+    register_family(_cls)
+
+__all__ = [
+    "BOX_FRAMES", "CallInputs", "FamilyAdapter", "ImageFrame", "ModelShape", "UnsupportedModelError",
+    "adapter_for", "families", "family_for_config", "family_for_model", "get_shape", "register_family",
+    "shapes", "supported_model_classes",
+]

@@ -1,12 +1,23 @@
-"""The interface every model-family adapter implements: where the decoder, its layers and rotary embedding live,
-which positions of a batch are visual tokens and how they form image grids."""
+"""The contract every model-family adapter implements, and what adapters share.
+
+A family module (`families/llava.py`, `families/qwen2_vl.py`, or a third party's) holds every fact about its
+models, and nothing outside `families/` tests a class name or a model type:
+
+* which model classes it serves, and what `config.model_type` its configs carry;
+* where the decoder, its layers and its rotary embedding live; which positions of a batch are visual tokens and
+  how they form image grids;
+* facts read off a config alone: visual tokens per image, vision-tower and projector FLOPs;
+* the vision tower's attention layers (for vision-attention scores);
+* the default chat prompt, and the frame in which its checkpoints write boxes (`ImageFrame`);
+* the bench shapes of real checkpoints, with their configs and synthetic inputs.
+"""
 
 from __future__ import annotations
 
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +37,141 @@ class CallInputs:
     extras: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a real checkpoint, for `visroute bench` and the budget presets: the family that builds it,
+    the keyword arguments of its decoder (`text`) and vision tower (`vision`) configs, and other names the
+    budget presets know it by (`aliases`)."""
+
+    name: str
+    family: str
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    description: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text["num_hidden_layers"])
+
+
+# ---- box frames ----------------------------------------------------------------------------------------------------
+BOX_FRAMES = {
+    "normalized": "x1 y1 x2 y2 in [0, 1] over the processed image (LLaVA-1.5)",
+    "pixels": "absolute pixels of the processor-resized image (Qwen2.5-VL)",
+    "scale_1000": "[0, 1000) over the processed image (Qwen2-VL)",
+    "grid": "integer visual-token grid units, end exclusive (the testbed model)",
+}
+_EDGE = 1e-6  # a box edge this close to a cell edge does not reach into the next cell
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """How one image's visual tokens sit on the original image, and the frame in which the model writes boxes.
+
+    width, height: the original image in pixels.
+    view:          (x0, y0, x1, y1) in original pixels: the region the processed image shows (beyond the image
+                   where the processor padded, inside it where it cropped).
+    rows, cols:    the visual-token grid over that region, row-major.
+    canvas:        (width, height) of the processed image in pixels (the unit of the `pixels` frame).
+    box_frame:     the answer frame, one of `BOX_FRAMES`.
+
+    Boxes are (x1, y1, x2, y2). `to_answer` / `from_answer` convert between the normalised frame of the
+    original image (every task's frame) and the model's answer frame."""
+
+    width: int
+    height: int
+    view: tuple[float, float, float, float]
+    rows: int
+    cols: int
+    canvas: tuple[int, int]
+    box_frame: str = "normalized"
+
+    def __post_init__(self) -> None:
+        if self.box_frame not in BOX_FRAMES:
+            raise ValueError(f"Unknown box frame {self.box_frame!r}; choose one of {', '.join(BOX_FRAMES)}")
+
+    def _units(self) -> tuple[float, float]:
+        """Answer-frame units per processed-image width and height."""
+        return {"normalized": (1.0, 1.0), "pixels": (float(self.canvas[0]), float(self.canvas[1])),
+                "scale_1000": (1000.0, 1000.0), "grid": (float(self.cols), float(self.rows))}[self.box_frame]
+
+    def to_view(self, box: tuple[float, ...] | list[float]) -> list[float]:
+        """Normalised box of the original image -> normalised box of the processed image."""
+        x0, y0, x1, y1 = self.view
+        sx, sy = (x1 - x0) / self.width, (y1 - y0) / self.height
+        ox, oy = x0 / self.width, y0 / self.height
+        return [(box[0] - ox) / sx, (box[1] - oy) / sy, (box[2] - ox) / sx, (box[3] - oy) / sy]
+
+    def from_view(self, box: tuple[float, ...] | list[float]) -> list[float]:
+        """Normalised box of the processed image -> normalised box of the original image."""
+        x0, y0, x1, y1 = self.view
+        sx, sy = (x1 - x0) / self.width, (y1 - y0) / self.height
+        ox, oy = x0 / self.width, y0 / self.height
+        return [ox + box[0] * sx, oy + box[1] * sy, ox + box[2] * sx, oy + box[3] * sy]
+
+    def to_answer(self, box: tuple[float, ...] | list[float]) -> list[float]:
+        """Normalised box of the original image -> the model's answer frame."""
+        ux, uy = self._units()
+        v = self.to_view(box)
+        return [v[0] * ux, v[1] * uy, v[2] * ux, v[3] * uy]
+
+    def from_answer(self, box: tuple[float, ...] | list[float]) -> list[float]:
+        """A box in the model's answer frame -> normalised box of the original image."""
+        ux, uy = self._units()
+        return self.from_view([box[0] / ux, box[1] / uy, box[2] / ux, box[3] / uy])
+
+    def tokens_of(self, box: tuple[float, ...] | list[float]) -> list[int]:
+        """Row-major indices (within this image's visual tokens) of the tokens whose cell overlaps the box (a
+        normalised box of the original image) with positive area."""
+        v = self.to_view(box)
+        c0, c1 = v[0] * self.cols, v[2] * self.cols
+        r0, r1 = v[1] * self.rows, v[3] * self.rows
+        cols = [c for c in range(self.cols) if c < c1 - _EDGE and c + 1 > c0 + _EDGE]
+        rows = [r for r in range(self.rows) if r < r1 - _EDGE and r + 1 > r0 + _EDGE]
+        return [r * self.cols + c for r in rows for c in cols]
+
+
+def _setting(size: Any, key: str):
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(key)
+    return getattr(size, key, None)
+
+
+def processor_view_box(image_size: tuple[int, int], processor: Any = None) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in the original image's pixels (`image_size` = (width, height)): the region a CLIP-style
+    image processor's output shows. Such processors may pad to a square (`do_pad`), resize the shortest edge and
+    centre-crop, so the region may reach beyond the image (padding) or lie inside it (crop). Without a
+    processor, or for one that neither crops nor pads, the whole image."""
+    width, height = image_size
+    ip = getattr(processor, "image_processor", processor)
+    crop = getattr(ip, "crop_size", None)
+    if ip is None or not getattr(ip, "do_center_crop", False) or _setting(crop, "height") is None:
+        return 0.0, 0.0, float(width), float(height)
+    # the canvas after an optional pad to a square, the image centred in it
+    ox, oy, cw, ch = 0, 0, width, height
+    if getattr(ip, "do_pad", False):
+        side = max(width, height)
+        ox, oy, cw, ch = -((side - width) // 2), -((side - height) // 2), side, side
+    size = getattr(ip, "size", None)
+    shortest = _setting(size, "shortest_edge")
+    if getattr(ip, "do_resize", False) and shortest:
+        short, long = min(cw, ch), max(cw, ch)
+        new_long = int(shortest * long / short)
+        rw, rh = (shortest, new_long) if cw <= ch else (new_long, shortest)
+    elif getattr(ip, "do_resize", False) and _setting(size, "height"):
+        rw, rh = _setting(size, "width"), _setting(size, "height")
+    else:
+        rw, rh = cw, ch
+    crop_h, crop_w = _setting(crop, "height"), _setting(crop, "width")
+    top, left = int((rh - crop_h) / 2.0), int((rw - crop_w) / 2.0)  # negative where the crop pads
+    sx, sy = rw / cw, rh / ch
+    return ox + left / sx, oy + top / sy, ox + (left + crop_w) / sx, oy + (top + crop_h) / sy
+
+
+# ---- rotary ------------------------------------------------------------------------------------------------------
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
@@ -37,10 +183,21 @@ def _default_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 
 class FamilyAdapter:
-    """Base adapter. Subclasses set `model_classes` and implement the visual-token and position logic."""
+    """Base adapter. A family sets the class attributes below and implements the methods that raise
+    NotImplementedError; `register_family` (visroute.families) makes it known.
 
-    family: str = ""
-    model_classes: tuple[str, ...] = ()
+    name:          the family's registry name
+    model_classes: names of the model classes it serves (a subclass of one of them is served too)
+    model_types:   the `config.model_type` values of those models (for facts read off a config)
+    box_frame:     the frame its checkpoints write boxes in (see `BOX_FRAMES`)
+    shapes:        bench shapes of real checkpoints
+    """
+
+    name: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    box_frame: ClassVar[str] = "normalized"
+    shapes: ClassVar[tuple[ModelShape, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -56,7 +213,41 @@ class FamilyAdapter:
             )
         self._signature = inspect.signature(model.forward)
 
-    # ---- decoder structure -------------------------------------------------------------------------------
+    # ---- facts read off a config (no model needed) -------------------------------------------------------------
+    @classmethod
+    def visual_tokens(cls, config, height: int | None = None, width: int | None = None) -> int | None:
+        """Visual tokens one image of height x width pixels gives; None when that depends on the image and no
+        size is given."""
+        raise NotImplementedError(f"{cls.__name__} does not say how many visual tokens an image gives")
+
+    @classmethod
+    def vision_flops(cls, config, images: list[ImageSpan]) -> tuple[int, int]:
+        """(vision tower, projector) FLOPs of encoding `images` once each (2 FLOPs per multiply-add)."""
+        raise NotImplementedError(f"{cls.__name__} has no vision FLOPs model")
+
+    @classmethod
+    def plain_prompt(cls, question: str, num_images: int, image_token: str | None = None) -> str:
+        """The family's prompt format for a processor without a chat template."""
+        raise NotImplementedError(f"{cls.__name__} has no prompt format")
+
+    @classmethod
+    def build_config(cls, shape: ModelShape):
+        """The transformers config (SDPA attention) of one of this family's bench shapes."""
+        raise NotImplementedError(f"{cls.__name__} builds no bench shapes")
+
+    @classmethod
+    def model_class(cls, config) -> type[nn.Module]:
+        """The class that builds a model from `config` (bench shapes)."""
+        raise NotImplementedError(f"{cls.__name__} builds no bench shapes")
+
+    @classmethod
+    def synthetic_inputs(cls, config, text_tokens: int, height: int, width: int,
+                         generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One prompt of `text_tokens` random text ids around one image's placeholders, with random pixels, as
+        this family's processor would lay them out for a height x width image (bench inputs)."""
+        raise NotImplementedError(f"{cls.__name__} builds no bench inputs")
+
+    # ---- decoder structure -----------------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
         return self.language_model.layers
@@ -81,7 +272,23 @@ class FamilyAdapter:
         the unmodified decoder would use (consecutive positions after the `past` cached tokens)."""
         raise NotImplementedError
 
-    # ---- inputs -------------------------------------------------------------------------------------------
+    # ---- prompts and boxes ---------------------------------------------------------------------------------------
+    def prompt(self, question: str, num_images: int = 1, processor: Any = None) -> str:
+        """One user turn: `num_images` images (0: the blind control, the image removed), then `question`,
+        ending with the generation prompt. The processor's chat template when it has one, else the family's
+        plain format."""
+        if getattr(processor, "chat_template", None):
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return self.plain_prompt(question, num_images, getattr(processor, "image_token", None))
+
+    def image_frames(self, processor: Any, images: list, inputs: dict[str, Any],
+                     box_frame: str | None = None) -> list[ImageFrame]:
+        """One `ImageFrame` per image, in the order the processor received them, for `inputs` = the
+        processor's output for `images` (PIL images). `box_frame` overrides the family's answer frame."""
+        raise NotImplementedError(f"{type(self).__name__} does not place its token grid on the image")
+
+    # ---- inputs ------------------------------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         bound = self._signature.bind_partial(*args, **kwargs)
         out = dict(bound.arguments)
@@ -124,7 +331,7 @@ class FamilyAdapter:
         emb = self.inner.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == emb).all(-1)
 
-    # ---- vision tower -------------------------------------------------------------------------------------
+    # ---- vision tower --------------------------------------------------------------------------------------------
     def vision_attention_modules(self) -> list[nn.Module]:
         """The attention module of every layer of the vision tower, in order."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower")
@@ -150,18 +357,14 @@ class FamilyAdapter:
         visual tokens. Returns the hook handles (call `.remove()` on each)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower")
 
-    # ---- layout -------------------------------------------------------------------------------------------
+    # ---- layout --------------------------------------------------------------------------------------------------
     def layout(self, call: CallInputs, valid: torch.Tensor) -> VisualLayout:
         """Per sample, the sequence positions of its visual tokens and the images they belong to."""
+        from visroute.tensors import compact_index
+
         visual = call.visual_mask.to(valid.device) & valid
-        batch, length = visual.shape
-        counts = visual.sum(1)
-        nv = int(counts.max()) if batch else 0
-        # Stable sort puts each sample's visual positions first, in sequence order.
-        order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :nv]
-        pos_valid = torch.arange(nv, device=visual.device)[None, :] < counts[:, None]
-        positions = torch.where(pos_valid, order, torch.full_like(order, length))
-        images = self._assign_images(call, counts.tolist())
+        positions, pos_valid = compact_index(visual)  # (B, Nv), padded with the dummy index L
+        images = self._assign_images(call, visual.sum(1).tolist())
         return VisualLayout(positions=positions, valid=pos_valid, images=images)
 
     def _assign_images(self, call: CallInputs, counts: list[int]) -> list[list[ImageSpan]]:
@@ -193,8 +396,6 @@ class FamilyAdapter:
 # Used by the vision-attention scorer: each family hooks one attention layer of its tower and computes, from that
 # layer's own q/k, one score per visual token. Only the needed query rows are computed, a chunk at a time, in fp32.
 
-VISION_CHUNK_ELEMENTS = 1 << 18  # about 1 MiB of fp32 logits per chunk of query rows
-
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of the [CLS] query to every token, summed over heads: q_cls (N, H, hd), k (N, H, T, hd) ->
@@ -209,6 +410,8 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_s
     of its segment:  r_j = 1/n_seg * sum_{i in seg(j)} sum_h softmax_k(q_h(i) . k_h(k) * scale)[j].
 
     q, k: (S, H, hd). Returns (S,) fp32. Segments are padded into one batch; query rows go a chunk at a time."""
+    from visroute.tensors import CHUNK_ELEMENTS
+
     s, heads, head_dim = q.shape
     device = q.device
     cu = cu_seqlens.to(device=device, dtype=torch.long)
@@ -225,7 +428,7 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_s
 
     qp, kp = by_segment(q) * scale, by_segment(k)
     received = torch.zeros(n_seg, longest, dtype=torch.float32, device=device)
-    rows = max(1, VISION_CHUNK_ELEMENTS // max(1, n_seg * heads * longest))
+    rows = max(1, CHUNK_ELEMENTS // max(1, n_seg * heads * longest))
     for start in range(0, longest, rows):
         logits = torch.einsum("shqd,shkd->shqk", qp[:, :, start : start + rows], kp)
         logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
@@ -235,3 +438,12 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_s
         received += torch.einsum("shqk,sq->sk", probs, valid[:, start : start + rows].float())
     received = received / lengths.clamp(min=1)[:, None].float()
     return received[valid]  # segments in order, tokens in order: the packed order again
+
+
+def bidirectional_attention_flops(n: int, dim: int) -> int:
+    """FLOPs of full (non-causal) attention over n tokens of width `dim`: scores and the weighted sum."""
+    return 4 * n * n * dim
+
+
+__all__ = ["BOX_FRAMES", "CallInputs", "FamilyAdapter", "ImageFrame", "ModelShape", "processor_view_box",
+           "cls_attention", "mean_attention_received", "bidirectional_attention_flops"]

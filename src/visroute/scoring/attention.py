@@ -3,26 +3,27 @@ in fp32, for the few query rows a scorer needs: no L x L map is ever built."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
 
-from visroute.scoring import register
+from visroute.scoring import option, register
 from visroute.scoring.base import Scorer, StageContext
-from visroute.tensors import compact_index, gather_rows
+from visroute.tensors import CHUNK_ELEMENTS, compact_index, gather_rows
 
 
-# Query rows are computed in chunks so that one chunk's (B, heads, rows, keys) fp32 logits stay near this many
-# elements (2 MiB): the cost of scoring stays linear in the sequence length.
-CHUNK_ELEMENTS = 1 << 19
-
-
-def _project(ctx: StageContext, index: torch.Tensor, proj: nn.Module, heads: int, device) -> torch.Tensor:
-    """The stage layer's projection of the tokens at `index` (B, N), after its input norm, with RoPE at their
-    positions, in fp32: (B, heads, N, head_dim)."""
-    layer = ctx.layer
-    head_dim = layer.self_attn.head_dim
+def _project(ctx: StageContext, index: torch.Tensor, which: str, device) -> torch.Tensor:
+    """The stage layer's query (`which="q"`) or key ("k") projection of the tokens at `index` (B, N), after its
+    input norm, its per-head q/k norm when it has one (Qwen3, Gemma 3, InternVL3.5 decoders) and RoPE at their
+    positions, as the layer itself computes them, in fp32: (B, heads, N, head_dim)."""
+    layer, attn = ctx.layer, ctx.layer.self_attn
+    heads = attn.config.num_attention_heads if which == "q" else attn.config.num_key_value_heads
     x = layer.input_layernorm(gather_rows(ctx.hidden, index).to(device))
-    y = proj(x).float().view(*index.shape, heads, head_dim).transpose(1, 2)
+    y = getattr(attn, f"{which}_proj")(x).view(*index.shape, heads, attn.head_dim)
+    norm = getattr(attn, f"{which}_norm", None)
+    if norm is not None:
+        y = norm(y)
+    y = y.float().transpose(1, 2)
     cos = gather_rows(ctx.cos, index).float().to(device)
     sin = gather_rows(ctx.sin, index).float().to(device)
     y, _ = ctx.adapter.rope_function()(y, y, cos, sin)
@@ -37,10 +38,8 @@ def _layer_device(ctx: StageContext) -> torch.device:
 def stage_keys(ctx: StageContext, key_mask: torch.Tensor | None = None):
     """The stage layer's keys (after RoPE, fp32) of the tokens in `key_mask` (default: `ctx.key_mask`).
     Returns (keys (B, kv_heads, K, head_dim), key_index (B, K), key_valid (B, K))."""
-    attn = ctx.layer.self_attn
-    dummy = ctx.valid.shape[1] - 1
-    k_index, k_valid = compact_index(ctx.key_mask if key_mask is None else key_mask, dummy)
-    keys = _project(ctx, k_index, attn.k_proj, attn.config.num_key_value_heads, _layer_device(ctx))
+    k_index, k_valid = compact_index(ctx.key_mask if key_mask is None else key_mask, ctx.dummy)
+    keys = _project(ctx, k_index, "k", _layer_device(ctx))
     return keys, k_index, k_valid
 
 
@@ -64,10 +63,9 @@ def query_attention(ctx: StageContext, query_mask: torch.Tensor) -> tuple[torch.
 
     Returns (probs (B, H, Q, K) fp32, query_valid (B, Q), key_index (B, K) sequence positions of the keys;
     padded keys point at the dummy slot and have probability 0)."""
-    attn = ctx.layer.self_attn
     k, k_index, k_valid = stage_keys(ctx)
-    q_index, q_valid = compact_index(query_mask, ctx.valid.shape[1] - 1)
-    q = _project(ctx, q_index, attn.q_proj, attn.config.num_attention_heads, k.device)
+    q_index, q_valid = compact_index(query_mask, ctx.dummy)
+    q = _project(ctx, q_index, "q", k.device)
     return _probs(ctx, q, q_index, k, k_index, k_valid), q_valid, k_index
 
 
@@ -76,28 +74,19 @@ def mean_query_attention(ctx: StageContext, query_mask: torch.Tensor) -> tuple[t
     and over each sample's queries; the query rows are computed a chunk at a time.
 
     Returns (mean probs (B, K) fp32, key_index (B, K))."""
-    attn = ctx.layer.self_attn
-    n_heads = attn.config.num_attention_heads
+    n_heads = ctx.layer.self_attn.config.num_attention_heads
     k, k_index, k_valid = stage_keys(ctx)
-    q_index, q_valid = compact_index(query_mask, ctx.valid.shape[1] - 1)
+    q_index, q_valid = compact_index(query_mask, ctx.dummy)
     b, n_keys = k_index.shape
     rows = max(1, CHUNK_ELEMENTS // max(1, b * n_heads * n_keys))
     total = torch.zeros(b, n_keys, dtype=torch.float32, device=k.device)
     for start in range(0, q_index.shape[1], rows):
         index = q_index[:, start : start + rows]
-        q = _project(ctx, index, attn.q_proj, n_heads, k.device)
+        q = _project(ctx, index, "q", k.device)
         probs = _probs(ctx, q, index, k, k_index, k_valid).mean(1)  # (B, rows, K)
         total += (probs * q_valid[:, start : start + rows, None].to(k.device)).sum(1)
     count = q_valid.sum(1).clamp(min=1).to(k.device)
     return total / count[:, None], k_index
-
-
-def key_scores_to_visual(ctx: StageContext, per_key: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
-    """(B, K) values at key positions -> (B, Nv) values at each sample's visual tokens (0 where absent)."""
-    full = torch.zeros(ctx.valid.shape, dtype=per_key.dtype, device=per_key.device)
-    full.scatter_(1, key_index.to(per_key.device), per_key)
-    full[:, -1] = 0  # the dummy slot collects padded keys
-    return full.gather(1, ctx.layout.positions.to(per_key.device))
 
 
 @register
@@ -113,10 +102,8 @@ class LastTokenAttention(Scorer):
     description = "attention from the last prompt token to each visual token, mean over heads (FastV, PyramidDrop)"
 
     def score(self, ctx: StageContext) -> torch.Tensor:
-        query = torch.zeros_like(ctx.valid)
-        query.scatter_(1, ctx.last_index[:, None], True)
-        probs, _, key_index = query_attention(ctx, query)
-        return key_scores_to_visual(ctx, probs.mean(1)[:, 0], key_index)
+        probs, _, key_index = query_attention(ctx, ctx.position_mask(ctx.last_index))
+        return ctx.to_visual(probs.mean(1)[:, 0], key_index)
 
 
 def rater_mask(ctx: StageContext, query_mask: torch.Tensor) -> torch.Tensor:
@@ -126,8 +113,7 @@ def rater_mask(ctx: StageContext, query_mask: torch.Tensor) -> torch.Tensor:
         R = mean_over_visual_v softmax_over_text_t( e_v . e_t ),   raters = { t : R_t > mean_t R_t }
 
     A sample where no token exceeds the mean (e.g. a single query token) keeps all its query tokens."""
-    dummy = ctx.valid.shape[1] - 1
-    t_index, t_valid = compact_index(query_mask, dummy)
+    t_index, t_valid = compact_index(query_mask, ctx.dummy)
     visual = gather_rows(ctx.inputs_embeds, ctx.layout.positions).float()  # (B, Nv, D)
     text = gather_rows(ctx.inputs_embeds, t_index).float()  # (B, T, D)
     logits = torch.einsum("bvd,btd->bvt", visual, text).masked_fill(~t_valid[:, None, :], float("-inf"))
@@ -139,7 +125,7 @@ def rater_mask(ctx: StageContext, query_mask: torch.Tensor) -> torch.Tensor:
     raters = torch.where(raters.any(1, keepdim=True), raters, t_valid)
     out = torch.zeros_like(query_mask)
     out.scatter_(1, t_index, raters)
-    out[:, dummy] = False
+    out[:, ctx.dummy] = False
     return out
 
 
@@ -158,11 +144,14 @@ class TextAttention(Scorer):
 
     name = "text_attention"
     description = "attention from the instruction tokens to each visual token, mean over heads and queries (SparseVLM)"
-    options = {"raters": (False, "keep only SparseVLM's rater tokens (embedding relevance to the image above the mean)")}
+
+    @dataclass(frozen=True)
+    class Options:
+        raters: bool = option(False, "keep only SparseVLM's rater tokens (embedding relevance to the image above the mean)")
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         queries = ctx.query_text_mask
-        if self.opts["raters"]:
+        if self.options.raters:
             queries = rater_mask(ctx, queries)
         mean, key_index = mean_query_attention(ctx, queries)
-        return key_scores_to_visual(ctx, mean, key_index)
+        return ctx.to_visual(mean, key_index)

@@ -1,7 +1,21 @@
-"""The scorer interface and the context a scorer sees at a stage."""
+"""The scorer interface: the context a scorer sees at a stage, typed scorer options, and the `Scorer` base.
+
+A scorer declares, as class attributes:
+  name            its registry name (the `scorer=` of RoutingConfig)
+  description     one line for `visroute scorers`
+  Options         a dataclass of its options (`option(default, help, choices=...)` fields); checked when the
+                  scorer is built: an unknown option, a wrong type or a value outside `choices` is an error that
+                  names the option
+  call_inputs     per-call inputs it needs through `router.call_options(...)` (the oracle: "relevance")
+  before_decoder  it needs nothing computed by a decoder layer, so a stage at layer 0 drops tokens before the
+                  decoder runs (vision-tower, embedding, redundancy and control signals)
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,8 +30,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class StageContext:
-    """Everything a scorer may use at one stage of one prefill. Sequence tensors have length L+1: the last
-    slot is a dummy that padded index tensors point to.
+    """Everything a scorer may use at one stage of one prefill. Sequence tensors have length L+1: the last slot
+    (`dummy`, index L) is a dummy that padded index tensors point to, so gathers and scatters need no masks;
+    the helpers below keep it clear.
 
     hidden:      (B, L+1, D) hidden states entering the stage's layer; for tokens that did not run in the
                  previous stage, the state they carry (reroute) or last had (prune).
@@ -55,8 +70,34 @@ class StageContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def dummy(self) -> int:
+        """Index of the dummy slot (L)."""
+        return self.valid.shape[1] - 1
+
+    def sequence_mask(self, per_visual: torch.Tensor) -> torch.Tensor:
+        """(B, Nv) bool over each sample's visual tokens -> (B, L+1) bool at their sequence positions (padding
+        entries land in the dummy slot, which is cleared)."""
+        out = torch.zeros(self.valid.shape, dtype=torch.bool, device=per_visual.device)
+        out.scatter_(1, self.layout.positions.to(per_visual.device), per_visual)
+        out[:, self.dummy] = False
+        return out
+
+    def position_mask(self, index: torch.Tensor) -> torch.Tensor:
+        """(B,) or (B, M) sequence indices -> (B, L+1) bool, True at them."""
+        index = index if index.dim() == 2 else index[:, None]
+        return torch.zeros_like(self.valid).scatter_(1, index.to(self.valid.device), True)
+
+    def to_visual(self, per_key: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+        """(B, K) values at the sequence positions `key_index` (padded entries pointing at the dummy slot) ->
+        (B, Nv) values at each sample's visual tokens (0 where a visual token is not among the keys)."""
+        full = torch.zeros(self.valid.shape, dtype=per_key.dtype, device=per_key.device)
+        full.scatter_(1, key_index.to(per_key.device), per_key)
+        full[:, self.dummy] = 0
+        return full.gather(1, self.layout.positions.to(per_key.device))
+
+    @property
     def instruction_mask(self) -> torch.Tensor:
-        """(B, L+1) prompt tokens after each sample's last visual token (DESIGN.md's instruction tokens)."""
+        """(B, L+1) prompt tokens after each sample's last visual token (the design notes' instruction tokens)."""
         seq = torch.arange(self.valid.shape[1], device=self.valid.device)
         last_visual = torch.where(self.layout.valid, self.layout.positions, -1).max(1).values
         return self.valid & (seq[None, :] > last_visual[:, None]) & (seq[None, :] <= self.last_index[:, None])
@@ -66,8 +107,7 @@ class StageContext:
         """(B, L+1) the instruction tokens; for a sample without any (its prompt ends with an image), its last
         prompt token, so that text-guided scorers always have a query."""
         instruction = self.instruction_mask
-        seq = torch.arange(self.valid.shape[1], device=self.valid.device)
-        last = seq[None, :] == self.last_index[:, None]
+        last = self.position_mask(self.last_index)
         return instruction | (last & ~instruction.any(1, keepdim=True))
 
     def budget(self) -> torch.Tensor:
@@ -75,31 +115,96 @@ class StageContext:
         Selection procedures (DART, DivPrune, the uniform lattice) need it; rankings do not."""
         return torch.minimum(self.requested.to(self.candidates.device), self.candidates.sum(1))
 
-    def gather_visual(self, per_token: torch.Tensor) -> torch.Tensor:
-        """Pick the visual positions out of a (B, L+1) per-token tensor -> (B, Nv)."""
-        return per_token.gather(1, self.layout.positions)
+
+# ---- options ---------------------------------------------------------------------------------------------------
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A scorer option: its default, a one-line help and, optionally, the values it may take."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This scorer takes no options."""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is Any:
+        return True
+    return isinstance(value, typing.get_origin(tp) or tp)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One declared option, as `visroute scorers` lists it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple | None
 
 
 class Scorer:
     """Ranks the candidate visual tokens at a stage: `score` returns (B, Nv) floats, higher = keep.
-    Scores of non-candidates and padding are ignored.
-
-    Class attributes a scorer declares:
-      name         its registry name (the `scorer=` of RoutingConfig)
-      description  one line for `visroute scorers`
-      options      option name -> (default, one-line doc); unknown options are an error
-    """
+    Scores of non-candidates and padding are ignored. See the module docstring for what a scorer declares."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    Options: ClassVar[type] = NoOptions
+    call_inputs: ClassVar[tuple[str, ...]] = ()
+    before_decoder: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
-        unknown = set(options) - set(self.options)
+        self.options = self.build_options(options)
+
+    @classmethod
+    def option_specs(cls) -> list[OptionSpec]:
+        hints = typing.get_type_hints(cls.Options)
+        return [OptionSpec(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""),
+                           f.metadata.get("choices")) for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def build_options(cls, options: dict[str, Any] | None) -> Any:
+        """The scorer's `Options` from a plain dict, checked: unknown names, wrong types and values outside an
+        option's choices are errors that name the option."""
+        options = dict(options or {})
+        specs = {s.name: s for s in cls.option_specs()}
+        unknown = sorted(set(options) - set(specs))
         if unknown:
-            known = ", ".join(self.options) or "none"
-            raise ValueError(f"Unknown option(s) {sorted(unknown)} for scorer {self.name!r}; it takes: {known}")
-        self.opts = {k: options.get(k, default) for k, (default, _doc) in self.options.items()}
+            known = ", ".join(specs) or "none"
+            raise ValueError(f"Unknown option(s) {unknown} for scorer {cls.name!r}; it takes: {known}")
+        hints = typing.get_type_hints(cls.Options)
+        for key, value in options.items():
+            spec = specs[key]
+            if not _fits(value, hints[key]):
+                raise ValueError(f"Option {key!r} of scorer {cls.name!r} must be {spec.type}, got {value!r}")
+            if spec.choices is not None and value not in spec.choices:
+                raise ValueError(f"Option {key!r} of scorer {cls.name!r} must be one of {list(spec.choices)}, "
+                                 f"got {value!r}")
+        try:
+            return cls.Options(**options)
+        except ValueError as e:  # the options' own checks (ranges)
+            raise ValueError(f"Scorer {cls.name!r}: {e}") from None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any] | None) -> None:
+        cls.build_options(options)
 
     def attach(self, adapter: "FamilyAdapter") -> None:
         """Called once by `apply_routing` (e.g. to install a hook on the vision tower)."""

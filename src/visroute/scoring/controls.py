@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from visroute.scoring import register
+from visroute.scoring import option, register
 from visroute.scoring.base import Scorer, StageContext
 
 _P = 2_147_483_647  # 2**31 - 1: products of two residues fit in int64
@@ -37,12 +39,16 @@ class RandomScorer(Scorer):
 
     name = "random"
     description = "seeded uniform random ranking (control)"
-    options = {"seed": (0, "random seed")}
+    before_decoder = True
+
+    @dataclass(frozen=True)
+    class Options:
+        seed: int = option(0, "random seed")
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         nv = ctx.layout.positions.shape[1]
         j = torch.arange(nv, device=ctx.valid.device)[None, :]
-        base = _mix(torch.tensor(int(self.opts["seed"]) * 7919 + ctx.stage_index, device=ctx.valid.device) % _P)
+        base = _mix(torch.tensor(self.options.seed * 7919 + ctx.stage_index, device=ctx.valid.device) % _P)
         keys = _mix((sample_keys(ctx) + base) % _P)
         return _mix((keys[:, None] * 31 + j) % _P).float() / _P
 
@@ -101,7 +107,7 @@ class UniformScorer(Scorer):
 
     name = "uniform"
     description = "spatially uniform control: an evenly strided lattice over each image's grid"
-    options = {}
+    before_decoder = True
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         budget = ctx.budget().tolist()
@@ -129,7 +135,8 @@ class OracleScorer(Scorer):
 
     name = "oracle"
     description = "oracle control: keeps the tokens with the highest relevance given per call (call_options(relevance=...))"
-    options = {}
+    call_inputs = ("relevance",)
+    before_decoder = True
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         relevance = ctx.extras.get("relevance")

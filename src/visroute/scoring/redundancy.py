@@ -4,22 +4,27 @@ Both are selection procedures for a budget of k tokens; here they return scores 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from visroute.scoring import register
+from visroute.scoring import option, register
 from visroute.scoring.attention import stage_keys
 from visroute.scoring.base import Scorer, StageContext
-from visroute.tensors import compact_index, gather_rows
-
-# Rows of the pairwise-similarity computation go a chunk at a time: about this many fp32 elements (2 MiB).
-CHUNK_ELEMENTS = 1 << 19
+from visroute.tensors import CHUNK_ELEMENTS, compact_index, gather_rows
 
 
-def _order_to_scores(order: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+def _unpicked(n: int) -> int:
+    """The pick order of a token not (yet) picked among n: after every possible pick."""
+    return 3 * n
+
+
+def _order_to_scores(order: torch.Tensor) -> torch.Tensor:
     """Pick order (0 = first) -> scores, higher for earlier picks; tokens never picked score below all picks."""
     n = order.shape[1]
-    return torch.where(picked, -order.float(), torch.full_like(order, -3 * n - 1).float())
+    picked = order < _unpicked(n)
+    return torch.where(picked, -order.float(), torch.full_like(order, -_unpicked(n) - 1).float())
 
 
 @register
@@ -45,19 +50,23 @@ class Duplication(Scorer):
 
     name = "duplication"
     description = "DART: keep the visual tokens least similar to a few high-key-norm pivot tokens"
-    options = {
-        "pivot_visual": (4, "visual pivot tokens (largest key L1 norm among the candidates)"),
-        "pivot_text": (4, "text pivot tokens (largest key L1 norm among the instruction tokens)"),
-    }
+    before_decoder = True  # at layer 0 it needs the input embeddings and layer 0's key projection
+
+    @dataclass(frozen=True)
+    class Options:
+        pivot_visual: int = option(4, "visual pivot tokens (largest key L1 norm among the candidates)")
+        pivot_text: int = option(4, "text pivot tokens (largest key L1 norm among the instruction tokens)")
+
+        def __post_init__(self):
+            if self.pivot_visual < 0 or self.pivot_text < 0 or self.pivot_visual + self.pivot_text == 0:
+                raise ValueError("pivot_visual and pivot_text must be >= 0 and not both 0")
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         positions, candidates = ctx.layout.positions, ctx.candidates
         b, nv = positions.shape
-        dummy = ctx.valid.shape[1] - 1
+        dummy = ctx.dummy
         text_pool = ctx.instruction_mask
-        visual_at = torch.zeros_like(ctx.valid).scatter_(1, positions, candidates)
-        visual_at[:, dummy] = False
-        keys, k_index, k_valid = stage_keys(ctx, text_pool | visual_at)
+        keys, k_index, k_valid = stage_keys(ctx, text_pool | ctx.sequence_mask(candidates))
         device = keys.device
         norm_full = torch.zeros(ctx.valid.shape, dtype=torch.float32, device=device)
         norm_full.scatter_(1, k_index.to(device), keys.abs().sum((1, 3)) * k_valid.to(device))
@@ -65,12 +74,12 @@ class Duplication(Scorer):
 
         # visual pivots: top L1 among candidates, ranked by norm; text pivots: top L1 among instruction tokens
         vis_norm = norm_full.gather(1, positions.to(device)).masked_fill(~candidates, float("-inf"))
-        n_v = min(int(self.opts["pivot_visual"]), nv)
+        n_v = min(self.options.pivot_visual, nv)
         v_norm, v_piv = vis_norm.topk(n_v, dim=1)
         v_valid = v_norm > float("-inf")
         t_index, t_valid = compact_index(text_pool, dummy)
         t_norm = norm_full.gather(1, t_index.to(device)).masked_fill(~t_valid.to(device), float("-inf"))
-        n_t = min(int(self.opts["pivot_text"]), t_index.shape[1])
+        n_t = min(self.options.pivot_text, t_index.shape[1])
         t_norm, t_sel = t_norm.topk(n_t, dim=1)
         t_valid = t_norm > float("-inf")
         t_piv = t_index.to(device).gather(1, t_sel)  # sequence positions
@@ -84,9 +93,10 @@ class Duplication(Scorer):
         pivots = F.normalize(gather_rows(states, pivot_pos.clamp(max=dummy)), dim=-1)  # (B, P, D)
 
         # visual pivots are kept first, highest norm first
-        order = torch.full((b, nv), 3 * nv, dtype=torch.long, device=device)
-        order.scatter_(1, v_piv, torch.where(v_valid, torch.arange(n_v, device=device).expand(b, -1), 3 * nv))
-        picked = order < 3 * nv
+        never = _unpicked(nv)
+        order = torch.full((b, nv), never, dtype=torch.long, device=device)
+        order.scatter_(1, v_piv, torch.where(v_valid, torch.arange(n_v, device=device).expand(b, -1), never))
+        picked = order < never
         taken = picked.sum(1)
         block = torch.ceil((ctx.budget().to(device) - taken).clamp(min=0) / pivot_valid.sum(1).clamp(min=1)).long()
         pool = candidates & ~picked
@@ -98,7 +108,7 @@ class Duplication(Scorer):
             order = torch.where(take, taken[:, None] + rank_of, order)
             taken = taken + take.sum(1)
             pool = pool & ~take
-        return _order_to_scores(order, order < 3 * nv)
+        return _order_to_scores(order)
 
 
 @register
@@ -117,7 +127,7 @@ class Diversity(Scorer):
 
     name = "diversity"
     description = "DivPrune: greedy max-min cosine diversity among the visual tokens"
-    options = {}
+    before_decoder = True
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         positions = ctx.layout.positions
@@ -126,9 +136,9 @@ class Diversity(Scorer):
         device = x.device
         candidates = ctx.candidates.to(device)
         steps = int(ctx.budget().max()) if b else 0
-        order = torch.full((b, nv), 3 * nv, dtype=torch.long, device=device)
+        order = torch.full((b, nv), _unpicked(nv), dtype=torch.long, device=device)
         if steps == 0:
-            return _order_to_scores(order, order < 3 * nv)
+            return _order_to_scores(order)
 
         # nearest other candidate of each token, a chunk of rows at a time
         nearest = torch.full((b, nv), float("-inf"), device=device)
@@ -151,4 +161,4 @@ class Diversity(Scorer):
             order[batch[live], pick[live]] = t
             pool[batch, pick] = False
             min_dist = torch.minimum(min_dist, 1.0 - torch.einsum("bvd,bd->bv", x, x[batch, pick]))
-        return _order_to_scores(order, order < 3 * nv)
+        return _order_to_scores(order)

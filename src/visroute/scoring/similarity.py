@@ -3,10 +3,12 @@ input embeddings or from the hidden states entering the stage's layer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from visroute.scoring import register
+from visroute.scoring import option, register
 from visroute.scoring.base import Scorer, StageContext
 from visroute.tensors import compact_index, gather_rows
 
@@ -16,7 +18,7 @@ REDUCTIONS = ("max", "mean")
 def cosine_to_text(ctx: StageContext, states: torch.Tensor, text_mask: torch.Tensor, reduce: str) -> torch.Tensor:
     """(B, Nv): for each visual token, its cosine similarity (fp32) to the tokens in `text_mask` (B, L+1),
     reduced over them by max or mean. `states` (B, L+1, D) holds the vectors of every position."""
-    t_index, t_valid = compact_index(text_mask, ctx.valid.shape[1] - 1)
+    t_index, t_valid = compact_index(text_mask, ctx.dummy)
     visual = F.normalize(gather_rows(states, ctx.layout.positions).float(), dim=-1)  # (B, Nv, D)
     text = F.normalize(gather_rows(states, t_index.to(states.device)).float(), dim=-1)  # (B, T, D)
     sim = torch.einsum("bvd,btd->bvt", visual, text)
@@ -24,11 +26,6 @@ def cosine_to_text(ctx: StageContext, states: torch.Tensor, text_mask: torch.Ten
     if reduce == "max":
         return sim.masked_fill(~t_valid, float("-inf")).amax(-1)
     return (sim * t_valid).sum(-1) / t_valid.sum(-1).clamp(min=1)
-
-
-def _check_reduce(reduce: str) -> None:
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, not {reduce!r}")
 
 
 @register
@@ -48,14 +45,14 @@ class EmbeddingSimilarity(Scorer):
 
     name = "embedding_similarity"
     description = "cosine similarity of visual and instruction-token input embeddings (after the projector)"
-    options = {"reduce": ("mean", "over the instruction tokens: mean or max")}
+    before_decoder = True
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        _check_reduce(self.opts["reduce"])
+    @dataclass(frozen=True)
+    class Options:
+        reduce: str = option("mean", "over the instruction tokens: mean or max", choices=REDUCTIONS)
 
     def score(self, ctx: StageContext) -> torch.Tensor:
-        return cosine_to_text(ctx, ctx.inputs_embeds, ctx.query_text_mask, self.opts["reduce"])
+        return cosine_to_text(ctx, ctx.inputs_embeds, ctx.query_text_mask, self.options.reduce)
 
 
 @register
@@ -73,20 +70,14 @@ class HiddenSimilarity(Scorer):
 
     name = "hidden_similarity"
     description = "cosine similarity of visual and text hidden states entering the stage's layer (late, cross-modal, no attention)"
-    options = {
-        "reduce": ("mean", "over the text tokens: mean or max"),
-        "text_tokens": ("instruction", "which text tokens: instruction or last"),
-    }
+    before_decoder = True  # at layer 0 it needs only the input embeddings
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        _check_reduce(self.opts["reduce"])
-        if self.opts["text_tokens"] not in ("instruction", "last"):
-            raise ValueError(f"text_tokens must be 'instruction' or 'last', not {self.opts['text_tokens']!r}")
+    @dataclass(frozen=True)
+    class Options:
+        reduce: str = option("mean", "over the text tokens: mean or max", choices=REDUCTIONS)
+        text_tokens: str = option("instruction", "which text tokens: instruction or last",
+                                  choices=("instruction", "last"))
 
     def score(self, ctx: StageContext) -> torch.Tensor:
-        if self.opts["text_tokens"] == "last":
-            text = torch.zeros_like(ctx.valid).scatter_(1, ctx.last_index[:, None], True)
-        else:
-            text = ctx.query_text_mask
-        return cosine_to_text(ctx, ctx.hidden, text, self.opts["reduce"])
+        text = ctx.position_mask(ctx.last_index) if self.options.text_tokens == "last" else ctx.query_text_mask
+        return cosine_to_text(ctx, ctx.hidden, text, self.options.reduce)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from visroute.scoring import register
+from visroute.scoring import option, register
 from visroute.scoring.base import Scorer, StageContext
 
 
@@ -29,9 +31,12 @@ class VisionCLSAttention(Scorer):
 
     name = "vision_cls_attention"
     description = "vision-tower [CLS] attention to each patch, sum over heads (VisionZip, FasterVLM); no-[CLS] towers: mean attention received"
-    options = {
-        "layer": (None, "vision-tower layer, 0-based, negative from the end; None = the layer the projector reads"),
-    }
+    before_decoder = True
+
+    @dataclass(frozen=True)
+    class Options:
+        layer: int | None = option(None, "vision-tower layer, 0-based, negative from the end; None = the layer the "
+                                         "projector reads")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -40,7 +45,7 @@ class VisionCLSAttention(Scorer):
         self._current: torch.Tensor | None = None  # taken by the current prefill
 
     def attach(self, adapter) -> None:
-        self._handles = adapter.hook_vision_scores(self.opts["layer"], self._receive)
+        self._handles = adapter.hook_vision_scores(self.options.layer, self._receive)
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -188,7 +188,7 @@ class Evaluator:
         try:
             for chunk, inputs in tqdm(batches, desc=name, disable=not self.progress, leave=False):
                 options = {}
-                if router is not None and config.scorer == "oracle":
+                if router is not None and "relevance" in router.call_inputs:
                     options["relevance"] = torch.stack([it.relevance() for it in chunk])
                 with torch.no_grad():
                     if router is not None:

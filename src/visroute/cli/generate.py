@@ -3,87 +3,57 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from visroute.config import RoutingConfig, parse_stages
+from visroute.cli.common import add_debug, add_device, add_dtype, add_routing, existing_file, routing_from_args
 
 
-def register(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer a question about an image with a routed model")
     p.add_argument("--model", help="Hugging Face model id or local folder (default: the shipped testbed model)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question")
-    p.add_argument("--config", help="routing config YAML (instead of --action/--scorer/--stages)")
-    p.add_argument("--action", choices=["prune", "reroute"], default="prune")
-    p.add_argument("--scorer", default="last_token_attention")
-    p.add_argument("--stages", help='schedule as "layer:keep,...", e.g. 2:0.5,7:0.25 (omit for no routing)')
+    add_routing(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cpu")
+    add_dtype(p, "float32")
+    add_device(p)
     p.add_argument("--show-kept", metavar="PNG", help="write the image with the kept patches of each stage")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug(p)
     p.set_defaults(func=run)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a supported VLM and its processor (local folder or hub id), with SDPA attention."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    from visroute.families import supported_model_classes
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    archs = set(getattr(config, "architectures", None) or [])
-    if archs and not archs & set(supported_model_classes()):
-        raise TypeError(
-            f"{name_or_path} is a {', '.join(sorted(archs))}; visroute supports "
-            f"{', '.join(supported_model_classes())}"
-        )
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    return model, processor
-
-
 def build_inputs(model, processor, images: list, prompt: str) -> dict[str, Any]:
-    """Format one prompt with its images the way the model expects (its chat template when it has one)."""
-    family = type(model).__name__
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    elif family.startswith("Llava"):
-        text = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"
-    else:
-        text = "<|vision_start|><|image_pad|><|vision_end|>" * len(images) + prompt
+    """One prompt with its images, formatted as the model's family expects (its chat template when the
+    processor has one)."""
+    from visroute.families import adapter_for
+
+    text = adapter_for(model).prompt(prompt, len(images), processor)
     return dict(processor(images=images, text=text, return_tensors="pt"))
 
 
 def default_model_path() -> str:
-    try:
-        from visroute.testbed import checkpoint_path
-    except ImportError:
-        raise ValueError("no --model given and this build ships no testbed checkpoint") from None
+    from visroute.testbed import checkpoint_path
+
     return str(checkpoint_path())
 
 
 def run(args) -> int:
+    # Everything that can be checked without the model is checked first: a typo costs no model load.
+    image_path = existing_file(args.image, "image")
+    cfg = routing_from_args(args)
+    if args.show_kept and cfg is None:
+        raise ValueError("--show-kept needs a routing schedule (--stages or --config)")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
+
+    import torch
     from PIL import Image
 
     from visroute.engine import apply_routing
+    from visroute.loading import load_model
 
-    dtype = getattr(torch, args.dtype)
-    model, processor = load_model(args.model or default_model_path(), dtype, args.device)
-    if args.config:
-        cfg = RoutingConfig.from_yaml(args.config)
-    elif args.stages:
-        cfg = RoutingConfig(action=args.action, scorer=args.scorer, stages=parse_stages(args.stages))
-    else:
-        cfg = None
-    if not Path(args.image).exists():
-        raise FileNotFoundError(f"no image at {args.image}")
-    image = Image.open(args.image).convert("RGB")
+    image = Image.open(image_path).convert("RGB")
+    model, processor = load_model(args.model or default_model_path(), args.dtype, args.device)
     inputs = build_inputs(model, processor, [image], args.prompt)
     inputs = {k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
 
@@ -104,8 +74,6 @@ def run(args) -> int:
     print()
     print(report_table(model, inputs, cfg, record, timer.prefill_s, total))
     if args.show_kept:
-        if record is None:
-            raise ValueError("--show-kept needs a routing schedule (--stages or --config)")
         from visroute.visualize import save_kept_patches
 
         save_kept_patches(image, record, args.show_kept, sample=0, processor=processor)

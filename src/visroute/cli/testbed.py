@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+from visroute.cli.common import add_dataclass_flags, add_debug, dataclass_from_args
 
-def register(sub) -> None:
+
+def add_parser(sub) -> None:
     p = sub.add_parser("testbed", help="synthetic grounded-VQA scenes, the small testbed model, its evaluation")
     tsub = p.add_subparsers(dest="testbed_command", required=True)
 
@@ -16,28 +18,16 @@ def register(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--families", help="comma-separated subset of the question families")
-    m.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug(m)
     m.set_defaults(func=run_make)
 
+    from visroute.testbed.train import TrainConfig
+
     t = tsub.add_parser("train", help="train the testbed model from scratch (resumable)")
-    t.add_argument("--out", default="runs/testbed", help="run folder: log, training state, exported model")
-    t.add_argument("--symbolic-steps", type=int, default=None, help="phase 1: decoder on symbolic visual tokens")
-    t.add_argument("--tower-steps", type=int, default=None, help="phase 2: vision tower and projector alone")
-    t.add_argument("--joint-steps", type=int, default=None, help="phase 3: the whole model, end to end")
-    t.add_argument("--images", type=int, default=None, help="images per step")
-    t.add_argument("--place-rows", type=int, default=None,
-                   help="phase 1: extra rows per step asking where a lone object is")
-    t.add_argument("--place-until", type=int, default=None, help="phase 1: steps that have the place rows")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate of phases 1 and 2")
-    t.add_argument("--joint-lr", type=float, default=None, help="peak learning rate of phase 3")
-    t.add_argument("--size", choices=["small", "tiny"], default=None)
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.add_argument("--eval-every", type=int, default=None)
-    t.add_argument("--save-every", type=int, default=None)
+    add_dataclass_flags(t, TrainConfig)
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--debug", action="store_true")
+    add_debug(t)
     t.set_defaults(func=run_train)
 
     e = tsub.add_parser("eval", help="accuracy per family, blind control and retention recall of a routing config")
@@ -51,7 +41,7 @@ def register(sub) -> None:
     e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to --config")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--json", help="write the reports (with per-item results) to this file")
-    e.add_argument("--debug", action="store_true")
+    add_debug(e)
     e.set_defaults(func=run_eval)
 
 
@@ -69,14 +59,11 @@ def run_make(args) -> int:
 def run_train(args) -> int:
     from visroute.testbed.train import TrainConfig, train
 
-    cfg = TrainConfig(out=args.out)
-    for name in ("symbolic_steps", "tower_steps", "joint_steps", "images", "place_rows", "place_until", "lr",
-                 "joint_lr", "size", "seed", "threads", "eval_every", "save_every"):
-        value = getattr(args, name)
-        if value is not None:
-            if isinstance(value, int) and value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
-            setattr(cfg, name, value)
+    cfg = dataclass_from_args(TrainConfig, args)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"--{f.name.replace('_', '-')} must not be negative")
     if cfg.steps == 0:
         raise ValueError("nothing to train: every phase has 0 steps")
     folder = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -112,15 +99,3 @@ def run_eval(args) -> int:
         Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=1))
         print(f"reports written to {args.json}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the testbed commands alone (`python -m visroute.testbed.cli ...`)."""
-    parser = argparse.ArgumentParser(prog="visroute")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Timing and memory measurement for `visroute bench`: prefill and decode timers, the scorer's own time, peak
+tensor memory, and the machine the numbers come from."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "q1": q[0], "q3": q[2], "min": v[0], "max": v[-1], "n": len(v)}
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated for tensors during `fn()` above what was allocated before (weights excluded)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+class ScorerTimer:
+    """Times the router's scorer alone (wraps its `score`)."""
+
+    def __init__(self, router, device: torch.device):
+        self.total = 0.0
+        inner = router.scorer.score
+
+        def timed(ctx):
+            sync(device)
+            t0 = time.perf_counter()
+            out = inner(ctx)
+            sync(device)
+            self.total += time.perf_counter() - t0
+            return out
+
+        router.scorer.score = timed
+
+
+def prefill(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def time_prefill(model, inputs, device, repeats: int, on_start: Callable[[], None] | None = None) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if on_start:
+            on_start()
+        sync(device)
+        t0 = time.perf_counter()
+        prefill(model, inputs)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_decode(model, inputs, device, new_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Per repeat, `generate` `new_tokens` greedy tokens; returns (first model call times, decode step times).
+    transformers encodes the images before the first model call of `generate`, so that call is the decoder
+    prefill without the vision tower."""
+    stamps: list[float] = []
+
+    def stamp(*_):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    pre, post = model.register_forward_pre_hook(stamp), model.register_forward_hook(stamp)
+    prefills, steps = [], []
+    try:
+        for _ in range(repeats):
+            stamps.clear()
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               use_cache=True, pad_token_id=0)
+            calls = [b - a for a, b in zip(stamps[0::2], stamps[1::2])]
+            prefills.append(calls[0])
+            steps.extend(calls[1:])
+    finally:
+        pre.remove()
+        post.remove()
+    return prefills, steps
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,59 @@
+"""`visroute bench`: latency, memory, FLOPs and K/V of a real-shaped random-weight model, routed and unrouted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from visroute.bench.run import BenchSettings
+from visroute.budget import PRESETS, TIERS
+from visroute.cli.common import (
+    add_dataclass_flags,
+    add_debug,
+    add_routing,
+    dataclass_from_args,
+    parse_scorer_options,
+    routing_from_args,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="latency / memory / FLOPs / K/V benchmark on a real-shaped random-weight model",
+        description="Measure prefill and decode latency, peak memory, executed and formula FLOPs and K/V bytes of "
+                    "a random-weight model of a named shape, unrouted and under each config, each speedup beside "
+                    "the ideal speedup executed FLOPs predict. Without --preset/--config/--stages it runs every "
+                    f"preset ({', '.join(PRESETS)}) at every tier ({', '.join(map(str, TIERS))}).")
+    add_dataclass_flags(p, BenchSettings)
+    p.add_argument("--preset", action="append", default=[], metavar="NAME@TIER",
+                   help=f"a preset at a tier, e.g. pdrop@128 (repeatable); presets: {', '.join(PRESETS)}")
+    add_routing(p, repeatable=True)
+    p.add_argument("--out", default=None, help="JSON output file (default: bench_<shape>_<dtype>_<device>.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from visroute.bench import format_table, run_bench, visual_count
+    from visroute.budget import parse_preset, preset
+    from visroute.families import get_shape
+
+    settings = dataclass_from_args(BenchSettings, args)  # checks the shape, counts and image size
+    shape = get_shape(settings.shape)
+    configs = routing_from_args(args)  # checks files, stage specs, scorer and options before any model is built
+    num_visual = visual_count(settings.shape, settings.image_hw)
+    options = parse_scorer_options(args.scorer_option)
+    presets = []
+    for spec in args.preset:
+        name, tier = parse_preset(spec)
+        presets.append((spec, preset(name, tier, shape.name, num_visual=num_visual, num_layers=shape.num_layers,
+                                     scorer=args.scorer, **options)))
+    configs = presets + configs
+    result = run_bench(settings, configs or None, progress=not args.quiet)
+    print(format_table(result))
+    out = Path(args.out or f"bench_{settings.shape}_{settings.dtype}_{settings.device.replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
