@@ -16,7 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from visroute import apply_routing
-from visroute.bench import DTYPES, SHAPES, _prefill, build_model, make_inputs
+from visroute.bench import DTYPES, SHAPES, build_model, make_inputs
+from visroute.bench.measure import prefill as _prefill
 from visroute.budget import parse_preset, preset
 
 GROUPS = {
@@ -51,7 +52,7 @@ def profile_once(model, inputs) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--preset", action="append", default=[])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
@@ -63,7 +64,7 @@ def main() -> None:
     nv = int((inputs["input_ids"] == model.config.image_token_id).sum())
     shape = SHAPES[args.shape]
     results = {}
-    jobs = [("unrouted", None)] + [(s, preset(*parse_preset(s), shape.preset_model, num_visual=nv,
+    jobs = [("unrouted", None)] + [(s, preset(*parse_preset(s), shape.name, num_visual=nv,
                                               num_layers=shape.text["num_hidden_layers"])) for s in args.preset]
     for label, cfg in jobs:
         router = apply_routing(model, cfg) if cfg is not None else None

@@ -1,7 +1,7 @@
 """Token budgets: schedule builders, the avg_T a schedule implies, a solver that hits a target avg_T with
 integer keeps, presets for the papers' configs at the 192 / 128 / 64 tiers, and matched configs.
 
-avg_T (DESIGN.md) is the mean over all decoder layers of the visual tokens active in that layer; layers before
+avg_T (docs/DESIGN.md) is the mean over all decoder layers of the visual tokens active in that layer; layers before
 the first stage hold all of them. Integer keeps make a preset exact for one visual-token count: a fraction is
 floored per sample, so the same fraction lands on a different avg_T for every count and layer depth.
 

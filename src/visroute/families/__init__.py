@@ -33,6 +33,15 @@ class UnsupportedModelError(TypeError):
     """A model (or config) that no registered family serves."""
 
 
+def _own_shapes(cls: type[FamilyAdapter]) -> tuple[ModelShape, ...]:
+    """The bench shapes a family defines itself (a subclass does not inherit its parent's checkpoints)."""
+    return tuple(cls.__dict__.get("shapes", ()))
+
+
+def _shape_names(cls: type[FamilyAdapter]) -> set[str]:
+    return {s.name for s in _own_shapes(cls)} | {a for s in _own_shapes(cls) for a in s.aliases}
+
+
 def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     """Register a family adapter class (usable as a decorator). A name, a model class or a shape name that
     another family already holds is an error."""
@@ -53,8 +62,7 @@ def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
             taken = set(getattr(cls, attr)) & set(getattr(other, attr))
             if taken:
                 raise ValueError(f"{cls.__name__} claims {attr} {sorted(taken)} already served by family {other.name!r}")
-        names = {s.name for s in other.shapes} | {a for s in other.shapes for a in s.aliases}
-        taken = names & ({s.name for s in cls.shapes} | {a for s in cls.shapes for a in s.aliases})
+        taken = _shape_names(other) & _shape_names(cls)
         if taken:
             raise ValueError(f"{cls.__name__} defines shapes {sorted(taken)} already defined by family {other.name!r}")
     _FAMILIES[cls.name] = cls
@@ -115,7 +123,7 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
 
 def shapes() -> dict[str, ModelShape]:
     """Every registered bench shape by name."""
-    return {s.name: s for cls in families().values() for s in cls.shapes}
+    return {s.name: s for cls in families().values() for s in _own_shapes(cls)}
 
 
 def get_shape(name: str) -> ModelShape:
