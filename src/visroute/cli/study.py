@@ -1,0 +1,128 @@
+"""`visroute study run | list | report`: sweeps of routing configs over benchmark tasks into a results database,
+and reports with intervals and plots (visroute.evaluation).
+
+    visroute study run where-to-prune --db results.sqlite            # a shipped grid, on the testbed model
+    visroute study run grid.yaml --db results.sqlite --data pope=data/pope.parquet --limit 200
+    accelerate launch --num_processes 4 -m visroute study run grid.yaml --db results.sqlite
+    visroute study list --db results.sqlite
+    visroute study report --db results.sqlite --out report/
+"""
+
+from __future__ import annotations
+
+from visroute.cli.common import add_debug, add_device, add_dtype
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("study", help="sweep routing configs over benchmark tasks; list and report the results")
+    ssub = p.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+
+    r = ssub.add_parser("run", help="run a grid (resumable: what the database holds is skipped)")
+    r.add_argument("grid", help="a grid YAML file, or a shipped grid's name (e.g. where-to-prune)")
+    r.add_argument("--db", required=True, help="the results database (SQLite; created if missing)")
+    r.add_argument("--limit", type=int, help="at most this many items per task")
+    r.add_argument("--data", action="append", default=[], metavar="TASK[.KEY]=PATH",
+                   help="a data path of a grid task, by its label (repeatable), e.g. pope=pope.parquet, "
+                        "gqa.images=images.parquet")
+    r.add_argument("--task", action="append", default=[], metavar="NAME[=PATH]",
+                   help="run these tasks instead of the grid's (repeatable), e.g. --task pope=pope.parquet")
+    r.add_argument("--model", help="the model instead of the grid's (a folder or hub id; 'testbed')")
+    add_dtype(r, default=None)
+    add_device(r, default=None)
+    r.add_argument("--batch-size", type=int, help="items per batch instead of the grid's")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug(r)
+    r.set_defaults(func=run_study)
+
+    ls = ssub.add_parser("list", help="what a results database holds")
+    ls.add_argument("--db", required=True)
+    add_debug(ls)
+    ls.set_defaults(func=list_study)
+
+    rep = ssub.add_parser("report", help="write report.md and PNG plots from a results database")
+    rep.add_argument("--db", required=True)
+    rep.add_argument("--out", required=True, help="output folder")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default 0)")
+    add_debug(rep)
+    rep.set_defaults(func=report_study)
+
+
+def _pair(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"Bad {flag} {text!r}: expected KEY=PATH")
+    return key, value
+
+
+def apply_overrides(grid, args) -> None:
+    """--model, --dtype, --device, --batch-size, --task and --data change the loaded grid."""
+    from visroute.evaluation.grid import TaskSpec, check_names
+
+    if args.model:
+        grid.model.path = args.model
+    if args.dtype:
+        grid.model.dtype = args.dtype
+    if args.device:
+        grid.model.device, grid.model.device_map = args.device, None
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        grid.model.batch_size = args.batch_size
+    if args.task:
+        tasks = []
+        for t in args.task:
+            name, _, path = t.partition("=")
+            tasks.append(TaskSpec(name=name, data={"data": path} if path else {}))
+        grid.tasks = tasks
+    labels = {t.label: t for t in grid.tasks}
+    for item in args.data:
+        key, path = _pair(item, "--data")
+        label, _, data_key = key.partition(".")
+        if label not in labels:
+            raise ValueError(f"--data {item}: the grid has no task {label!r}; its tasks: {', '.join(labels)}")
+        labels[label].data[data_key or "data"] = path
+    check_names(grid)
+
+
+def run_study(args) -> int:
+    from visroute.evaluation import load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    apply_overrides(grid, args)
+    written = run_grid(grid, args.db, limit=args.limit, progress=not args.no_progress)
+    rows = sum(n for per in written.values() for n in per.values())
+    print(f"{rows} new rows in {args.db} ({len(grid.configs) + 2} configs x {len(grid.tasks)} task(s))")
+    return 0
+
+
+def list_study(args) -> int:
+    from visroute.evaluation.store import Store
+
+    store = Store(args.db)
+    try:
+        ident = store.identity
+        counts = store.counts()
+        runs = store.runs()
+    finally:
+        store.close()
+    model = ident.get("model", {})
+    print(f"{args.db}: grid {ident.get('grid')!r} version {ident.get('version')}, model {model.get('path')!r} "
+          f"({model.get('dtype')})")
+    expected: dict[str, int] = {}
+    for run in runs:
+        expected[run.task] = max(expected.get(run.task, 0), counts.get(run.run_id, 0))
+    width = max([6] + [len(r.name) for r in runs])
+    print(f"{'task':16s} {'config':{width}s} {'kind':9s} {'rows':>7s}")
+    for run in runs:
+        n = counts.get(run.run_id, 0)
+        state = "" if n == expected[run.task] else f"  (partial: {n} of {expected[run.task]})"
+        print(f"{run.task:16s} {run.name:{width}s} {run.kind:9s} {n:7d}{state}")
+    return 0
+
+
+def report_study(args) -> int:
+    from visroute.evaluation.report import write_report
+
+    path = write_report(args.db, args.out, seed=args.seed)
+    print(f"report written to {path}")
+    return 0

@@ -1,0 +1,309 @@
+"""Sweep grids: which model, which tasks, which routing configs.
+
+A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yaml`):
+
+    name: my-sweep
+    version: 1                     # bump when results of the old grid must not mix with the new one
+    model:
+      path: testbed                # a model folder or hub id; "testbed" is the shipped testbed checkpoint
+      dtype: float32               # float32 | bfloat16 | float16
+      device: cpu                  # or device_map: auto
+      batch_size: 16
+      box_frame: grid              # the frame the model writes boxes in (default: its family's)
+    tasks:
+      - name: pope
+        data: data/pope.parquet    # or {data: ..., images: ...}
+        limit: 500
+        options: {normalization: llava}
+    configs:                       # listed configs, each a routing-config dict, a YAML path, or a method preset
+      - {name: fastv, config: {action: prune, scorer: last_token_attention, stages: [{layer: 2, keep: 0.25}]}}
+      - {name: mine, config: configs/mine.yaml}
+      - {name: pdrop, method: pdrop@128}
+    sweep:                         # products over action x scorer x stage layers x budget
+      - action: [prune, reroute]
+        scorer: [last_token_attention, random]
+        layers: [2, 0.5, [0.25, 0.5, 0.75]]   # int: a decoder layer; float in [0, 1): that share of the depth;
+                                              # a list: one stage at each (the same budget re-selected)
+        keep: [0.25, 16]                      # float: share of each sample's visual tokens, int: a count
+        avg_T: [0.11]                         # or: a target avg_T (float <= 1: share of the visual tokens)
+                                              # solved to integer keeps by visroute.budget
+
+Every grid also runs the unrouted model and the blind control on every task. Configs are resolved against the
+model once it is loaded (its decoder depth, its visual tokens per image); a layer outside the model is an
+error naming the config."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visroute.config import RoutingConfig
+from visroute.loading import DTYPES
+
+GRIDS_PACKAGE = "visroute.grids"
+
+
+def shipped_grids() -> dict[str, Path]:
+    """Name -> path of the grids shipped with the package."""
+    from importlib import resources
+
+    folder = resources.files(GRIDS_PACKAGE)
+    return {p.name[: -len(".yaml")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def grid_path(spec: str | Path) -> Path:
+    """A grid file from a path or a shipped grid's name."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    shipped = shipped_grids()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise FileNotFoundError(f"no grid file {spec} (and no shipped grid of that name; shipped: {', '.join(sorted(shipped))})")
+
+
+@dataclass
+class ModelSpec:
+    path: str = "testbed"
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | dict | None = None
+    batch_size: int = 16
+    box_frame: str | None = None
+    attn_implementation: str = "sdpa"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What changes a model's answers (not where it runs, nor the batch size)."""
+        return {"path": self.path, "dtype": self.dtype, "box_frame": self.box_frame,
+                "attn_implementation": self.attn_implementation}
+
+
+@dataclass
+class TaskSpec:
+    """A task of the grid: `name` a registered task, `label` its name in the results (default: `name`; two
+    entries of one task, e.g. RefCOCO testA and testB, need two labels)."""
+
+    name: str
+    data: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+    def build(self):
+        from visroute.evaluation.tasks import build_task
+
+        return build_task(self.name, data=self.data, limit=self.limit, **self.options)
+
+
+@dataclass
+class ConfigSpec:
+    """One routing config of the grid before it meets the model: `routing` is a config dict with stage layers
+    and keeps as written (relative layers, budgets to solve), or `method` a preset name@tier."""
+
+    name: str
+    routing: dict[str, Any] | None = None
+    method: str | None = None
+    scorer: str | None = None
+    avg_T: float | None = None  # for a sweep budget given as avg_T
+
+    def needs_num_visual(self) -> bool:
+        return self.method is not None or self.avg_T is not None
+
+    def resolve(self, num_layers: int, num_visual: int | None) -> RoutingConfig:
+        """The RoutingConfig on a model with `num_layers` decoder layers and `num_visual` visual tokens per
+        image (needed only for method presets and avg_T budgets)."""
+        try:
+            if self.method is not None:
+                from visroute.budget import parse_preset, preset
+
+                name, tier = parse_preset(self.method)
+                return preset(name, tier, model="grid", num_layers=num_layers, num_visual=num_visual,
+                              scorer=self.scorer or "last_token_attention")
+            routing = copy.deepcopy(self.routing)
+            layers = [resolve_layer(s["layer"], num_layers) for s in routing["stages"]]
+            if self.avg_T is not None:
+                from visroute.budget import Shape, solve
+
+                target = self.avg_T * num_visual if self.avg_T <= 1 else self.avg_T
+                sol = solve(Shape.uniform(layers), num_layers, num_visual, target)
+                routing["stages"] = [{"layer": s.layer, "keep": s.keep} for s in sol.stages]
+            else:
+                for s, layer in zip(routing["stages"], layers):
+                    s["layer"] = layer
+            cfg = RoutingConfig.from_dict(routing)
+            cfg.validate_for(num_layers)
+            return cfg
+        except ValueError as e:
+            raise ValueError(f"config {self.name!r}: {e}") from None
+
+
+def resolve_layer(layer: int | float, num_layers: int) -> int:
+    """An int is a decoder layer; a float in [0, 1) that share of the depth, rounded to the nearest layer."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, float)):
+        raise ValueError(f"a stage layer must be an int or a float share of the depth, got {layer!r}")
+    if isinstance(layer, float):
+        if not 0.0 <= layer < 1.0:
+            raise ValueError(f"a relative stage layer must lie in [0, 1), got {layer}")
+        return min(num_layers - 1, int(layer * num_layers + 0.5))
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"stage layer {layer} lies outside the model's {num_layers} decoder layers (0..{num_layers - 1})")
+    return layer
+
+
+@dataclass
+class Grid:
+    name: str
+    version: int
+    model: ModelSpec
+    tasks: list[TaskSpec]
+    configs: list[ConfigSpec]
+    source: Path | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What a results database is bound to: results of another grid version are never mixed in."""
+        return {"grid": self.name, "version": self.version, "model": self.model.fingerprint()}
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    bad = sorted(set(d) - allowed)
+    if bad:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _listify(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _keep_name(keep) -> str:
+    return f"{keep:g}" if isinstance(keep, float) else str(keep)
+
+
+def _layer_name(layer) -> str:
+    return f"{layer:g}" if isinstance(layer, float) else str(layer)
+
+
+def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
+    """The configs of one sweep block: action x scorer x layers x (keep or avg_T)."""
+    _check_keys(sweep, {"action", "scorer", "layers", "keep", "avg_T", "scorer_options"}, where)
+    for key in ("scorer", "layers"):
+        if key not in sweep:
+            raise ValueError(f"{where}: a sweep needs {key!r}")
+    if ("keep" in sweep) == ("avg_T" in sweep):
+        raise ValueError(f"{where}: give the budget as exactly one of keep or avg_T")
+    budgets = [("keep", b) for b in _listify(sweep.get("keep", []))] + \
+              [("avg_T", b) for b in _listify(sweep.get("avg_T", []))]
+    options = sweep.get("scorer_options") or {}
+    out = []
+    for action, scorer, layers, (kind, budget) in itertools.product(
+            _listify(sweep.get("action", "prune")), _listify(sweep["scorer"]), _listify(sweep["layers"]), budgets):
+        layer_list = _listify(layers)
+        keep = budget if kind == "keep" else 0
+        name = (f"{action}/{scorer}/L{'-'.join(_layer_name(l) for l in layer_list)}/"
+                f"{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}")
+        routing = {"action": action, "scorer": scorer, "stages": [{"layer": l, "keep": keep} for l in layer_list],
+                   "scorer_options": dict(options.get(scorer, {}))}
+        out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None))
+    return out
+
+
+def _listed_config(entry: dict[str, Any], root: Path, where: str) -> ConfigSpec:
+    _check_keys(entry, {"name", "config", "method", "scorer"}, where)
+    if "name" not in entry:
+        raise ValueError(f"{where}: a listed config needs a name")
+    if ("config" in entry) == ("method" in entry):
+        raise ValueError(f"{where}: give exactly one of config (a dict or YAML path) or method (name@tier)")
+    if "method" in entry:
+        return ConfigSpec(name=str(entry["name"]), method=str(entry["method"]), scorer=entry.get("scorer"))
+    cfg = entry["config"]
+    if isinstance(cfg, str):
+        p = Path(cfg) if Path(cfg).is_absolute() else root / cfg
+        cfg = RoutingConfig.from_yaml(p).to_dict()
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: config must be a routing-config mapping or a YAML path")
+    RoutingConfig.from_dict(cfg)  # fields and values checked now, layers once the model is known
+    return ConfigSpec(name=str(entry["name"]), routing=cfg)
+
+
+def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
+    """A Grid from its YAML mapping (paths relative to the grid file's folder)."""
+    where = f"grid {source}" if source else "grid"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a YAML mapping")
+    _check_keys(data, {"name", "version", "model", "tasks", "configs", "sweep", "description"}, where)
+    root = source.parent if source else Path(".")
+    m = data.get("model") or {}
+    if isinstance(m, str):
+        m = {"path": m}
+    _check_keys(m, set(ModelSpec.__dataclass_fields__), f"{where}, model")
+    model = ModelSpec(**m)
+    if model.dtype not in DTYPES:
+        raise ValueError(f"{where}, model: dtype must be one of {', '.join(DTYPES)}, not {model.dtype!r}")
+    if model.batch_size < 1:
+        raise ValueError(f"{where}, model: batch_size must be at least 1")
+    tasks = []
+    for i, t in enumerate(data.get("tasks") or []):
+        t = {"name": t} if isinstance(t, str) else dict(t)
+        _check_keys(t, {"name", "label", "data", "limit", "options"}, f"{where}, task {i + 1}")
+        if "name" not in t:
+            raise ValueError(f"{where}, task {i + 1}: a task needs a name")
+        d = t.get("data") or {}
+        d = {"data": d} if isinstance(d, str) else dict(d)
+        d = {k: str(v if Path(v).is_absolute() else root / v) for k, v in d.items()}
+        tasks.append(TaskSpec(name=t["name"], data=d, limit=t.get("limit"), options=dict(t.get("options") or {}),
+                              label=str(t.get("label") or "")))
+    if not tasks:
+        raise ValueError(f"{where}: no tasks")
+    labels = [t.label for t in tasks]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{where}: task labels must differ; give repeated tasks a label (got {labels})")
+    configs = [_listed_config(c, root, f"{where}, config {i + 1}") for i, c in enumerate(data.get("configs") or [])]
+    for i, s in enumerate(_listify(data.get("sweep") or [])):
+        configs += expand_sweep(s, f"{where}, sweep {i + 1}")
+    names = [c.name for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1} | ({"unrouted", "blind"} & set(names)))
+    if dup:
+        raise ValueError(f"{where}: config name(s) {', '.join(dup)} occur twice (unrouted and blind are built in)")
+    grid = Grid(name=str(data.get("name") or (source.stem if source else "grid")), version=int(data.get("version", 1)),
+                model=model, tasks=tasks, configs=configs, source=source)
+    check_names(grid)
+    return grid
+
+
+def check_names(grid: Grid) -> None:
+    """Tasks and scorers must be registered (checked before any model is loaded)."""
+    from visroute.evaluation.tasks import get_task_class
+    from visroute.scoring import build_scorer
+
+    for t in grid.tasks:
+        get_task_class(t.name)
+        t.build()  # options checked
+    for c in grid.configs:
+        scorer = (c.routing or {}).get("scorer") or c.scorer
+        if scorer is not None:
+            try:
+                build_scorer(scorer, (c.routing or {}).get("scorer_options"))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"config {c.name!r}: {e}") from None
+
+
+def load_grid(spec: str | Path) -> Grid:
+    """A grid from a YAML path or a shipped grid's name."""
+    path = grid_path(spec)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"grid {path} is not valid YAML: {e}") from None
+    return parse_grid(data, path)

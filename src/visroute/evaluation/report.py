@@ -1,0 +1,413 @@
+"""Reports from a results database: `report.md` and PNG plots.
+
+Per task:
+* a table of every run: accuracy with its 95% interval, vision-required accuracy (accuracy on the items the
+  blind control gets wrong), visual gain retained = (acc - acc(blind)) / (acc(unrouted) - acc(blind)), the
+  task's own metrics, avg_T, prefill FLOPs and K/V entries relative to the unrouted prompt, seconds per item;
+* accuracy against the stage layer of single-stage configs, one line per scorer and one panel per budget, with
+  the unrouted model and the blind control as reference lines and the random and oracle controls dashed;
+* accuracy against avg_T with the Pareto front (the best accuracy at or below each avg_T);
+* retention recall against the stage layer (per hop where items have several);
+* reroute - prune: paired differences of accuracy at equal avg_T (the same scorer and schedule), with
+  paired-bootstrap intervals;
+* the information horizon per budget: the first stage layer from which random selection stays within 2 points
+  of the best signal (controls excluded) at every deeper layer.
+
+Intervals use the bootstrap of `visroute.evaluation.metrics` (seeded); all accuracies are computed on the
+items a run holds, and comparisons on the items both runs hold."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visroute.evaluation import metrics as M
+from visroute.evaluation.store import Row, Run, Store
+
+CONTROLS = ("random", "uniform", "oracle")
+HORIZON_POINTS = 0.02
+
+
+@dataclass
+class RunSummary:
+    run: Run
+    rows: dict[str, Row]
+    accuracy: float
+    ci: tuple[float, float]
+    vision_required: float | None = None
+    gain_retained: float | None = None
+    task_metrics: dict[str, float] = field(default_factory=dict)
+    avg_T: float | None = None
+    flops: float | None = None
+    kv: float | None = None
+    seconds: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self.run.config
+
+    def single_stage(self) -> tuple[str, str, int, str] | None:
+        """(action, scorer, layer, budget) of a one-stage config."""
+        cfg = self.config
+        if not cfg or len(cfg["stages"]) != 1:
+            return None
+        return cfg["action"], cfg["scorer"], int(cfg["stages"][0]["layer"]), budget_label(self.run)
+
+    def recall(self) -> list[list[float | None]] | None:
+        """Per stage, per hop: mean retention recall over the items that carry relevance."""
+        vals = [r.recall for r in self.rows.values() if r.recall]
+        if not vals:
+            return None
+        out = []
+        for s in range(len(vals[0])):
+            hops = []
+            for h in range(len(vals[0][s])):
+                x = [v[s][h] for v in vals if len(v[s]) > h and v[s][h] is not None]
+                hops.append(float(np.mean(x)) if x else None)
+            out.append(hops)
+        return out
+
+
+def budget_label(run: Run) -> str:
+    """The budget of a config: the budget part of a sweep config's name (k0.25, T0.11), else k<keep> when all
+    its stages keep the same, else the keeps."""
+    parts = run.name.split("/")
+    if len(parts) == 4 and parts[3][:1] in ("k", "T"):
+        return parts[3]
+    keeps = [s["keep"] for s in (run.config or {}).get("stages", [])]
+    if keeps and all(k == keeps[0] for k in keeps):
+        return f"k{keeps[0]:g}" if isinstance(keeps[0], float) else f"k{keeps[0]}"
+    return "keeps " + ",".join(str(k) for k in keeps)
+
+
+def _task_for(run: Run):
+    from visroute.evaluation.tasks import build_task
+
+    spec = run.task_spec
+    return build_task(spec["task"], data=None, **spec.get("options", {}))
+
+
+def summarize(store: Store, seed: int = 0, samples: int = M.BOOTSTRAP_SAMPLES) -> dict[str, list[RunSummary]]:
+    """Per task label, the summary of every run (unrouted and blind first)."""
+    by_task: dict[str, list[Run]] = defaultdict(list)
+    for run in store.runs():
+        by_task[run.task].append(run)
+    out: dict[str, list[RunSummary]] = {}
+    for label, runs in by_task.items():
+        task = _task_for(runs[0])
+        rows = {r.run_id: {x.item_id: x for x in store.rows(r.run_id)} for r in runs}
+        base = next((r for r in runs if r.kind == "unrouted"), None)
+        blind = next((r for r in runs if r.kind == "blind"), None)
+        base_rows = rows[base.run_id] if base else {}
+        blind_rows = rows[blind.run_id] if blind else {}
+        summaries = []
+        for run in sorted(runs, key=lambda r: ({"unrouted": 0, "blind": 1}.get(r.kind, 2), r.run_id)):
+            rr = rows[run.run_id]
+            if not rr:
+                continue
+            ids = sorted(rr)
+            correct = [float(rr[i].correct) for i in ids]
+            clusters = [rr[i].metrics.get(task.cluster_key) for i in ids] if task.cluster_key else None
+            s = RunSummary(run, rr, float(np.mean(correct)),
+                           M.bootstrap_ci(correct, clusters=clusters, samples=samples, seed=seed))
+            s.task_metrics = task.aggregate([rr[i].metrics for i in ids])
+            needs_vision = [i for i in ids if i in blind_rows and not blind_rows[i].correct]
+            if needs_vision:
+                s.vision_required = float(np.mean([rr[i].correct for i in needs_vision]))
+            common = [i for i in ids if i in base_rows and i in blind_rows]
+            if common:
+                acc = np.mean([rr[i].correct for i in common])
+                s.gain_retained = M.visual_gain_retained(
+                    acc, np.mean([base_rows[i].correct for i in common]), np.mean([blind_rows[i].correct for i in common]))
+            s.avg_T = _mean([rr[i].avg_T for i in ids])
+            s.flops = _ratio([rr[i].flops for i in ids], [rr[i].flops_unrouted for i in ids])
+            s.kv = _ratio([rr[i].kv_entries for i in ids], [rr[i].kv_unrouted for i in ids])
+            s.seconds = _mean([rr[i].seconds for i in ids])
+            summaries.append(s)
+        out[label] = summaries
+    return out
+
+
+def _mean(vals) -> float | None:
+    v = [x for x in vals if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _ratio(num, den) -> float | None:
+    pairs = [(a, b) for a, b in zip(num, den) if a is not None and b]
+    return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else None
+
+
+# ---- comparisons -------------------------------------------------------------------------------------------
+def reroute_vs_prune(summaries: list[RunSummary], seed: int = 0) -> list[dict[str, Any]]:
+    """Pairs of runs that differ only in the action: reroute - prune accuracy on their common items, with the
+    paired-bootstrap interval. Equal schedules give equal avg_T (reported for both)."""
+    def key(s: RunSummary):
+        c = s.config
+        return (c["scorer"], str(c["stages"]), str(c.get("scorer_options"))) if c else None
+
+    prune = {key(s): s for s in summaries if s.config and s.config["action"] == "prune"}
+    out = []
+    for s in summaries:
+        if not s.config or s.config["action"] != "reroute" or key(s) not in prune:
+            continue
+        p = prune[key(s)]
+        common = sorted(set(s.rows) & set(p.rows))
+        diff, lo, hi = M.paired_bootstrap_diff([s.rows[i].correct for i in common], [p.rows[i].correct for i in common],
+                                               seed=seed)
+        out.append({"reroute": s.name, "prune": p.name, "n": len(common), "diff": diff, "low": lo, "high": hi,
+                    "avg_T_reroute": s.avg_T, "avg_T_prune": p.avg_T})
+    return out
+
+
+def information_horizon(summaries: list[RunSummary]) -> dict[str, int | None]:
+    """Per budget: the first stage layer from which random selection stays within 2 points of the best signal
+    (the best non-control scorer) at that layer and every deeper one; None when it never does."""
+    acc: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for s in summaries:
+        st = s.single_stage()
+        if st and st[0] == "prune":
+            acc[st[3]][st[2]][st[1]] = s.accuracy
+    out = {}
+    for budget, layers in acc.items():
+        ok = {}
+        for layer, by in layers.items():
+            signals = [v for k, v in by.items() if k not in CONTROLS]
+            if "random" in by and signals:
+                ok[layer] = by["random"] >= max(signals) - HORIZON_POINTS
+        horizon = None
+        for layer in sorted(ok, reverse=True):
+            if not ok[layer]:
+                break
+            horizon = layer
+        if ok:
+            out[budget] = horizon
+    return out
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _legend(fig, axes) -> None:
+    """One legend for all panels, right of them (each label once)."""
+    seen: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def _refs(ax, summaries: list[RunSummary]) -> None:
+    for s in summaries:
+        if s.run.kind == "unrouted":
+            ax.axhline(s.accuracy, color="black", lw=1.2, label="unrouted")
+        elif s.run.kind == "blind":
+            ax.axhline(s.accuracy, color="grey", lw=1.2, ls=":", label="blind")
+
+
+def plot_accuracy_vs_layer(summaries: list[RunSummary], path: Path, title: str) -> bool:
+    groups: dict[str, dict[str, list[tuple[int, float, tuple]]]] = defaultdict(lambda: defaultdict(list))
+    for s in summaries:
+        st = s.single_stage()
+        if st and st[0] == "prune":
+            groups[st[3]][st[1]].append((st[2], s.accuracy, s.ci))
+    if not groups:
+        return False
+    plt = _plt()
+    budgets = sorted(groups)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
+    for ax, budget in zip(axes[0], budgets):
+        _refs(ax, summaries)
+        for scorer, pts in sorted(groups[budget].items()):
+            pts.sort()
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            style = dict(ls="--", lw=1.6) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
+            ax.plot(x, y, label=scorer, **style)
+        ax.set_title(f"{title}: prune, {budget}")
+        ax.set_xlabel("stage layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    _legend(fig, axes)
+    _save(fig, path)
+    return True
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats with a lower-or-equal avg_T and a higher accuracy, by avg_T."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(summaries: list[RunSummary], path: Path, title: str) -> bool:
+    pts = [(s.avg_T, s.accuracy, s) for s in summaries if s.avg_T is not None and s.run.kind != "blind"]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _refs(ax, summaries)
+    by_scorer = defaultdict(list)
+    for x, y, s in pts:
+        by_scorer[(s.config or {}).get("scorer", s.name)].append((x, y))
+    for scorer, p in sorted(by_scorer.items()):
+        ax.scatter([a for a, _ in p], [b for _, b in p], s=14, label=scorer)
+    front = pareto_front([(x, y) for x, y, _ in pts])
+    ax.step([a for a, _ in front], [b for _, b in front], where="post", color="black", lw=0.8, alpha=0.6,
+            label="Pareto front")
+    ax.set_xlabel("avg_T (visual tokens per decoder layer)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}: accuracy against avg_T")
+    ax.grid(alpha=0.3)
+    _legend(fig, ax)
+    _save(fig, path)
+    return True
+
+
+def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
+    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    hops = 1
+    for s in summaries:
+        st, rec = s.single_stage(), s.recall()
+        if st and st[0] == "prune" and rec:
+            groups[st[3]][st[1]].append((st[2], rec[0]))
+            hops = max(hops, len(rec[0]))
+    if not groups:
+        return False
+    plt = _plt()
+    budgets = sorted(groups)
+    fig, axes = plt.subplots(hops, len(budgets), figsize=(4.6 * len(budgets), 3.4 * hops), squeeze=False,
+                             sharey=True)
+    for j, budget in enumerate(budgets):
+        for h in range(hops):
+            ax = axes[h][j]
+            for scorer, pts in sorted(groups[budget].items()):
+                pts = sorted((x, r[h]) for x, r in pts if len(r) > h and r[h] is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=scorer,
+                            ls="--" if scorer in CONTROLS else "-", marker=None if scorer in CONTROLS else "o", ms=3)
+            ax.set_title(f"{title}: {budget}" + (f", hop {h + 1}" if hops > 1 else ""))
+            ax.set_xlabel("stage layer")
+            ax.grid(alpha=0.3)
+        axes[h][0].set_ylabel("retention recall")
+    _legend(fig, axes)
+    _save(fig, path)
+    return True
+
+
+def plot_differences(diffs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    if not diffs:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.35 * len(diffs)))
+    y = np.arange(len(diffs))
+    d = np.array([r["diff"] for r in diffs])
+    err = np.array([[r["diff"] - r["low"] for r in diffs], [r["high"] - r["diff"] for r in diffs]])
+    ax.errorbar(d, y, xerr=err, fmt="o", color="tab:blue", capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [r["reroute"].replace("reroute/", "") for r in diffs], fontsize=7)
+    ax.set_xlabel("accuracy: reroute - prune (95% paired interval)")
+    ax.set_title(f"{title}: reroute - prune at equal avg_T")
+    _save(fig, path)
+    return True
+
+
+# ---- report.md ---------------------------------------------------------------------------------------------
+def _f(v: float | None, fmt: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _table(summaries: list[RunSummary], expected: int) -> list[str]:
+    extra: list[str] = []
+    for s in summaries:
+        task = _task_for(s.run)
+        extra = [m for m in task.headline if any(m in x.task_metrics for x in summaries)] or extra
+        break
+    head = ["config", "n", "accuracy [95% CI]", "vision-req.", "gain ret.", *extra, "avg_T", "FLOPs", "K/V", "s/item"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        n = f"{len(s.rows)}" + ("" if len(s.rows) >= expected else f" of {expected}")
+        cells = [s.name, n, f"{s.accuracy:.3f} [{s.ci[0]:.3f}, {s.ci[1]:.3f}]", _f(s.vision_required),
+                 _f(s.gain_retained), *[_f(s.task_metrics.get(m), ".3f" if "ratio" in m or m in ("f1", "iou", "center_acc")
+                                          else ".1f") for m in extra],
+                 _f(s.avg_T, ".1f"), _f(s.flops, ".2f"), _f(s.kv, ".2f"), _f(s.seconds, ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """Write `report.md` and the PNG plots of every task in database `db` into folder `out`; returns the
+    report's path."""
+    store = Store(db)
+    try:
+        all_summaries = summarize(store, seed=seed)
+        identity = store.identity
+    finally:
+        store.close()
+    if not all_summaries:
+        raise ValueError(f"{db} holds no results yet")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = identity.get("model", {})
+    lines = [f"# Study report: grid `{identity.get('grid')}` (version {identity.get('version')})", "",
+             f"Model `{model.get('path')}` ({model.get('dtype')}). accuracy: share correct, with a 95% bootstrap "
+             "interval over items; vision-req.: accuracy on the items the blind control (the image removed) gets "
+             "wrong; gain ret.: visual gain retained, (acc - acc(blind)) / (acc(unrouted) - acc(blind)); avg_T: "
+             "visual tokens per decoder layer; FLOPs and K/V: decoder prefill FLOPs and cached K/V entries relative "
+             "to the unrouted prompt; s/item: generation time per item.", ""]
+    for label, summaries in all_summaries.items():
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        expected = max(len(s.rows) for s in summaries)
+        lines += [f"## {label}", ""]
+        blind = next((s for s in summaries if s.run.kind == "blind"), None)
+        if blind:
+            lines += [f"Blind-solvable: {sum(r.correct for r in blind.rows.values())} of {len(blind.rows)} items "
+                      f"are answered right without the image.", ""]
+        lines += _table(summaries, expected) + [""]
+        for name, fn, caption in (("accuracy_vs_layer", plot_accuracy_vs_layer, "Accuracy against the stage layer"),
+                                  ("pareto", plot_pareto, "Accuracy against avg_T"),
+                                  ("recall_vs_layer", plot_recall, "Retention recall against the stage layer")):
+            png = out / f"{safe}_{name}.png"
+            if fn(summaries, png, label):
+                lines += [f"{caption}:", "", f"![{caption}]({png.name})", ""]
+        diffs = reroute_vs_prune(summaries, seed=seed)
+        if diffs:
+            lines += ["Reroute - prune at equal avg_T (paired bootstrap, 95%):", "",
+                      "| reroute | prune | n | difference [95% CI] | avg_T |", "|---|---|---|---|---|"]
+            lines += [f"| {d['reroute']} | {d['prune']} | {d['n']} | {d['diff']:+.3f} [{d['low']:+.3f}, "
+                      f"{d['high']:+.3f}] | {_f(d['avg_T_reroute'], '.1f')} |" for d in diffs]
+            png = out / f"{safe}_reroute_minus_prune.png"
+            plot_differences(diffs, png, label)
+            lines += ["", f"![reroute - prune]({png.name})", ""]
+        horizon = information_horizon(summaries)
+        if horizon:
+            lines += ["Information horizon (first stage layer from which random stays within 2 points of the best "
+                      "signal): " + "; ".join(f"{b}: {'-' if h is None else f'layer {h}'}"
+                                              for b, h in sorted(horizon.items())), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,343 @@
+"""The sweep runner: load the model once, then run the unrouted model, the blind control and every config of a
+grid on every task, writing one row per (config, task, item) to the results database.
+
+Work goes batch by batch: a batch of items is processed once (the processor's image work is shared by all
+configs) and then generated under each config that still lacks rows for it, with batched greedy decoding over
+left-padded prompts. Per item it records the prediction and the task's metric values, avg_T (the mean over
+decoder layers of the visual tokens active in that layer), the K/V entries cached after prefill and the
+decoder's prefill FLOPs (both also for the unrouted prompt), the retention recall of every stage for every
+hop (the share of the hop's relevant visual tokens active in that stage), and its share of the batch's time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visroute.evaluation.grid import Grid, ModelSpec
+from visroute.evaluation.parallel import Context, context
+from visroute.evaluation.store import Row, Store
+from visroute.evaluation.tasks.base import Task, TaskItem
+
+BLIND, UNROUTED = "blind", "unrouted"
+
+
+# ---- the model -----------------------------------------------------------------------------------------------
+def load_model(spec: ModelSpec, device: torch.device | None = None):
+    """(model, processor) for a grid's model section; "testbed" is the shipped testbed checkpoint. `device`
+    (a data-parallel process's own device) overrides the grid's device and device_map."""
+    from visroute.loading import dtype_of
+
+    dtype = dtype_of(spec.dtype)
+    target = device or (torch.device(spec.device) if spec.device else None)
+    if spec.path == "testbed":
+        from visroute.testbed import load_model as load_testbed
+
+        model, processor = load_testbed(dtype=dtype)
+        if target is not None:
+            model = model.to(target)
+    else:
+        from visroute.loading import load_model as load_pretrained
+
+        if not Path(spec.path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"model {spec.path!r}: no such folder, and the hub is offline")
+        model, processor = load_pretrained(spec.path, dtype, device=None if target is None else str(target),
+                                           device_map=None if device is not None else spec.device_map)
+    tok = getattr(processor, "tokenizer", processor)
+    tok.padding_side = "left"  # batched greedy generation continues every prompt from its last token
+    return model, processor
+
+
+def default_box_frame(spec: ModelSpec) -> str | None:
+    return spec.box_frame or ("grid" if spec.path == "testbed" else None)
+
+
+def environment(ctx: Context) -> tuple[dict, dict]:
+    """(package versions, hardware) recorded with every run."""
+    import transformers
+
+    import visroute
+
+    versions = {"visroute": getattr(visroute, "__version__", "?"), "torch": torch.__version__,
+                "transformers": transformers.__version__, "python": platform.python_version()}
+    hardware = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": ctx.world_size,
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return versions, hardware
+
+
+def config_hash(config: dict | None, kind: str) -> str:
+    if config is None:
+        return kind
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- per-item accounting -------------------------------------------------------------------------------------
+def _layer_flops(text_config):
+    from visroute.accounting import DecoderDims
+
+    dims = DecoderDims.from_config(text_config)
+    cache: dict[int, int] = {}
+
+    def flops(n: int) -> int:
+        if n not in cache:
+            cache[n] = dims.layer_flops(n)
+        return cache[n]
+
+    return flops
+
+
+@dataclass
+class Batch:
+    """A batch of one task's items, processed once: prompts with the image, and (built on demand) without."""
+
+    items: list[TaskItem]
+    images: list[list]
+    inputs: dict[str, Any]
+    frames: list[list]  # per item, one ImageFrame per image
+    num_visual: list[int]
+    relevant: list[list[list[int]] | None]  # per item, per hop, visual-token indices
+    blind_inputs: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    """One (name, kind, config) on one task, with the item ids it still lacks."""
+
+    name: str
+    kind: str
+    config: Any  # RoutingConfig or None
+    run_id: int
+    pending: set[str] = field(default_factory=set)
+
+
+class Runner:
+    """Runs a grid into a database: `Runner(grid, db).run()`."""
+
+    def __init__(self, grid: Grid, db: str | Path, *, limit: int | None = None, progress: bool = True,
+                 ctx: Context | None = None, model=None, processor=None):
+        self.grid = grid
+        self.db = Path(db)
+        self.limit = limit
+        self.progress = progress
+        self.ctx = ctx or context()
+        self.model, self.processor = model, processor
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {limit}")
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def _tasks(self) -> list[tuple[str, Task, list[TaskItem]]]:
+        out = []
+        for spec in self.grid.tasks:
+            task = spec.build()
+            if self.limit is not None:
+                task.limit = self.limit if task.limit is None else min(task.limit, self.limit)
+            items = task.items()
+            if not items:
+                raise ValueError(f"task {spec.label!r} has no items")
+            out.append((spec.label, task, items))
+        return out
+
+    def _configs(self, tasks) -> list[tuple[str, Any]]:
+        from visroute.families import adapter_for
+
+        num_layers = adapter_for(self.model).num_layers
+        num_visual = None
+        if any(c.needs_num_visual() for c in self.grid.configs):
+            _, task, items = tasks[0]
+            num_visual = self._batch(task, items[:1]).num_visual[0]
+        out, seen = [], {}
+        for spec in self.grid.configs:
+            cfg = spec.resolve(num_layers, num_visual)
+            key = json.dumps(cfg.to_dict(), sort_keys=True)
+            if key in seen:
+                self._say(f"config {spec.name!r} is {seen[key]!r} on this model; it runs once, as {seen[key]!r}")
+                continue
+            seen[key] = spec.name
+            out.append((spec.name, cfg))
+        return out
+
+    def _say(self, text: str) -> None:
+        if self.ctx.is_main:
+            print(text, file=sys.stderr)
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def _device_inputs(self, inputs) -> dict[str, Any]:
+        dev = self.model.device
+        dtype = self.model.dtype
+        out = {}
+        for k, v in dict(inputs).items():
+            if torch.is_tensor(v):
+                v = v.to(dev, dtype=dtype) if v.is_floating_point() else v.to(dev)
+            out[k] = v
+        return out
+
+    def _batch(self, task: Task, items: list[TaskItem]) -> Batch:
+        images = [it.images() for it in items]
+        texts = [self.adapter.prompt(task.text(it), len(im), self.processor) for it, im in zip(items, images)]
+        flat = [im for ims in images for im in ims]
+        if flat:
+            inputs = self.processor(images=flat, text=texts, padding=True, return_tensors="pt")
+            frames_flat = self.adapter.image_frames(self.processor, flat, dict(inputs), box_frame=self.box_frame)
+        else:
+            inputs = self.processor(text=texts, padding=True, return_tensors="pt")
+            frames_flat = []
+        frames, relevant, counts, k = [], [], [], 0
+        for it, ims in zip(items, images):
+            fr = frames_flat[k:k + len(ims)]
+            k += len(ims)
+            frames.append(fr)
+            counts.append(sum(f.rows * f.cols for f in fr))
+            regions = it.relevance_regions
+            if regions is None or not fr:
+                relevant.append(None)
+            else:
+                relevant.append([sorted({t for box in hop for t in fr[0].tokens_of(box)}) for hop in regions])
+        return Batch(items, images, self._device_inputs(inputs), frames, counts, relevant)
+
+    def _blind_inputs(self, task: Task, batch: Batch) -> dict[str, Any]:
+        if batch.blind_inputs is None:
+            texts = [self.adapter.prompt(task.text(it), 0, self.processor) for it in batch.items]
+            batch.blind_inputs = self._device_inputs(self.processor(text=texts, padding=True, return_tensors="pt"))
+        return batch.blind_inputs
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, dict[str, int]]:
+        """Run everything still missing; returns {task: {run name: rows written by this process}}."""
+        from tqdm.auto import tqdm
+
+        from visroute.families import adapter_for
+        from visroute.scoring import get_scorer_class
+
+        store = Store(self.db, self.grid.identity())
+        tasks = self._tasks()
+        if self.model is None:
+            self.model, self.processor = load_model(self.grid.model, self.ctx.device)
+        self.model.eval()
+        self.adapter = adapter_for(self.model)
+        self.box_frame = default_box_frame(self.grid.model)
+        self.flops = _layer_flops(self.adapter.text_config)
+        configs = self._configs(tasks)
+        versions, hardware = environment(self.ctx)
+
+        plan = []
+        for label, task, items in tasks:
+            mine = self.ctx.share(items)
+            ids = {it.id for it in mine}
+            jobs = []
+            for name, kind, cfg in [(UNROUTED, UNROUTED, None), (BLIND, BLIND, None)] + \
+                    [(n, "routed", c) for n, c in configs]:
+                if cfg is not None and "relevance" in get_scorer_class(cfg.scorer).call_inputs and \
+                        any(it.relevance_regions is None for it in items):
+                    self._say(f"{name}: skipped on {label!r}: its scorer needs each item's relevance, which "
+                              f"{task.name!r} items do not carry")
+                    continue
+                d = None if cfg is None else cfg.to_dict()
+                run = store.run(name, kind, label, task.hash(), task.identity(), d, config_hash(d, kind),
+                                self.grid.model.path, versions, hardware)
+                jobs.append(Job(name, kind, cfg, run.run_id, ids - store.done(run.run_id)))
+            plan.append((label, task, mine, jobs))
+
+        written: dict[str, dict[str, int]] = {}
+        total = sum(len(j.pending) for *_, jobs in plan for j in jobs)
+        bar = tqdm(total=total, desc="study", unit="item", disable=not (self.progress and self.ctx.is_main),
+                   dynamic_ncols=True)
+        try:
+            for label, task, mine, jobs in plan:
+                written[label] = {j.name: 0 for j in jobs}
+                todo = [it for it in mine if any(it.id in j.pending for j in jobs)]
+                bs = self.grid.model.batch_size
+                for start in range(0, len(todo), bs):
+                    chunk = todo[start:start + bs]
+                    batch = self._batch(task, chunk)
+                    for job in jobs:
+                        want = [i for i, it in enumerate(chunk) if it.id in job.pending]
+                        if not want:
+                            continue
+                        sub = batch if len(want) == len(chunk) else self._batch(task, [chunk[i] for i in want])
+                        bar.set_postfix_str(f"{label}: {job.name}", refresh=False)
+                        rows = self._run_job(task, job, sub)
+                        store.add(job.run_id, rows)
+                        job.pending -= {r.item_id for r in rows}
+                        written[label][job.name] += len(rows)
+                        bar.update(len(rows))
+        finally:
+            bar.close()
+            store.close()
+        self.ctx.wait()
+        return written
+
+    def _run_job(self, task: Task, job: Job, batch: Batch) -> list[Row]:
+        from visroute import apply_routing
+
+        blind = job.kind == BLIND
+        inputs = self._blind_inputs(task, batch) if blind else batch.inputs
+        t0 = time.perf_counter()
+        record = None
+        gen = dict(max_new_tokens=task.max_new_tokens, do_sample=False,
+                   pad_token_id=getattr(getattr(self.processor, "tokenizer", self.processor), "pad_token_id", None))
+        with torch.no_grad():
+            if job.config is None:
+                out = self.model.generate(**inputs, **gen)
+            else:
+                options = {}
+                with apply_routing(self.model, job.config) as router:
+                    if "relevance" in router.call_inputs:
+                        options["relevance"] = [_relevance(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)]
+                    with router.call_options(**options):
+                        out = self.model.generate(**inputs, **gen)
+                    record = router.last_record
+        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        seconds = (time.perf_counter() - t0) / len(batch.items)
+        seq = inputs["attention_mask"].sum(1).tolist()
+        full_seq = batch.inputs["attention_mask"].sum(1).tolist()
+        layers = self.adapter.num_layers
+        rows = []
+        for b, (it, text) in enumerate(zip(batch.items, texts)):
+            prediction = text.strip()
+            frame = batch.frames[b][0] if batch.frames[b] else None
+            metrics = task.score(it, prediction, frame)
+            row = Row(item_id=it.id, prediction=prediction, correct=bool(metrics["correct"]), metrics=metrics,
+                      kv_unrouted=int(full_seq[b]) * layers, flops_unrouted=float(layers * self.flops(int(full_seq[b]))),
+                      seconds=seconds, rank=self.ctx.rank)
+            if record is not None:
+                row.avg_T = float(record.avg_visual_tokens[b])
+                row.kv_entries = int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None
+                row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
+                if batch.relevant[b] is not None:
+                    row.recall = [[_recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
+            else:
+                row.avg_T = 0.0 if blind else float(batch.num_visual[b])
+                row.kv_entries = int(seq[b]) * layers
+                row.flops = float(layers * self.flops(int(seq[b])))
+            rows.append(row)
+        return rows
+
+
+def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
+    """(num_visual,) 1 on the union of the hops' relevant tokens, else 0 (the oracle's per-call input)."""
+    r = torch.zeros(num_visual)
+    if hops:
+        idx = sorted({t for h in hops for t in h})
+        if idx:
+            r[idx] = 1.0
+    return r
+
+
+def _recall(active_row: torch.Tensor, tokens: list[int]) -> float | None:
+    if not tokens:
+        return None
+    return float(active_row[tokens].float().mean())
+
+
+def run_grid(grid: Grid, db: str | Path, **kwargs) -> dict[str, dict[str, int]]:
+    """Run `grid` into the database `db` (see `Runner`)."""
+    return Runner(grid, db, **kwargs).run()

@@ -1,0 +1,209 @@
+"""The results database (SQLite).
+
+Tables:
+  meta    key -> value: the schema version and the identity of the grid that wrote the database (its name,
+          version and model); a database written by another grid identity is refused, never mixed.
+  runs    one row per (config, task): the config (JSON) and its hash, the kind (unrouted / blind / routed), the
+          task and its hash (name, data, options), the model, package versions and hardware.
+  results one row per (run, item): prediction, correctness, the task's metric values (JSON), avg_T, K/V
+          entries (routed and unrouted), decoder prefill FLOPs (routed and unrouted), retention recall per
+          stage and hop (JSON), seconds, the process rank that wrote it.
+
+Writes go through one transaction per batch in WAL mode, and (run, item) is the primary key: a process killed at
+any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    task TEXT NOT NULL,
+    task_hash TEXT NOT NULL,
+    task_json TEXT NOT NULL,
+    config_json TEXT,
+    config_hash TEXT NOT NULL,
+    model TEXT NOT NULL,
+    versions_json TEXT NOT NULL,
+    hardware_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (task, name)
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id INTEGER NOT NULL REFERENCES runs (run_id),
+    item_id TEXT NOT NULL,
+    prediction TEXT NOT NULL,
+    correct INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    avg_T REAL,
+    kv_entries INTEGER,
+    kv_unrouted INTEGER,
+    flops REAL,
+    flops_unrouted REAL,
+    recall_json TEXT,
+    seconds REAL NOT NULL,
+    rank INTEGER NOT NULL,
+    PRIMARY KEY (run_id, item_id)
+);
+"""
+
+
+@dataclass
+class Run:
+    run_id: int
+    name: str
+    kind: str
+    task: str
+    task_hash: str
+    task_spec: dict[str, Any]
+    config: dict[str, Any] | None
+    config_hash: str
+    model: str
+
+
+@dataclass
+class Row:
+    """One (run, item) result."""
+
+    item_id: str
+    prediction: str
+    correct: bool
+    metrics: dict[str, Any]
+    avg_T: float | None = None
+    kv_entries: int | None = None
+    kv_unrouted: int | None = None
+    flops: float | None = None
+    flops_unrouted: float | None = None
+    recall: list[list[float | None]] | None = None  # [stage][hop]
+    seconds: float = 0.0
+    rank: int = 0
+
+
+class Store:
+    """A results database. `Store(path, identity)` binds a new database to `identity` (a JSON-able dict) and
+    refuses one bound to another; `Store(path)` opens an existing one to read."""
+
+    def __init__(self, path: str | Path, identity: dict[str, Any] | None = None, timeout: float = 120.0):
+        self.path = Path(path)
+        if identity is None and not self.path.exists():
+            raise FileNotFoundError(f"no results database at {self.path}")
+        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        with self.transaction():
+            for statement in _SCHEMA.split(";"):  # executescript would commit the open transaction
+                if statement.strip():
+                    self.conn.execute(statement)
+            self._bind(identity)
+
+    # ---- binding -------------------------------------------------------------------------------------------
+    def _bind(self, identity: dict[str, Any] | None) -> None:
+        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        if not meta:
+            if identity is None:
+                raise ValueError(f"{self.path} is not a visroute results database")
+            self.conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema", str(SCHEMA_VERSION)), ("identity", json.dumps(identity, sort_keys=True))])
+            meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        if int(meta.get("schema", -1)) != SCHEMA_VERSION:
+            raise ValueError(f"{self.path} has results schema {meta.get('schema')}; this visroute writes schema "
+                             f"{SCHEMA_VERSION}. Use another --db")
+        self.identity = json.loads(meta["identity"])
+        if identity is not None and self.identity != json.loads(json.dumps(identity)):
+            raise ValueError(
+                f"{self.path} holds results of another grid ({_describe(self.identity)}), not of this one "
+                f"({_describe(identity)}); results are never mixed: use another --db")
+
+    def transaction(self):
+        return _Transaction(self.conn)
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+    def run(self, name: str, kind: str, task: str, task_hash: str, task_spec: dict, config: dict | None,
+            config_hash: str, model: str, versions: dict, hardware: dict) -> Run:
+        """The run of (task, name), created if new. A name whose config or task changed since it was run is
+        refused (its old rows would be mixed with new ones)."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO runs (name, kind, task, task_hash, task_json, config_json, config_hash, model,"
+                " versions_json, hardware_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, kind, task, task_hash, json.dumps(task_spec, sort_keys=True),
+                 None if config is None else json.dumps(config, sort_keys=True), config_hash, model,
+                 json.dumps(versions, sort_keys=True), json.dumps(hardware, sort_keys=True), time.time()))
+            run = self._run_where("task = ? AND name = ?", (task, name))[0]
+        if run.config_hash != config_hash:
+            raise ValueError(f"config {name!r} on task {task!r} differs from the one this database ran under that "
+                             f"name ({run.config}); rename it or use another --db")
+        if run.task_hash != task_hash:
+            raise ValueError(f"task {task!r} (its data or options) differs from the one this database ran "
+                             f"({run.task_spec}); give it another name or use another --db")
+        return run
+
+    def _run_where(self, where: str, args: tuple = ()) -> list[Run]:
+        rows = self.conn.execute(
+            "SELECT run_id, name, kind, task, task_hash, task_json, config_json, config_hash, model FROM runs"
+            f" WHERE {where} ORDER BY run_id", args).fetchall()
+        return [Run(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), None if r[6] is None else json.loads(r[6]),
+                    r[7], r[8]) for r in rows]
+
+    def runs(self) -> list[Run]:
+        return self._run_where("1")
+
+    def done(self, run_id: int) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT item_id FROM results WHERE run_id = ?", (run_id,))}
+
+    def counts(self) -> dict[int, int]:
+        return dict(self.conn.execute("SELECT run_id, COUNT(*) FROM results GROUP BY run_id").fetchall())
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def add(self, run_id: int, rows: Iterable[Row]) -> None:
+        """Insert a batch of rows in one transaction (a row already present is an error, not a duplicate)."""
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, r.item_id, r.prediction, int(bool(r.correct)), json.dumps(r.metrics), r.avg_T,
+                  r.kv_entries, r.kv_unrouted, r.flops, r.flops_unrouted,
+                  None if r.recall is None else json.dumps(r.recall), r.seconds, r.rank) for r in rows])
+
+    def rows(self, run_id: int) -> list[Row]:
+        out = []
+        for r in self.conn.execute(
+                "SELECT item_id, prediction, correct, metrics_json, avg_T, kv_entries, kv_unrouted, flops,"
+                " flops_unrouted, recall_json, seconds, rank FROM results WHERE run_id = ? ORDER BY item_id",
+                (run_id,)):
+            out.append(Row(r[0], r[1], bool(r[2]), json.loads(r[3]), r[4], r[5], r[6], r[7], r[8],
+                           None if r[9] is None else json.loads(r[9]), r[10], r[11]))
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _describe(identity: dict) -> str:
+    model = identity.get("model", {})
+    return f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.get('path')!r}"
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): writers queue on the database lock instead of failing."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

@@ -1,0 +1,209 @@
+"""What a task is: it reads local files into `TaskItem`s, poses each item's question and scores an answer.
+
+A task class sets `name`, `description`, `instruction` (appended to every question), `max_new_tokens`,
+`options` (name -> (default, help), settable from a grid) and `data_keys` (the paths it reads: "data" for the
+main file, others such as GQA's "images"), and implements `load` (the items) and `score` (one answer). The
+metric values `score` returns are stored per item; `aggregate` turns the stored values of a run into the task's
+metrics, so a report needs the database only."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from visroute.evaluation import metrics as M
+
+
+@dataclass
+class TaskItem:
+    """One question of a task.
+
+    id:        unique within the task (stable across runs: resuming and pairing rely on it).
+    question:  the question as the benchmark poses it (the task adds its answer instruction).
+    answers:   reference answers (any one counts).
+    kind:      "short" (a word or phrase), "yesno", "box", "choice" or "count".
+    box:       for box answers: the true box, normalised (x1, y1, x2, y2) of the first image.
+    hops:      relevance, when the task knows it: per hop, the regions of the first image (normalised boxes)
+               that hold what the question needs; the runner maps them to visual tokens with the model's
+               `ImageFrame.tokens_of`. Box tasks default to one hop, the true box.
+    meta:      what `score` and `aggregate` read besides the answer (category, image id, ...).
+    images:    a function returning the item's PIL images (read only when the item is run)."""
+
+    id: str
+    question: str
+    answers: list[str]
+    kind: str = "short"
+    box: list[float] | None = None
+    hops: list[list[list[float]]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    images: Callable[[], list[Image.Image]] = field(default=lambda: [], repr=False)
+
+    @property
+    def relevance_regions(self) -> list[list[list[float]]] | None:
+        if self.hops is not None:
+            return self.hops
+        return [[self.box]] if self.box is not None else None
+
+
+class Task:
+    """Base class of tasks. `Task(data={"data": path, ...}, limit=None, **options)`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    instruction: ClassVar[str] = ""
+    max_new_tokens: ClassVar[int] = 16
+    options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    data_keys: ClassVar[tuple[str, ...]] = ("data",)
+    required_keys: ClassVar[tuple[str, ...]] = ("data",)
+    cluster_key: ClassVar[str | None] = None  # a meta field whose items are resampled together
+    headline: ClassVar[tuple[str, ...]] = ()  # aggregate metrics the report tables show beside accuracy
+
+    def __init__(self, data: dict[str, str] | str | None = None, limit: int | None = None, **options: Any):
+        if isinstance(data, (str, Path)):
+            data = {"data": str(data)}
+        self.data = {k: str(v) for k, v in (data or {}).items()}
+        unknown = sorted(set(self.data) - set(self.data_keys))
+        if unknown:
+            raise ValueError(f"task {self.name!r} reads no data {unknown}; its data keys: {', '.join(self.data_keys)}")
+        bad = sorted(set(options) - set(self.options) - {"instruction", "max_new_tokens"})
+        if bad:
+            known = ", ".join(sorted(set(self.options) | {"instruction", "max_new_tokens"}))
+            raise ValueError(f"task {self.name!r} has no option {bad[0]!r}; its options: {known}")
+        self.opts = {k: v for k, (v, _) in self.options.items()}
+        self.opts.update(options)
+        self.instruction = options.get("instruction", type(self).instruction)
+        self.max_new_tokens = int(options.get("max_new_tokens", type(self).max_new_tokens))
+        if limit is not None and limit < 1:
+            raise ValueError(f"task {self.name!r}: limit must be at least 1, got {limit}")
+        self.limit = limit
+
+    # ---- identity ------------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs of this task comparable: its name, data and options (not the limit: a larger
+        limit adds items to the same runs)."""
+        return {"task": self.name, "data": self.data, "options": self.opts, "instruction": self.instruction,
+                "max_new_tokens": self.max_new_tokens}
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # ---- items ---------------------------------------------------------------------------------------------
+    def path(self, key: str = "data") -> Path:
+        """The path given for `key`, checked to exist."""
+        if key not in self.data:
+            raise ValueError(f"task {self.name!r} needs a {key!r} path (grid `data:` or --data {self.name}.{key}=PATH)"
+                             if key != "data" else
+                             f"task {self.name!r} needs a data path (grid `data:` or --data {self.name}=PATH)")
+        p = Path(self.data[key]).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"task {self.name!r}: {key} path {p} does not exist")
+        return p
+
+    def items(self) -> list[TaskItem]:
+        """The task's items (the first `limit`), ids checked unique."""
+        for key in self.required_keys:
+            self.path(key)
+        out = self.load(self.limit)
+        if self.limit is not None:
+            out = out[: self.limit]
+        seen: set[str] = set()
+        for it in out:
+            if it.id in seen:
+                raise ValueError(f"task {self.name!r}: item id {it.id!r} occurs twice")
+            seen.add(it.id)
+        return out
+
+    def load(self, limit: int | None) -> list[TaskItem]:
+        raise NotImplementedError
+
+    def text(self, item: TaskItem) -> str:
+        """The question as the model sees it: the question, then the answer instruction."""
+        return item.question + self.instruction
+
+    # ---- scoring -------------------------------------------------------------------------------------------
+    def score(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:
+        """Metric values of one answer; always holds "correct". `frame` is the first image's `ImageFrame`
+        (converts box answers from the model's frame), None for items without images."""
+        raise NotImplementedError
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Task metrics from the stored per-item values of one run (default: accuracy)."""
+        return {"accuracy": float(np.mean([r["correct"] for r in rows])) if rows else float("nan")}
+
+    # ---- shared scoring helpers ----------------------------------------------------------------------------
+    def score_box(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:
+        """IoU of the answer's box (converted from the model's answer frame) with the true box; correct at
+        IoU >= 0.5. An answer without a box scores IoU 0."""
+        from visroute.evaluation.boxes import box_iou, center_inside, parse_box
+
+        box = parse_box(prediction)
+        if box is None or frame is None:
+            return {"correct": False, "iou": 0.0, "center": False, "box": None}
+        pred = [float(v) for v in frame.from_answer(box)]
+        iou = box_iou(pred, item.box)
+        return {"correct": iou >= 0.5 - M.IOU_TOLERANCE, "iou": iou, "center": center_inside(pred, item.box),
+                "box": [round(v, 6) for v in pred]}
+
+
+# ---- reading the public layouts ----------------------------------------------------------------------------------
+def read_table(path: Path, task: str, columns: tuple[str, ...], split: str | None = None):
+    """A `datasets.Dataset` from a Parquet file, a JSON / JSONL file, or a `save_to_disk` folder (a
+    `DatasetDict` takes `split`, or its only split). Raises naming the missing columns."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            names = list(ds)
+            if split is None and len(names) != 1:
+                raise ValueError(f"task {task!r}: {path} holds the splits {names}; choose one with the option split")
+            if split is not None and split not in ds:
+                raise ValueError(f"task {task!r}: {path} has no split {split!r}; its splits: {names}")
+            ds = ds[split or names[0]]
+    else:
+        suffix = path.suffix.lower()
+        builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(suffix)
+        if builder is None:
+            raise ValueError(f"task {task!r}: cannot read {path}: expected .parquet, .json, .jsonl or a "
+                             f"datasets folder")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"task {task!r}: {path} lacks the column(s) {', '.join(missing)} "
+                         f"(it has {', '.join(ds.column_names)})")
+    return ds
+
+
+def to_image(value: Any, root: Path) -> Image.Image:
+    """A PIL image from what a data file holds: an image, a path (relative to the file), or {"bytes", "path"}."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        value = value.get("path")
+    if isinstance(value, str):
+        p = Path(value) if Path(value).is_absolute() else root / value
+        if not p.exists():
+            raise FileNotFoundError(f"image {p} does not exist")
+        return Image.open(p).convert("RGB")
+    raise ValueError(f"cannot read an image from a {type(value).__name__}")
+
+
+def row_images(ds, index: int, column: str, root: Path) -> Callable[[], list[Image.Image]]:
+    """A loader of row `index`'s image (decoded only when called)."""
+    return lambda: [to_image(ds[index][column], root)]
+
+
+def plain_rows(ds, exclude: tuple[str, ...] = ("image",)) -> list[dict[str, Any]]:
+    """The rows without their image columns (fast: images are not decoded)."""
+    keep = [c for c in ds.column_names if c not in exclude]
+    return ds.select_columns(keep).to_list()

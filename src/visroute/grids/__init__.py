@@ -1,0 +1,1 @@
+"""Grids shipped with visroute (YAML package data): `visroute study run where-to-prune --db results.sqlite`."""
