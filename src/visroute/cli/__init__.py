@@ -10,7 +10,7 @@ import sys
 
 from visroute.families import UnsupportedModelError
 
-COMMANDS = ("generate", "scorers", "bench", "demo", "testbed")
+COMMANDS = ("generate", "scorers", "bench", "demo", "testbed", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:
