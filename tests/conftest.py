@@ -11,64 +11,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and robust to a busy machine
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 
-from tiny import llava_batch, qwen_batch, tiny_llava, tiny_qwen  # noqa: E402
+from oracle import eager_copy  # noqa: E402
+from tiny import FAMILIES, TinyFamily  # noqa: E402
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]]
 
 
 class Family:
-    """A tiny model of one family with its padded batch of 3 different prompts."""
+    """A tiny model of one family (a row of `tiny.FAMILIES`) with its padded batch of 3 different prompts
+    (several images per sample; Qwen images of different sizes)."""
 
-    def __init__(self, name):
-        self.name = name
-        if name == "llava":
-            self.build = lambda attn="sdpa": tiny_llava(attn=attn)
-            self.image_token_id = 100
-        else:
-            version = "2.5" if name == "qwen2.5" else "2"
-            self.build = lambda attn="sdpa", v=version: tiny_qwen(v, attn=attn)
-            self.image_token_id = 110
-        self.model = self.build()
+    def __init__(self, row: TinyFamily):
+        self.row = row
+        self.name = row.name
+        self.image_token_id = row.image_token_id
+        self.build = row.build
+        self.model = row.build()
+        self._eager = None
+
+    @property
+    def eager(self):
+        """The same weights with eager attention (for the oracles), built once."""
+        if self._eager is None:
+            self._eager = eager_copy(self.model, self.build)
+        return self._eager
+
+    def images(self, n: int = len(PROMPTS)):
+        return self.row.images[:n]
 
     def batch(self, prompts=PROMPTS):
-        if self.name == "llava":
-            return llava_batch(self.model, prompts, [1, 2, 1][: len(prompts)])
-        grids = [[(8, 8)], [(4, 8), (8, 4)], [(8, 12)]]
-        return qwen_batch(self.model, prompts, grids[: len(prompts)])
+        return self.row.batch(self.model, prompts)
 
-    def single(self, i):
+    def single(self, i, prompts=PROMPTS):
         """Sample i of the batch, alone (no padding)."""
-        return _slice_llava(self, i) if self.name == "llava" else _slice_qwen(self, i)
+        return self.row.select(self.batch(prompts), self.images(len(prompts)), [i], strip_padding=True)
 
-
-def _slice_llava(fam, i):
-    full = fam.batch()
-    keep = full["attention_mask"][i].bool()
-    per = fam.model.config.image_seq_length
-    counts = [1, 2, 1]
-    start = sum(counts[:i])
-    return {
-        "input_ids": full["input_ids"][i][keep][None],
-        "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long),
-        "pixel_values": full["pixel_values"][start : start + counts[i]],
-    }
-
-
-def _slice_qwen(fam, i):
-    full = fam.batch()
-    keep = full["attention_mask"][i].bool()
-    grids = [[(8, 8)], [(4, 8), (8, 4)], [(8, 12)]]
-    patch_counts = [h * w for g in grids for h, w in g]
-    img_index = sum(len(g) for g in grids[:i])
-    start = sum(patch_counts[:img_index])
-    n = sum(patch_counts[img_index : img_index + len(grids[i])])
-    return {
-        "input_ids": full["input_ids"][i][keep][None],
-        "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long),
-        "mm_token_type_ids": full["mm_token_type_ids"][i][keep][None],
-        "pixel_values": full["pixel_values"][start : start + n],
-        "image_grid_thw": full["image_grid_thw"][img_index : img_index + len(grids[i])],
-    }
+    def select(self, inputs, rows, prompts=PROMPTS):
+        """Rows of the standard batch (repeats allowed), with their images."""
+        return self.row.select(inputs, self.images(len(prompts)), rows)
 
 
 _FAMILIES = {}
@@ -76,15 +56,36 @@ _FAMILIES = {}
 
 def family(name) -> Family:
     if name not in _FAMILIES:
-        _FAMILIES[name] = Family(name)
+        _FAMILIES[name] = Family(FAMILIES[name])
     return _FAMILIES[name]
 
 
-@pytest.fixture(params=["llava", "qwen2.5"])
+QUICK = [name for name, row in FAMILIES.items() if row.quick]
+EVERY = list(FAMILIES)
+
+
+@pytest.fixture(params=QUICK)
 def fam(request):
     return family(request.param)
 
 
-@pytest.fixture(params=["llava", "qwen2.5", "qwen2"])
+@pytest.fixture(params=EVERY)
 def any_fam(request):
     return family(request.param)
+
+
+@pytest.fixture(scope="session")
+def saved_llava(tmp_path_factory):
+    """A tiny LLaVA and its processor saved with save_pretrained, and an image file: (folder, image)."""
+    import numpy as np
+    from PIL import Image
+
+    from tiny import tiny_llava, tiny_llava_processor
+
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    model = tiny_llava()
+    model.save_pretrained(folder)
+    tiny_llava_processor(model).save_pretrained(folder)
+    image = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8")).save(image)
+    return folder, image

@@ -3,7 +3,10 @@ sequence with eager attention and explicit L x L masks (slow and obviously corre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from transformers import DynamicCache
 
 
 def eager_copy(model, builder):
@@ -35,23 +38,67 @@ def visual_positions(input_ids, token_id):
     return [row.eq(token_id).nonzero().flatten() for row in input_ids]
 
 
-def masked_forward(model, inputs, image_token_id, stages, action, capture_attn_layer=None):
-    """The masking oracle of DESIGN.md rules 2 and 3.
+def with_generated(inputs, generated):
+    """`inputs` followed by `generated` (B, T) text tokens: ids appended, attention mask and token types
+    extended (generated tokens are text, never padding)."""
+    out = dict(inputs)
+    b, t = generated.shape
+    out["input_ids"] = torch.cat([inputs["input_ids"], generated], 1)
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+    out["attention_mask"] = torch.cat([mask, torch.ones(b, t, dtype=torch.long)], 1)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(b, t, dtype=torch.long)], 1)
+    return out
 
-    stages: list of (layer, active) with active a (B, Nv) bool tensor of the visual tokens active from that layer.
-    From each stage layer on, inactive visual tokens are masked out as keys for every query; under reroute
-    their layer output is also replaced by their layer input (residual bypass).
-    Returns (logits (B, L, V), attention probs of `capture_attn_layer` (B, H, L, L) or None).
+
+@dataclass
+class OracleRun:
+    """What `masked_run` computed.
+
+    logits:    (B, L, V)
+    hidden:    hidden[l] (B, L, D) is the input of decoder layer l (hidden[-1]: the last layer's output)
+    cache:     a DynamicCache holding every layer's keys and values of every position (B, kv heads, L, hd),
+               as the layers computed them (after any q/k norm and RoPE)
+    present:   present[l] (B, L): the tokens that are keys in layer l (padding excluded)
+    rotary:    the (cos, sin) the layers ran with
+    valid:     (B, L) real (non-padding) tokens
+    attention: the attention probabilities (B, H, L, L) of `capture_attn_layer`, or None
     """
+
+    logits: torch.Tensor
+    hidden: list[torch.Tensor]
+    cache: DynamicCache
+    present: list[torch.Tensor]
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    valid: torch.Tensor
+    attention: torch.Tensor | None
+
+
+def masked_run(model, inputs, image_token_id, stages, action, generated=None, position_ids=None,
+               capture_attn_layer=None) -> OracleRun:
+    """The masking oracle of docs/DESIGN.md rules 2 and 3 (and, with `generated`, rule 4).
+
+    model:     an eager-attention model (see `eager_copy`)
+    stages:    list of (layer, active), active a (B, Nv) bool tensor of the visual tokens active from that layer.
+               From each stage layer on, inactive visual tokens are masked out as keys for every query; under
+               reroute their layer output is also replaced by their layer input (residual bypass).
+    generated: (B, T) tokens that follow the prompt (the decode steps of `generate`): text, active everywhere.
+    position_ids: the position ids the decoder runs with (default: those the unmodified model computes)
+    """
+    if generated is not None:
+        inputs = with_generated(inputs, generated)
     lm = model.model.language_model
-    embeds, pos, attn_mask = decoder_inputs(model, inputs)
+    embeds, pos, _ = decoder_inputs(model, inputs)
     b, length, _ = embeds.shape
+    if position_ids is not None:
+        pos = position_ids
     if pos is None:
         pos = torch.arange(length)[None].expand(b, -1)
-    if pos.dim() == 3 and pos.shape[0] == 4:
+    if pos.dim() == 3 and pos.shape[0] == 4:  # Qwen's M-RoPE: a leading row of text positions for packed masks
         pos = pos[1:]
     cos, sin = lm.rotary_emb(embeds, pos)
-    valid = attn_mask.bool() if attn_mask is not None else torch.ones(b, length, dtype=torch.bool)
+    given = inputs.get("attention_mask")
+    valid = given.bool() if given is not None else torch.ones(b, length, dtype=torch.bool)
     vis_pos = visual_positions(inputs["input_ids"], image_token_id)
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
 
@@ -64,10 +111,12 @@ def masked_forward(model, inputs, image_token_id, stages, action, capture_attn_l
     stage_at = {layer: act for layer, act in stages}
     present = valid.clone()
     h = embeds
-    captured = None
+    hidden, presents, captured = [h], [], None
+    cache = DynamicCache()
     for li, layer in enumerate(lm.layers):
         if li in stage_at:
             present = token_active(stage_at[li])
+        presents.append(present)
         allowed = causal[None] & present[:, None, :]
         mask = torch.zeros(b, 1, length, length, dtype=h.dtype).masked_fill(~allowed[:, None], torch.finfo(h.dtype).min)
         holder = {}
@@ -75,15 +124,24 @@ def masked_forward(model, inputs, image_token_id, stages, action, capture_attn_l
         if li == capture_attn_layer:
             hook = layer.self_attn.register_forward_hook(lambda m, a, out: holder.update(w=out[1]))
         with torch.no_grad():
-            out = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+            out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
         if hook is not None:
             hook.remove()
             captured = holder["w"]
         out = out[0] if isinstance(out, tuple) else out
         h = torch.where(present[..., None], out, h) if action == "reroute" else out
+        hidden.append(h)
     with torch.no_grad():
         logits = model.lm_head(lm.norm(h))
-    return logits, captured
+    return OracleRun(logits=logits, hidden=hidden, cache=cache, present=presents, rotary=(cos, sin), valid=valid,
+                     attention=captured)
+
+
+def masked_forward(model, inputs, image_token_id, stages, action, capture_attn_layer=None, generated=None):
+    """`masked_run`'s (logits (B, L, V), attention probs of `capture_attn_layer` (B, H, L, L) or None)."""
+    run = masked_run(model, inputs, image_token_id, stages, action, generated=generated,
+                     capture_attn_layer=capture_attn_layer)
+    return run.logits, run.attention
 
 
 def text_positions(inputs, image_token_id):

@@ -1,23 +1,15 @@
 """`visroute generate` on a model saved to a local folder with save_pretrained, routed from the command line."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tiny import tiny_llava, tiny_llava_processor
 from visroute.cli import main
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    model = tiny_llava()
-    model.save_pretrained(folder)
-    tiny_llava_processor(model).save_pretrained(folder)
-    image = tmp_path_factory.mktemp("img") / "scene.png"
-    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8")).save(image)
-    return folder, image
+@pytest.fixture
+def saved_model(saved_llava):
+    return saved_llava
 
 
 def test_generate_routes_a_saved_model(saved_model, capsys):

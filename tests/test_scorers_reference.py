@@ -9,16 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import PROMPTS
-from oracle import decoder_inputs, eager_copy, visual_positions
+from oracle import decoder_inputs, masked_run, visual_positions
 from visroute import RoutingConfig, Stage, apply_routing
-
-_EAGER = {}
-
-
-def _eager(fam):
-    if fam.name not in _EAGER:
-        _EAGER[fam.name] = eager_copy(fam.model, fam.build)
-    return _EAGER[fam.name]
 
 
 def _routed(fam, scorer, stages, action="prune", **options):
@@ -41,7 +33,7 @@ def _instruction_positions(inputs, image_token_id):
 def _reference_states(fam, inputs):
     """hidden_states[l] (the input of decoder layer l) and the K/V cache of the unmodified eager model."""
     with torch.no_grad():
-        out = _eager(fam)(**inputs, output_attentions=True, output_hidden_states=True, use_cache=True)
+        out = fam.eager(**inputs, output_attentions=True, output_hidden_states=True, use_cache=True)
     return out
 
 
@@ -63,7 +55,7 @@ def _raters(embeds, vis, instr):
 def test_text_attention_equals_eager_attention(fam, layer, raters):
     inputs, record = _routed(fam, "text_attention", [Stage(layer, 0.5)], raters=raters)
     ref = _reference_states(fam, inputs)
-    embeds = decoder_inputs(_eager(fam), inputs)[0]
+    embeds = decoder_inputs(fam.eager, inputs)[0]
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
     instr_pos = _instruction_positions(inputs, fam.image_token_id)
     expected, subset = [], False
@@ -77,36 +69,16 @@ def test_text_attention_equals_eager_attention(fam, layer, raters):
 
 
 def _oracle_states(fam, inputs, first_layer, active, upto, action="reroute"):
-    """The states entering layer `upto` under the masking oracle: from `first_layer` on, inactive visual tokens
-    are masked as keys (and, under reroute, bypass their layers). Also returns the rotary tables and the
-    padding mask."""
-    model = _eager(fam)
-    lm = model.model.language_model
-    embeds, pos, _ = decoder_inputs(model, inputs)
-    b, length, _ = embeds.shape
-    pos = torch.arange(length)[None].expand(b, -1) if pos is None else pos
-    pos = pos[1:] if pos.dim() == 3 and pos.shape[0] == 4 else pos
-    cos, sin = lm.rotary_emb(embeds, pos)
-    valid = inputs["attention_mask"].bool()
-    present = valid.clone()
-    for i, p in enumerate(visual_positions(inputs["input_ids"], fam.image_token_id)):
-        present[i, p] = active[i, : len(p)]
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    h = embeds
-    with torch.no_grad():
-        for li in range(upto):
-            keys = present if li >= first_layer else valid
-            mask = torch.zeros(b, 1, length, length).masked_fill(~(causal[None] & keys[:, None])[:, None], -1e30)
-            out = lm.layers[li](h, attention_mask=mask, position_embeddings=(cos, sin))
-            out = out[0] if isinstance(out, tuple) else out
-            h = torch.where(keys[..., None], out, h) if action == "reroute" else out
-    return h, (cos, sin), valid
+    """The states entering layer `upto` under the masking oracle of a one-stage schedule at `first_layer`, the
+    rotary tables and the padding mask."""
+    run = masked_run(fam.eager, inputs, fam.image_token_id, [(first_layer, active)], action)
+    return run.hidden[upto], run.rotary, run.valid
 
 
 def test_text_attention_under_reroute_scores_every_token_from_its_carried_state(fam):
     inputs, record = _routed(fam, "text_attention", [Stage(1, 0.5), Stage(3, 0.25)], action="reroute")
     h, rotary, valid = _oracle_states(fam, inputs, 1, record.stages[0].active, upto=3)
-    layer = _eager(fam).model.language_model.layers[3]
+    layer = fam.eager.model.language_model.layers[3]
     length = h.shape[1]
     allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & valid[:, None]  # every token a key
     mask = torch.zeros(h.shape[0], 1, length, length).masked_fill(~allowed[:, None], -1e30)
@@ -131,7 +103,7 @@ def _cosine_rows(states, vis_pos, text_pos, reduce):
 @pytest.mark.parametrize("reduce", ["mean", "max"])
 def test_embedding_similarity_equals_cosine_of_input_embeddings(fam, reduce):
     inputs, record = _routed(fam, "embedding_similarity", [Stage(2, 0.5)], reduce=reduce)
-    embeds = decoder_inputs(_eager(fam), inputs)[0]
+    embeds = decoder_inputs(fam.eager, inputs)[0]
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
     expected = _cosine_rows(embeds, vis_pos, _instruction_positions(inputs, fam.image_token_id), reduce)
     _assert_scores(record, 0, expected, atol=1e-5)
@@ -225,7 +197,7 @@ def test_vision_attention_equals_the_towers_eager_attention(any_fam, layer, monk
     # both tiny towers have 2 layers and feed the projector from the last: layer 1 is the default
     options = {} if layer == 1 else {"layer": layer}
     inputs, record = _routed(fam, "vision_cls_attention", [Stage(0, 0.5)], **options)
-    ref = _eager(fam)
+    ref = fam.eager
     if fam.name == "llava":
         per_image = _llava_cls_reference(ref, inputs, layer)
     else:
@@ -286,7 +258,7 @@ def test_duplication_equals_dart(fam, layer, pivots):
     keys = ref.past_key_values.layers[layer].keys  # (B, kv heads, L, hd), after RoPE: what DART reads
     key_l1 = keys.abs().sum((1, 3))
     with torch.no_grad():
-        states = _eager(fam).model.language_model.norm(ref.hidden_states[layer])
+        states = fam.eager.model.language_model.norm(ref.hidden_states[layer])
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
     instr_pos = _instruction_positions(inputs, fam.image_token_id)
     for i, (vis, instr) in enumerate(zip(vis_pos, instr_pos)):

@@ -1,6 +1,12 @@
-"""Tiny random-weight VLMs built from configs with the real transformers classes, and batches for them."""
+"""Tiny random-weight VLMs built from configs with the real transformers classes, batches for them, and the
+family table (`FAMILIES`): one row per model family, which the fixtures in conftest.py and every suite run over."""
 
 from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from transformers import (
@@ -159,3 +165,83 @@ def tiny_llava_processor(model):
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vc.patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           image_token="<image>")
+
+
+# ---- the family table ---------------------------------------------------------------------------------------
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, L) per-token inputs
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """One row of the family table: how to build a tiny model of the family and a padded batch for it.
+
+    build:          build(attn="sdpa", layers=6, seed=0) -> a tiny random-weight model
+    image_token_id: the id of its visual-token placeholder
+    images:         per prompt of the standard batch, its images (several per sample; `image_size` gives each
+                    image's (h, w) in patches before merging, None where the family resizes every image alike)
+    make_batch:     make_batch(model, prompts, images, seed) -> a left-padded batch
+    pixel_rows:     rows of `pixel_values` one image takes
+    draw_image:     a random image of the family (for randomized batches)
+    quick:          also run by the tests that sample the families (`fam` fixture); `any_fam` runs every row
+    """
+
+    name: str
+    build: Callable[..., Any]
+    image_token_id: int
+    images: tuple[tuple[Any, ...], ...]
+    make_batch: Callable[..., dict]
+    pixel_rows: Callable[[Any], int]
+    draw_image: Callable[[random.Random], Any]
+    quick: bool = True
+
+    def batch(self, model, prompts: list[list[int]], images=None, seed: int = 0) -> dict:
+        images = self.images[: len(prompts)] if images is None else images
+        return self.make_batch(model, prompts, [list(x) for x in images], seed)
+
+    def select(self, inputs: dict, images, rows: list[int], strip_padding: bool = False) -> dict:
+        """The samples `rows` of a batch whose samples hold `images` (repeats allowed: beam search expands a
+        batch so), with their images; `strip_padding` (one row only) drops its padding."""
+        out = {k: inputs[k][rows] for k in SEQUENCE_KEYS if k in inputs}
+        starts, n = [], 0  # first image, first pixel row of each sample
+        for sample in images:
+            starts.append((sum(len(s) for s in images[: len(starts)]), n))
+            n += sum(self.pixel_rows(im) for im in sample)
+        if "pixel_values" in inputs:
+            pix, grid = [], []
+            for r in rows:
+                first_image, first_row = starts[r]
+                count = sum(self.pixel_rows(im) for im in images[r])
+                pix.append(inputs["pixel_values"][first_row : first_row + count])
+                if "image_grid_thw" in inputs:
+                    grid.append(inputs["image_grid_thw"][first_image : first_image + len(images[r])])
+            out["pixel_values"] = torch.cat(pix)
+            if grid:
+                out["image_grid_thw"] = torch.cat(grid)
+        if strip_padding:
+            if len(rows) != 1:
+                raise ValueError("strip_padding takes one row")
+            keep = out["attention_mask"][0].bool()
+            out.update({k: out[k][:, keep] for k in SEQUENCE_KEYS if k in out})
+        return out
+
+
+def _llava_batch(model, prompts, images, seed):
+    return llava_batch(model, prompts, [len(s) for s in images], seed=seed)
+
+
+def _draw_qwen_image(rng: random.Random) -> tuple[int, int]:
+    return rng.choice((4, 6, 8)), rng.choice((4, 6, 8, 12))
+
+
+FAMILIES: dict[str, TinyFamily] = {
+    row.name: row
+    for row in (
+        TinyFamily("llava", tiny_llava, IMAGE_TOKEN, images=((None,), (None, None), (None,)),
+                   make_batch=_llava_batch, pixel_rows=lambda image: 1, draw_image=lambda rng: None),
+        TinyFamily("qwen2.5", partial(tiny_qwen, "2.5"), QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
+                   make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image),
+        TinyFamily("qwen2", partial(tiny_qwen, "2"), QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
+                   make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image,
+                   quick=False),
+    )
+}
