@@ -12,6 +12,7 @@ import torch
 from visroute.tensors import floor_keep
 
 ACTIONS = ("prune", "reroute")
+_STAGE_FIELDS = ("layer", "keep", "scorer", "scorer_options", "score_layer", "merge", "merge_options")
 
 
 def check_increasing(layers: list[int] | tuple[int, ...]) -> None:
@@ -20,16 +21,36 @@ def check_increasing(layers: list[int] | tuple[int, ...]) -> None:
         raise ValueError(f"Stage layers must be strictly increasing, got {list(layers)}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Stage:
     """From decoder layer `layer` (0-based, before it runs) until the next stage, `keep` visual tokens per
-    sample are active. `keep` is an int count or a float fraction of that sample's visual tokens (floored)."""
+    sample are active. `keep` is an int count or a float fraction of that sample's visual tokens (floored).
+
+    Optional, per stage:
+      scorer, scorer_options   rank with this scorer instead of the config's (methods whose stages use
+                               different signals, e.g. Nüwa: vision-tower attention, then last-token attention)
+      score_layer              take the scores at this earlier layer (the hidden states entering it and its
+                               projections) and act at `layer`: FastV and Nüwa score with layer K-1's attention
+                               and drop before layer K. It must lie in the previous stage's span. Default:
+                               `layer` itself.
+      merge, merge_options     a stage at layer 0 may merge what it drops into what it keeps (a registered
+                               merge, `visroute.merge`): kept tokens enter the decoder with merged features.
+    """
 
     layer: int
     keep: int | float
+    scorer: str | None = None
+    scorer_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    score_layer: int | None = None
+    merge: str | None = None
+    merge_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+        if not _is_int(self.layer):
             raise TypeError(f"Stage.layer must be an int, got {self.layer!r}")
         if self.layer < 0:
             raise ValueError(f"Stage.layer must be >= 0, got {self.layer}")
@@ -39,6 +60,32 @@ class Stage:
             raise ValueError(f"Stage.keep must be finite, got {self.keep}")
         if self.keep < 0:
             raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
+        object.__setattr__(self, "scorer_options", dict(self.scorer_options or {}))
+        object.__setattr__(self, "merge_options", dict(self.merge_options or {}))
+        if self.scorer is not None:
+            from visroute.scoring import get_scorer_class
+
+            get_scorer_class(self.scorer).check_options(self.scorer_options)
+        elif self.scorer_options:
+            raise ValueError("Stage.scorer_options need Stage.scorer (the config's scorer takes the config's options)")
+        if self.score_layer is not None:
+            if not _is_int(self.score_layer):
+                raise TypeError(f"Stage.score_layer must be an int, got {self.score_layer!r}")
+            if not 0 <= self.score_layer <= self.layer:
+                raise ValueError(f"Stage.score_layer must lie in 0..layer ({self.layer}), got {self.score_layer}")
+        if self.merge is not None:
+            from visroute.merge import get_merge_class
+
+            if self.layer != 0:
+                raise ValueError(f"Only a stage at layer 0 (before the decoder) can merge; this one is at {self.layer}")
+            get_merge_class(self.merge).check_options(self.merge_options)
+        elif self.merge_options:
+            raise ValueError("Stage.merge_options need Stage.merge")
+
+    @property
+    def scoring_layer(self) -> int:
+        """The layer whose input states and projections the scores come from."""
+        return self.layer if self.score_layer is None else self.score_layer
 
     def keep_count(self, num_visual: int) -> int:
         """How many visual tokens this stage asks to keep for a sample with `num_visual` visual tokens."""
@@ -52,19 +99,38 @@ class Stage:
         return floor_keep(self.keep, num_visual)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "keep": self.keep}
+        out: dict[str, Any] = {"layer": self.layer, "keep": self.keep}
+        for name in _STAGE_FIELDS[2:]:
+            value = getattr(self, name)
+            if value:  # only what differs from the defaults, so plain stages stay {layer, keep}
+                out[name] = dict(value) if isinstance(value, dict) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Stage":
+        if not isinstance(data, dict):
+            raise ValueError(f"A stage must be a mapping with layer and keep, got {data!r}")
+        unknown = sorted(set(data) - set(_STAGE_FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown stage fields {unknown}; a stage takes {', '.join(_STAGE_FIELDS)}")
+        missing = [k for k in ("layer", "keep") if k not in data]
+        if missing:
+            raise ValueError(f"A stage needs {' and '.join(missing)}: {data!r}")
+        return cls(**data)
 
 
 @dataclass
 class RoutingConfig:
     """What to do with the visual tokens: `action` ("prune" or "reroute"), the registered `scorer` that ranks
-    them, the `stages` of the schedule (strictly increasing layers) and the scorer's `scorer_options`.
+    them (a stage may name its own), the `stages` of the schedule (strictly increasing layers), the scorer's
+    `scorer_options`, and `family_options` for the model family's adapter (e.g. LLaVA-NeXT's newline tokens).
     `RoutingConfig()` has no stage: every visual token stays active (keep-all)."""
 
     action: str = "prune"
     scorer: str = "last_token_attention"
     stages: list[Stage] = field(default_factory=list)
     scorer_options: dict[str, Any] = field(default_factory=dict)
+    family_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -72,10 +138,23 @@ class RoutingConfig:
         from visroute.scoring import get_scorer_class
 
         self.scorer_options = dict(self.scorer_options or {})
+        self.family_options = dict(self.family_options or {})
         get_scorer_class(self.scorer).check_options(self.scorer_options)  # unknown scorer or bad option: an error
-        stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        stages = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in self.stages]
         check_increasing([s.layer for s in stages])
+        for prev, cur in zip(stages, stages[1:]):
+            if cur.score_layer is not None and cur.score_layer < prev.layer:
+                raise ValueError(
+                    f"The stage at layer {cur.layer} scores at layer {cur.score_layer}, before the previous stage "
+                    f"(layer {prev.layer}) has chosen its tokens; score_layer must lie in {prev.layer}..{cur.layer}"
+                )
         self.stages = stages
+
+    def scorer_of(self, stage: Stage) -> tuple[str, dict[str, Any]]:
+        """(scorer name, options) that rank `stage`: its own, else the config's."""
+        if stage.scorer is not None:
+            return stage.scorer, dict(stage.scorer_options)
+        return self.scorer, dict(self.scorer_options)
 
     def validate_for(self, num_layers: int) -> None:
         """Check the schedule against a decoder with `num_layers` layers."""
@@ -86,16 +165,19 @@ class RoutingConfig:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "action": self.action,
             "scorer": self.scorer,
             "stages": [s.to_dict() for s in self.stages],
             "scorer_options": dict(self.scorer_options),
         }
+        if self.family_options:
+            out["family_options"] = dict(self.family_options)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoutingConfig":
-        unknown = set(data) - {"action", "scorer", "stages", "scorer_options"}
+        unknown = set(data) - {"action", "scorer", "stages", "scorer_options", "family_options"}
         if unknown:
             raise ValueError(f"Unknown RoutingConfig fields: {sorted(unknown)}")
         stages = data.get("stages") or []
@@ -104,8 +186,9 @@ class RoutingConfig:
         return cls(
             action=data.get("action", "prune"),
             scorer=data.get("scorer", "last_token_attention"),
-            stages=[Stage(**s) if isinstance(s, dict) else s for s in stages],
+            stages=[Stage.from_dict(s) if isinstance(s, dict) else s for s in stages],
             scorer_options=data.get("scorer_options") or {},
+            family_options=data.get("family_options") or {},
         )
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -137,19 +220,35 @@ class RoutingConfig:
         return cls.from_dict(data)
 
 
+def _parse_keep(text: str) -> int | float:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
 def parse_stages(spec: str) -> list[Stage]:
-    """Parse the CLI form "2:0.5,7:0.25" (layer:keep; keep with a '.' is a fraction, else a count)."""
+    """Parse the command-line form of a schedule: stages separated by ",", each `layer:keep` (keep with a "."
+    is a fraction, else a count) followed by optional `:key=value` parts for `scorer`, `score_layer` and `merge`,
+    e.g. "0:112:scorer=vision_cls_attention,16:16:score_layer=15". Per-stage options need a YAML config."""
+    import yaml
+
     stages = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            layer_s, keep_s = part.split(":")
-            keep: int | float = float(keep_s) if any(c in keep_s for c in ".eE") else int(keep_s)
-            stages.append(Stage(layer=int(layer_s), keep=keep))
-        except ValueError as e:
-            raise ValueError(f"Bad stage {part!r} in {spec!r}: expected layer:keep, e.g. 2:0.5 or 7:64 ({e})")
+            pieces = part.split(":")
+            if len(pieces) < 2:
+                raise ValueError("expected layer:keep")
+            extras: dict[str, Any] = {}
+            for piece in pieces[2:]:
+                key, sep, value = piece.partition("=")
+                if not sep or key not in ("scorer", "score_layer", "merge"):
+                    raise ValueError(f"{piece!r} is not scorer=..., score_layer=... or merge=...")
+                extras[key] = yaml.safe_load(value)
+            stages.append(Stage(layer=int(pieces[0]), keep=_parse_keep(pieces[1]), **extras))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Bad stage {part!r} in {spec!r}: expected layer:keep[:key=value], e.g. 2:0.5 or "
+                             f"16:16:score_layer=15 ({e})") from None
     if not stages:
         raise ValueError(f"No stages in {spec!r}")
     return stages

@@ -28,10 +28,11 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from visroute.config import RoutingConfig
-from visroute.families import CallInputs, adapter_for
+from visroute.families import CallInputs, FamilyAdapter, adapter_for
+from visroute.merge import Merge, get_merge_class
 from visroute.record import RoutingRecord, StageRecord, VisualLayout
 from visroute.scoring import build_scorer
-from visroute.scoring.base import StageContext
+from visroute.scoring.base import Scorer, StageContext
 from visroute.tensors import compact_index, gather_rows, scatter_rows_
 
 
@@ -115,6 +116,9 @@ class _Prefill:
     last_index: torch.Tensor  # (B,) each sample's last prompt token
     input_ids: torch.Tensor | None  # (B, L)
     record: RoutingRecord
+    active: torch.Tensor  # (B, Nv) the visual tokens active in the current segment
+    decoder_kwargs: dict[str, Any]  # the family's own decoder inputs (FamilyAdapter.decoder_inputs)
+    pending: dict[int, torch.Tensor]  # stage index -> scores taken at its earlier score_layer
 
 
 class Router:
@@ -130,7 +134,14 @@ class Router:
         impl = getattr(self.adapter.text_config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"visroute runs the decoder with SDPA or eager attention, not {impl!r}")
-        self.scorer = build_scorer(config.scorer, config.scorer_options)
+        self.adapter.options = type(self.adapter).build_options(config.family_options)
+        # one scorer instance per distinct (name, options): the config's, and any a stage names itself
+        self.scorers: dict[str, Scorer] = {}
+        self._stage_scorers: list[Scorer] = [self._scorer_for(*config.scorer_of(st)) for st in config.stages]
+        self.scorer = self._scorer_for(config.scorer, config.scorer_options)
+        self._stage_merges: list[Merge | None] = [
+            get_merge_class(st.merge)(**st.merge_options) if st.merge else None for st in config.stages
+        ]
         self.last_record: RoutingRecord | None = None
         self.measure_scorer_flops = measure_scorer_flops
         self._pending: CallInputs | None = None
@@ -145,8 +156,18 @@ class Router:
         lm.forward = self._decoder_forward
         self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
         self.adapter.install()
-        self.scorer.attach(self.adapter)
+        for part in self._parts():
+            part.attach(self.adapter)
         model._visroute_router = self
+
+    def _scorer_for(self, name: str, options: dict[str, Any]) -> Scorer:
+        key = f"{name} {sorted(options.items())!r}"
+        if key not in self.scorers:
+            self.scorers[key] = build_scorer(name, options)
+        return self.scorers[key]
+
+    def _parts(self) -> list[Scorer | Merge]:
+        return list(self.scorers.values()) + [m for m in self._stage_merges if m is not None]
 
     # ---- public ---------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -159,7 +180,8 @@ class Router:
             self._lm.forward = self._lm_prev_forward
         else:
             del self._lm.forward
-        self.scorer.detach()
+        for part in self._parts():
+            part.detach()
         del self.model._visroute_router
 
     def __enter__(self) -> "Router":
@@ -181,7 +203,7 @@ class Router:
     @property
     def call_inputs(self) -> set[str]:
         """The per-call inputs the config's scorers declare (pass them with `call_options`)."""
-        return set(type(self.scorer).call_inputs)
+        return {name for scorer in self._stage_scorers for name in type(scorer).call_inputs}
 
     @contextlib.contextmanager
     def call_options(self, **extras: Any) -> Iterator[None]:
@@ -212,6 +234,7 @@ class Router:
         **kwargs: Any,
     ):
         call, self._pending = self._pending, None
+        family_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in self.adapter.decoder_inputs}
         if isinstance(past_key_values, RoutedCache) and past_key_values.logical_length > 0:
             self._check_kwargs(kwargs, attention_mask)
             return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
@@ -220,16 +243,18 @@ class Router:
             return self._original_forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+                **family_kwargs,
             )
         self._check_kwargs(kwargs, attention_mask)
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("Routing needs the image prompt in one prefill that starts from an empty cache")
         if use_cache is None:
             use_cache = bool(getattr(self.adapter.text_config, "use_cache", True))
-        return self._prefill(call, input_ids, inputs_embeds, attention_mask, position_ids, use_cache)
+        return self._prefill(call, input_ids, inputs_embeds, attention_mask, position_ids, use_cache, family_kwargs)
 
     @staticmethod
     def _check_kwargs(kwargs: dict, attention_mask) -> None:
+        # the family's own decoder inputs were taken out before this check
         unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_DECODER_KWARGS and v is not None)
         if unknown:
             # e.g. Qwen3-VL's deepstack_visual_embeds / visual_pos_masks: silently dropping them would change
@@ -247,7 +272,7 @@ class Router:
             raise ValueError("Routing takes a 2-D padding attention mask (batch, sequence); it builds its own masks")
 
     # ---- prefill --------------------------------------------------------------------------------------------
-    def _prefill(self, call, input_ids, embeds, attention_mask, position_ids, use_cache):
+    def _prefill(self, call, input_ids, embeds, attention_mask, position_ids, use_cache, family_kwargs):
         lm, adapter, cfg = self._lm, self.adapter, self.config
         if embeds is None:
             embeds = lm.embed_tokens(input_ids)
@@ -276,16 +301,26 @@ class Router:
                 active_tokens=torch.zeros(num_layers, b, dtype=torch.long),
                 active_visual=torch.zeros(num_layers, b, dtype=torch.long),
             ),
+            active=layout.valid.clone(), decoder_kwargs=family_kwargs, pending={},
         )
         record, full = state.record, state.full
+        for part in self._parts():
+            part.begin_prefill()
         cache = RoutedCache() if use_cache else None
-        active = layout.valid.clone()  # (B, Nv)
         stage_at = {s.layer: i for i, s in enumerate(cfg.stages)}
-        bounds = sorted({0, num_layers, *stage_at})
+        scores_at: dict[int, list[int]] = {}  # layer -> stages that take their scores there, before acting later
+        for i, st in enumerate(cfg.stages):
+            if st.scoring_layer != st.layer:
+                scores_at.setdefault(st.scoring_layer, []).append(i)
+        bounds = sorted({0, num_layers, *stage_at, *scores_at})
+        hook_layers = type(adapter).after_layer is not FamilyAdapter.after_layer
 
         for start, end in zip(bounds, bounds[1:]):
             if start in stage_at:
-                active = self._run_stage(stage_at[start], state, active)
+                state.active = self._run_stage(stage_at[start], state)
+            for i in scores_at.get(start, []):
+                state.pending[i] = self._score(i, state, self._candidates(state))[0]
+            active = state.active
             present = state.text.clone().scatter_(1, layout.positions, active)
             present[:, length] = False  # (B, L+1): the tokens that run in this segment
             idx, cvalid = compact_index(present, dummy=length)  # (B, C): the compact sequence
@@ -297,6 +332,8 @@ class Router:
                 out = adapter.layers[li](h, attention_mask=mask, position_embeddings=rotary,
                                          past_key_values=cache, use_cache=use_cache)
                 h = out[0] if isinstance(out, tuple) else out
+                if hook_layers:
+                    h = adapter.after_layer(li, h, idx, cvalid, state)
                 record.active_tokens[li], record.active_visual[li] = ran, ran_visual
                 if cache is not None:
                     cache.kv_valid.append(cvalid)
@@ -310,42 +347,72 @@ class Router:
         self.last_record = record
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
 
-    def _run_stage(self, i: int, state: _Prefill, active: torch.Tensor) -> torch.Tensor:
-        """Stage i: score the candidates, keep the top of each sample; returns the new (B, Nv) active set."""
-        cfg, layout = self.config, state.layout
-        stage = cfg.stages[i]
+    def _candidates(self, state: _Prefill) -> torch.Tensor:
+        """(B, Nv) the visual tokens a stage may choose among: prune, the ones active so far; reroute, all. Pinned
+        tokens (always active, e.g. LLaVA-NeXT's newline tokens when kept) are never candidates."""
+        candidates = state.active if self.config.action == "prune" else state.layout.valid
+        if state.layout.pinned is not None:
+            candidates = candidates & ~state.layout.pinned
+        return candidates
+
+    def _score(self, i: int, state: _Prefill, candidates: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Stage i's scores (B, Nv) from the hidden states entering its scoring layer (now), and their FLOPs
+        when measured."""
+        stage, layout = self.config.stages[i], state.layout
+        key_mask = state.text.clone().scatter_(1, layout.positions, candidates)
+        key_mask[:, -1] = False  # (B, L+1): text + candidates
+        ctx = self._context(i, state, candidates, key_mask, stage.scoring_layer)
+        scorer = self._stage_scorers[i]
+        if not self.measure_scorer_flops:
+            return scorer.score(ctx).to(candidates.device), None
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            scores = scorer.score(ctx)
+        return scores.to(candidates.device), counter.get_total_flops()
+
+    def _context(self, i: int, state: _Prefill, candidates, key_mask, layer_index: int) -> StageContext:
+        stage = self.config.stages[i]
+        return StageContext(
+            stage_index=i, layer_index=layer_index, action=self.config.action, layer=self.adapter.layers[layer_index],
+            hidden=state.full, inputs_embeds=state.embeds_x, valid=state.valid_x, text=state.text,
+            layout=state.layout, candidates=candidates, key_mask=key_mask, cos=state.cos, sin=state.sin,
+            last_index=state.last_index, input_ids=state.input_ids, adapter=self.adapter, extras=self._extras,
+            requested=stage.keep_counts(state.layout.counts),
+        )
+
+    def _run_stage(self, i: int, state: _Prefill) -> torch.Tensor:
+        """Stage i: rank the candidates, keep the top of each sample (and merge, where the stage merges);
+        returns the new (B, Nv) active set."""
+        stage, layout = self.config.stages[i], state.layout
         counts = layout.counts
-        candidates = active if cfg.action == "prune" else layout.valid
+        candidates = self._candidates(state)
+        pinned = layout.pinned if layout.pinned is not None else torch.zeros_like(candidates)
         requested = stage.keep_counts(counts)
         scores, scorer_flops = None, None
         if self._replay is not None:
-            new = self._replay.stages[i].active.to(active.device)
-            if new.shape != active.shape:
+            new = self._replay.stages[i].active.to(candidates.device)
+            if new.shape != candidates.shape:
                 raise ValueError("The replayed record does not match this batch's visual tokens")
         else:
-            key_mask = state.text.clone().scatter_(1, layout.positions, candidates)
-            key_mask[:, -1] = False  # (B, L+1): text + candidates
-            ctx = StageContext(
-                stage_index=i, layer_index=stage.layer, action=cfg.action, layer=self.adapter.layers[stage.layer],
-                hidden=state.full, inputs_embeds=state.embeds_x, valid=state.valid_x, text=state.text,
-                layout=layout, candidates=candidates, key_mask=key_mask, cos=state.cos, sin=state.sin,
-                last_index=state.last_index, input_ids=state.input_ids, adapter=self.adapter, extras=self._extras,
-                requested=requested,
-            )
-            if self.measure_scorer_flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as counter:
-                    scores = self.scorer.score(ctx)
-                scorer_flops = counter.get_total_flops()
+            if i in state.pending:  # taken at an earlier score_layer
+                scores = state.pending.pop(i)
             else:
-                scores = self.scorer.score(ctx)
-            scores = scores.to(active.device)
-            new = select_top(scores, candidates, requested)
+                scores, scorer_flops = self._score(i, state, candidates)
+            # pinned tokens count towards the budget: the candidates fill what they leave
+            new = select_top(scores, candidates, (requested - pinned.sum(1)).clamp(min=0)) | pinned
+        merge = self._stage_merges[i]
+        if merge is not None:
+            key_mask = state.text.clone().scatter_(1, layout.positions, candidates)
+            key_mask[:, -1] = False
+            merged = merge.merge(self._context(i, state, candidates, key_mask, stage.layer), new)  # (B, Nv, D)
+            rows = torch.where(new[..., None], merged.to(state.full.dtype), gather_rows(state.full, layout.positions))
+            scatter_rows_(state.full, layout.positions, rows)  # padded entries land in the dummy slot
         state.record.stages.append(
             StageRecord(layer=stage.layer, keep=stage.keep, active=new.cpu(), requested=requested.cpu(),
                         candidates=candidates.sum(1).cpu(), num_visual=counts.cpu(),
-                        scores=None if scores is None else scores.detach().float().cpu(), scorer_flops=scorer_flops)
+                        scores=None if scores is None else scores.detach().float().cpu(), scorer_flops=scorer_flops,
+                        score_layer=stage.scoring_layer)
         )
         return new
 

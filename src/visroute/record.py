@@ -28,11 +28,13 @@ class VisualLayout:
     positions: (B, Nv) sequence index of each sample's j-th visual token (padded with the dummy index L).
     valid:     (B, Nv) True for a real visual token.
     images:    per sample, the ImageSpans in order.
+    pinned:    (B, Nv) visual tokens the family keeps active whatever a stage selects, or None.
     """
 
     positions: torch.Tensor
     valid: torch.Tensor
     images: list[list[ImageSpan]]
+    pinned: torch.Tensor | None = None  # (B, Nv) visual tokens always active, never chosen among (or None)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -44,7 +46,7 @@ class StageRecord:
     """One stage of a prefill. `active` (B, Nv) marks the visual tokens that ran in this stage;
     `requested` the keep count each sample asked for, `candidates` how many tokens it could choose from;
     `scores` what the scorer returned (None when the decisions were replayed); `scorer_flops` the FLOPs the
-    scoring took, when the router measures them."""
+    scoring took, when the router measures them; `score_layer` the layer the scores were taken at."""
 
     layer: int
     keep: int | float
@@ -54,6 +56,7 @@ class StageRecord:
     num_visual: torch.Tensor
     scores: torch.Tensor | None = None
     scorer_flops: int | None = None
+    score_layer: int | None = None
 
     @property
     def selected(self) -> list[torch.Tensor]:

@@ -47,12 +47,14 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
 
 
 class ScorerTimer:
-    """Times the router's scorer alone (wraps its `score`)."""
+    """Times the router's scorers alone (wraps the `score` of each)."""
 
     def __init__(self, router, device: torch.device):
         self.total = 0.0
-        inner = router.scorer.score
+        for scorer in router.scorers.values():
+            scorer.score = self._timed(scorer.score, device)
 
+    def _timed(self, inner, device):
         def timed(ctx):
             sync(device)
             t0 = time.perf_counter()
@@ -61,7 +63,7 @@ class ScorerTimer:
             self.total += time.perf_counter() - t0
             return out
 
-        router.scorer.score = timed
+        return timed
 
 
 def prefill(model, inputs):

@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from visroute.options import HasOptions
 from visroute.record import ImageSpan, VisualLayout
 
 
@@ -182,22 +183,27 @@ def _default_rope(q, k, cos, sin, unsqueeze_dim=1):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-class FamilyAdapter:
+class FamilyAdapter(HasOptions):
     """Base adapter. A family sets the class attributes below and implements the methods that raise
     NotImplementedError; `register_family` (visroute.families) makes it known.
 
-    name:          the family's registry name
-    model_classes: names of the model classes it serves (a subclass of one of them is served too)
-    model_types:   the `config.model_type` values of those models (for facts read off a config)
-    box_frame:     the frame its checkpoints write boxes in (see `BOX_FRAMES`)
-    shapes:        bench shapes of real checkpoints
+    name:           the family's registry name
+    model_classes:  names of the model classes it serves (a subclass of one of them is served too)
+    model_types:    the `config.model_type` values of those models (for facts read off a config)
+    box_frame:      the frame its checkpoints write boxes in (see `BOX_FRAMES`)
+    shapes:         bench shapes of real checkpoints
+    decoder_inputs: keyword inputs the family's model passes its text decoder besides the usual ones (e.g.
+                    Qwen3-VL's DeepStack features); the routed decoder hands them to `after_layer` through the
+                    prefill state, and refuses any other unknown input
+    Options:        the family's own routing options (`RoutingConfig.family_options`), set on `self.options`
     """
 
-    name: ClassVar[str] = ""
+    kind = "model family"
     model_classes: ClassVar[tuple[str, ...]] = ()
     model_types: ClassVar[tuple[str, ...]] = ()
     box_frame: ClassVar[str] = "normalized"
     shapes: ClassVar[tuple[ModelShape, ...]] = ()
+    decoder_inputs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -212,6 +218,7 @@ class FamilyAdapter:
                 f"{sorted(set(layer_types))}"
             )
         self._signature = inspect.signature(model.forward)
+        self.options = self.build_options({})
 
     # ---- facts read off a config (no model needed) -------------------------------------------------------------
     @classmethod
@@ -264,6 +271,16 @@ class FamilyAdapter:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape (B, L, head_dim) for the given (family-normalised) position ids."""
         return self.language_model.rotary_emb(hidden, position_ids)
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                    state: Any) -> torch.Tensor:
+        """Called after every decoder layer of a routed prefill (only when a family overrides it): `hidden`
+        (B, C, D) is the layer's output over the compact sequence, `index` (B, C) the sequence position of each
+        row (padding points at the dummy slot L), `valid` (B, C) its real rows; `state` holds the prefill's
+        layout, the full buffer of carried states (`state.full`), the active visual tokens (`state.active`)
+        and the family's decoder inputs (`state.decoder_kwargs`). Returns the hidden states the next layer
+        reads. The default changes nothing."""
+        return hidden
 
     def rope_position_ids(
         self, position_ids: torch.Tensor | None, batch: int, length: int, past: int, device: torch.device

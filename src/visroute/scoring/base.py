@@ -13,15 +13,13 @@ A scorer declares, as class attributes:
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from visroute.options import HasOptions, NoOptions, OptionSpec, option  # noqa: F401 (re-exported)
 from visroute.record import VisualLayout
 
 if TYPE_CHECKING:
@@ -116,95 +114,21 @@ class StageContext:
         return torch.minimum(self.requested.to(self.candidates.device), self.candidates.sum(1))
 
 
-# ---- options ---------------------------------------------------------------------------------------------------
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A scorer option: its default, a one-line help and, optionally, the values it may take."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """This scorer takes no options."""
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is Any:
-        return True
-    return isinstance(value, typing.get_origin(tp) or tp)
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One declared option, as `visroute scorers` lists it."""
-
-    name: str
-    type: str
-    default: Any
-    help: str
-    choices: tuple | None
-
-
-class Scorer:
+class Scorer(HasOptions):
     """Ranks the candidate visual tokens at a stage: `score` returns (B, Nv) floats, higher = keep.
     Scores of non-candidates and padding are ignored. See the module docstring for what a scorer declares."""
 
-    name: ClassVar[str] = ""
+    kind = "scorer"
     description: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
     call_inputs: ClassVar[tuple[str, ...]] = ()
     before_decoder: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options = self.build_options(options)
 
-    @classmethod
-    def option_specs(cls) -> list[OptionSpec]:
-        hints = typing.get_type_hints(cls.Options)
-        return [OptionSpec(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""),
-                           f.metadata.get("choices")) for f in dataclasses.fields(cls.Options)]
-
-    @classmethod
-    def build_options(cls, options: dict[str, Any] | None) -> Any:
-        """The scorer's `Options` from a plain dict, checked: unknown names, wrong types and values outside an
-        option's choices are errors that name the option."""
-        options = dict(options or {})
-        specs = {s.name: s for s in cls.option_specs()}
-        unknown = sorted(set(options) - set(specs))
-        if unknown:
-            known = ", ".join(specs) or "none"
-            raise ValueError(f"Unknown option(s) {unknown} for scorer {cls.name!r}; it takes: {known}")
-        hints = typing.get_type_hints(cls.Options)
-        for key, value in options.items():
-            spec = specs[key]
-            if not _fits(value, hints[key]):
-                raise ValueError(f"Option {key!r} of scorer {cls.name!r} must be {spec.type}, got {value!r}")
-            if spec.choices is not None and value not in spec.choices:
-                raise ValueError(f"Option {key!r} of scorer {cls.name!r} must be one of {list(spec.choices)}, "
-                                 f"got {value!r}")
-        try:
-            return cls.Options(**options)
-        except ValueError as e:  # the options' own checks (ranges)
-            raise ValueError(f"Scorer {cls.name!r}: {e}") from None
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any] | None) -> None:
-        cls.build_options(options)
+    def begin_prefill(self) -> None:
+        """Called at the start of every routed prefill, before its first stage (e.g. to take the vision
+        tower's scores of this call)."""
 
     def attach(self, adapter: "FamilyAdapter") -> None:
         """Called once by `apply_routing` (e.g. to install a hook on the vision tower)."""

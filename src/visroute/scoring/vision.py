@@ -26,8 +26,8 @@ class VisionCLSAttention(Scorer):
 
     The row is computed from a forward pre-hook on that one tower layer's attention (its own q/k, fp32), not by
     switching the tower to eager attention. Under `generate` the tower runs before the prefill; the hook keeps
-    the scores of the latest tower call until the first stage of the next prefill takes them. The scores do not
-    depend on the stage: a layer-0 stage prunes before the decoder, as VisionZip and FasterVLM do."""
+    the scores of the latest tower call until the next prefill begins and takes them. The scores do not depend
+    on the stage: a layer-0 stage prunes before the decoder, as VisionZip and FasterVLM do."""
 
     name = "vision_cls_attention"
     description = "vision-tower [CLS] attention to each patch, sum over heads (VisionZip, FasterVLM); no-[CLS] towers: mean attention received"
@@ -56,14 +56,15 @@ class VisionCLSAttention(Scorer):
     def _receive(self, scores: torch.Tensor) -> None:
         self._fresh = scores
 
+    def begin_prefill(self) -> None:
+        self._current, self._fresh = self._fresh, None
+
     def score(self, ctx: StageContext) -> torch.Tensor:
-        if ctx.stage_index == 0 or self._current is None:
-            if self._fresh is None:
-                raise ValueError(
-                    "vision_cls_attention: the vision tower did not run for this call (image features passed in "
-                    "pre-computed?); it needs pixel values"
-                )
-            self._current, self._fresh = self._fresh, None
+        if self._current is None:
+            raise ValueError(
+                "vision_cls_attention: the vision tower did not run for this call (image features passed in "
+                "pre-computed?); it needs pixel values"
+            )
         flat = self._current
         valid = ctx.layout.valid
         if flat.numel() != int(valid.sum()):
