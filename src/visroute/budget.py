@@ -19,7 +19,7 @@ from typing import Sequence
 
 from visroute.config import ACTIONS, RoutingConfig, Stage, check_increasing
 
-TIERS = (192, 128, 64)
+TIERS = (192, 128, 64)  # LLaVA-1.5 and Qwen2.5-VL; a shape may name its own (`ModelShape.tiers`)
 DEFAULT_SCORER = "last_token_attention"
 
 
@@ -304,28 +304,39 @@ def preset_solution(name: str, tier: int | float, model: str = "llava-1.5", num_
     return solve(Shape.weighted(pd_layers, REROUTE_PDROP_WEIGHTS), layers, visual, tier), "reroute"
 
 
+def tiers_of(model: str) -> tuple[int, ...]:
+    """The avg_T tiers presets come at for `model` (a shape name or alias; any other model: `TIERS`)."""
+    from visroute.families import get_shape
+
+    try:
+        return get_shape(model).tiers
+    except ValueError:
+        return TIERS
+
+
 def preset(name: str, tier: int, model: str = "llava-1.5", num_visual: int | None = None,
            num_layers: int | None = None, scorer: str = DEFAULT_SCORER, **scorer_options) -> RoutingConfig:
-    """A named preset at one of the tiers 192 / 128 / 64 for `model` ("llava-1.5", "qwen2.5-vl-7b",
-    "qwen2.5-vl-3b", or any model given `num_layers` and `num_visual`). Keeps are integer counts for
-    `num_visual` visual tokens, solved to the tier's avg_T."""
-    if tier not in TIERS:
-        raise ValueError(f"Unknown tier {tier!r}; presets come at avg_T {', '.join(map(str, TIERS))}")
+    """A named preset at one of `model`'s tiers (192 / 128 / 64 for LLaVA-1.5 and Qwen2.5-VL) for `model`
+    ("llava-1.5", "qwen2.5-vl-7b", "qwen2.5-vl-3b", any bench shape, or any model given `num_layers` and
+    `num_visual`). Keeps are integer counts for `num_visual` visual tokens, solved to the tier's avg_T."""
+    tiers = tiers_of(model)
+    if tier not in tiers:
+        raise ValueError(f"Unknown tier {tier!r}; presets for {model} come at avg_T {', '.join(map(str, tiers))}")
     sol, action = preset_solution(name, tier, model, num_visual, num_layers)
     return sol.config(action, scorer, **scorer_options)
 
 
-def parse_preset(spec: str) -> tuple[str, int]:
-    """"pdrop@128" -> ("pdrop", 128)."""
+def parse_preset(spec: str, tiers: tuple[int, ...] = TIERS) -> tuple[str, int]:
+    """"pdrop@128" -> ("pdrop", 128); the tier must be one of `tiers`."""
     name, _, tier = spec.partition("@")
     if not tier:
         raise ValueError(f"Bad preset {spec!r}: expected name@tier, e.g. pdrop@128")
     try:
         t = int(tier)
     except ValueError:
-        raise ValueError(f"Bad tier in {spec!r}: expected one of {', '.join(map(str, TIERS))}") from None
+        raise ValueError(f"Bad tier in {spec!r}: expected one of {', '.join(map(str, tiers))}") from None
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    if t not in TIERS:
-        raise ValueError(f"Unknown tier {t} in {spec!r}; presets come at avg_T {', '.join(map(str, TIERS))}")
+    if t not in tiers:
+        raise ValueError(f"Unknown tier {t} in {spec!r}; presets come at avg_T {', '.join(map(str, tiers))}")
     return name, t

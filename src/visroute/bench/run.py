@@ -27,7 +27,7 @@ from visroute.bench.measure import (
     weight_bytes,
 )
 from visroute.bench.shapes import build_model, get_shape, make_inputs
-from visroute.budget import PRESETS, TIERS, preset
+from visroute.budget import PRESETS, preset
 from visroute.config import RoutingConfig
 from visroute.engine import apply_routing
 from visroute.loading import DTYPES
@@ -83,10 +83,12 @@ class BenchSettings:
         return parse_image_size(self.image_size)
 
 
-def default_configs(shape: str, num_visual: int, tiers=TIERS, names=tuple(PRESETS)) -> list[tuple[str, RoutingConfig]]:
+def default_configs(shape: str, num_visual: int, tiers: tuple[int, ...] | None = None,
+                    names=tuple(PRESETS)) -> list[tuple[str, RoutingConfig]]:
+    """Every preset at every tier of the shape (or at `tiers`)."""
     s = get_shape(shape)
     return [(f"{n}@{t}", preset(n, t, s.name, num_visual=num_visual, num_layers=s.num_layers))
-            for t in tiers for n in names]
+            for t in (tiers or s.tiers) for n in names]
 
 
 def _measure(label, model, inputs, settings, device, router=None) -> dict[str, Any]:

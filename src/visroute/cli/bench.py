@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
         description="Measure prefill and decode latency, peak memory, executed and formula FLOPs and K/V bytes of "
                     "a random-weight model of a named shape, unrouted and under each config, each speedup beside "
                     "the ideal speedup executed FLOPs predict. Without --preset/--config/--stages it runs every "
-                    f"preset ({', '.join(PRESETS)}) at every tier ({', '.join(map(str, TIERS))}).")
+                    f"preset ({', '.join(PRESETS)}) at every tier of the shape ({', '.join(map(str, TIERS))} for "
+                    "LLaVA-1.5 and Qwen2.5-VL).")
     add_dataclass_flags(p, BenchSettings)
     p.add_argument("--preset", action="append", default=[], metavar="NAME@TIER",
                    help=f"a preset at a tier, e.g. pdrop@128 (repeatable); presets: {', '.join(PRESETS)}")
@@ -46,7 +47,7 @@ def run(args) -> int:
     options = parse_scorer_options(args.scorer_option)
     presets = []
     for spec in args.preset:
-        name, tier = parse_preset(spec)
+        name, tier = parse_preset(spec, shape.tiers)
         presets.append((spec, preset(name, tier, shape.name, num_visual=num_visual, num_layers=shape.num_layers,
                                      scorer=args.scorer, **options)))
     configs = presets + configs

@@ -41,8 +41,8 @@ class CallInputs:
 @dataclass(frozen=True)
 class ModelShape:
     """The shape of a real checkpoint, for `visroute bench` and the budget presets: the family that builds it,
-    the keyword arguments of its decoder (`text`) and vision tower (`vision`) configs, and other names the
-    budget presets know it by (`aliases`)."""
+    the keyword arguments of its decoder (`text`) and vision tower (`vision`) configs, other names the budget
+    presets know it by (`aliases`), and the avg_T tiers its papers report (`tiers`)."""
 
     name: str
     family: str
@@ -50,6 +50,7 @@ class ModelShape:
     vision: dict[str, Any]
     description: str
     aliases: tuple[str, ...] = ()
+    tiers: tuple[int, ...] = (192, 128, 64)
 
     @property
     def num_layers(self) -> int:
