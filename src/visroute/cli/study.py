@@ -85,13 +85,21 @@ def apply_overrides(grid, args) -> None:
 
 
 def run_study(args) -> int:
+    import os
+
     from visroute.evaluation import load_grid, run_grid
+    from visroute.evaluation.store import Store
 
     grid = load_grid(args.grid)
     apply_overrides(grid, args)
     written = run_grid(grid, args.db, limit=args.limit, progress=not args.no_progress)
-    rows = sum(n for per in written.values() for n in per.values())
-    print(f"{rows} new rows in {args.db} ({len(grid.configs) + 2} configs x {len(grid.tasks)} task(s))")
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process has waited for the others
+        store = Store(args.db)
+        total = sum(store.counts().values())
+        store.close()
+        rows = sum(n for per in written.values() for n in per.values())
+        print(f"{args.db}: {total} rows ({rows} new from this process); {len(grid.configs) + 2} configs x "
+              f"{len(grid.tasks)} task(s)")
     return 0
 
 

@@ -233,7 +233,10 @@ def _listed_config(entry: dict[str, Any], root: Path, where: str) -> ConfigSpec:
         cfg = RoutingConfig.from_yaml(p).to_dict()
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: config must be a routing-config mapping or a YAML path")
-    RoutingConfig.from_dict(cfg)  # fields and values checked now, layers once the model is known
+    try:
+        RoutingConfig.from_dict(cfg)  # fields and values checked now, layers once the model is known
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}, config {entry['name']!r}: {e}") from None
     return ConfigSpec(name=str(entry["name"]), routing=cfg)
 
 

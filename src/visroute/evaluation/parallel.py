@@ -1,7 +1,14 @@
-"""Data parallelism: under `accelerate launch --num_processes N -m visroute study run ...` every process runs
-the same grid on its own share of each task's items (item i goes to process i mod N) and writes its rows to the
-shared database itself. Each (run, item) is the database's primary key and each item belongs to one process, so
-each row lands exactly once; a resumed sweep, with any number of processes, skips the rows already there."""
+"""Data parallelism: under a launcher that starts N processes (`accelerate launch --multi_gpu --num_processes N
+-m visroute study run ...`, or `torchrun --nproc_per_node N -m visroute ...`) every process runs the same grid
+on its own share of each task's items (item i goes to process i mod N) and writes its rows to the shared
+database itself. (On a machine without GPUs `accelerate launch --multi_gpu` starts N CPU processes the same
+way; its `--cpu` flag starts several processes only through MPI.)
+
+Each (run, item) is the database's primary key and each item belongs to one process, so each row lands
+exactly once; a resumed sweep, with any number of processes, skips the rows already there.
+
+The rank comes from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK); torch.distributed is set up
+only for the final barrier (gloo on CPU, NCCL on GPUs)."""
 
 from __future__ import annotations
 
@@ -16,7 +23,6 @@ class Context:
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None  # None: the grid's model settings decide
-    _state: object = None
 
     @property
     def is_main(self) -> bool:
@@ -28,16 +34,24 @@ class Context:
 
     def wait(self) -> None:
         """Block until every process arrives (a no-op in one process)."""
-        if self._state is not None:
-            self._state.wait_for_everyone()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def context() -> Context:
-    """The process group `accelerate launch` (or torchrun) set up, or a single process."""
+    """The process group a launcher set up, or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context()
-    from accelerate import PartialState
+    import torch.distributed as dist
 
-    state = PartialState()
-    return Context(rank=state.process_index, world_size=state.num_processes, device=state.device, _state=state)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Context(rank=rank, world_size=world, device=device)

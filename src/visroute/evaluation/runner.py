@@ -217,7 +217,8 @@ class Runner:
         from visroute.families import adapter_for
         from visroute.scoring import get_scorer_class
 
-        store = Store(self.db, self.grid.identity())
+        if self.db.exists():  # refuse another grid's database before loading anything
+            Store(self.db, self.grid.identity()).close()
         tasks = self._tasks()
         if self.model is None:
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
@@ -225,8 +226,9 @@ class Runner:
         self.adapter = adapter_for(self.model)
         self.box_frame = default_box_frame(self.grid.model)
         self.flops = _layer_flops(self.adapter.text_config)
-        configs = self._configs(tasks)
+        configs = self._configs(tasks)  # a layer outside the model fails here, before the database is written
         versions, hardware = environment(self.ctx)
+        store = Store(self.db, self.grid.identity())
 
         plan = []
         for label, task, items in tasks:
