@@ -1,4 +1,5 @@
-"""The controls (random, uniform, oracle), pruning before the decoder (layer-0 stages), and the scorer listing."""
+"""The controls (random, uniform, oracle) and the scorer listing. (Pruning before the decoder, for every scorer that
+declares it, is part of the contract suite: test_contract.py.)"""
 
 import pytest
 import torch
@@ -104,28 +105,6 @@ def test_oracle_refuses_missing_or_mismatched_relevance(fam):
         _run(fam, "oracle", [Stage(1, 4)], relevance=[torch.ones(n + 1) for n in counts])
     with pytest.raises(ValueError, match="needs"):
         _run(fam, "oracle", [Stage(1, 4)], relevance=torch.ones(2, max(counts) + 3))
-
-
-# ---- layer 0: pruning before the decoder ------------------------------------------------------------------------
-BEFORE_DECODER = [name for name, cls in available_scorers().items() if cls.before_decoder]
-
-
-@pytest.mark.parametrize("scorer", BEFORE_DECODER)
-def test_layer_0_stage_drops_tokens_before_the_decoder(fam, scorer):
-    inputs = fam.batch(PROMPTS[:2])
-    valid = inputs["attention_mask"].bool()
-    text = (valid & inputs["input_ids"].ne(fam.image_token_id)).sum(1)
-    counts = inputs["input_ids"].eq(fam.image_token_id).sum(1)
-    seen = []
-    hook = fam.model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
-    try:
-        record = _run(fam, scorer, [Stage(0, 3)], inputs=inputs, relevance=[torch.rand(int(n)) for n in counts])
-    finally:
-        hook.remove()
-    assert record.active_visual.eq(3).all()  # every layer, every sample
-    assert torch.equal(record.active_tokens[0], text + 3)
-    assert torch.equal(record.kv_tokens[0], text + 3)
-    assert seen == [int((text + 3).max())]  # the first decoder layer only ever ran the kept tokens
 
 
 # ---- listing ----------------------------------------------------------------------------------------------------

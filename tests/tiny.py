@@ -182,6 +182,9 @@ class TinyFamily:
     make_batch:     make_batch(model, prompts, images, seed) -> a left-padded batch
     pixel_rows:     rows of `pixel_values` one image takes
     draw_image:     a random image of the family (for randomized batches)
+    own_positions:  the model numbers each sample's tokens itself from the attention mask (Qwen's M-RoPE);
+                    otherwise a left-padded forward numbers the padding too, and `padded_positions` gives the
+                    positions `generate` would use
     quick:          also run by the tests that sample the families (`fam` fixture); `any_fam` runs every row
     """
 
@@ -192,7 +195,14 @@ class TinyFamily:
     make_batch: Callable[..., dict]
     pixel_rows: Callable[[Any], int]
     draw_image: Callable[[random.Random], Any]
+    own_positions: bool = False
     quick: bool = True
+
+    def padded_positions(self, inputs: dict) -> dict:
+        """Keyword inputs that number each sample of a left-padded batch from 0, as `generate` does."""
+        if self.own_positions:
+            return {}
+        return {"position_ids": (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)}
 
     def batch(self, model, prompts: list[list[int]], images=None, seed: int = 0) -> dict:
         images = self.images[: len(prompts)] if images is None else images
@@ -239,9 +249,10 @@ FAMILIES: dict[str, TinyFamily] = {
         TinyFamily("llava", tiny_llava, IMAGE_TOKEN, images=((None,), (None, None), (None,)),
                    make_batch=_llava_batch, pixel_rows=lambda image: 1, draw_image=lambda rng: None),
         TinyFamily("qwen2.5", partial(tiny_qwen, "2.5"), QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
-                   make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image),
+                   make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image,
+                   own_positions=True),
         TinyFamily("qwen2", partial(tiny_qwen, "2"), QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
                    make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image,
-                   quick=False),
+                   own_positions=True, quick=False),
     )
 }
