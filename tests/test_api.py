@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import family
+from oracle import masked_run
 from visroute import RoutingConfig, Stage, apply_routing
 from visroute.config import parse_stages
 
@@ -108,46 +109,79 @@ SCHEDULES = [
 ]
 
 
+def _expected_visual(stages, action, counts: list[int], num_layers: int) -> torch.Tensor:
+    """(num_layers, B) visual tokens a schedule keeps active in each layer, worked out from its keeps alone."""
+    out = torch.zeros(num_layers, len(counts), dtype=torch.long)
+    for i, n in enumerate(counts):
+        active, at = n, {st.layer: st.keep for st in stages}
+        for li in range(num_layers):
+            if li in at:
+                keep = at[li] if isinstance(at[li], int) else int(at[li] * n)
+                active = min(keep, active if action == "prune" else n)
+            out[li, i] = active
+    return out
+
+
 @pytest.mark.parametrize("schedule", range(len(SCHEDULES)))
 @pytest.mark.parametrize("action", ["prune", "reroute"])
 def test_generate_works_for_every_schedule(any_fam, action, schedule):
     model, inputs = any_fam.model, any_fam.batch()
     cfg = RoutingConfig(action=action, scorer="last_token_attention", stages=SCHEDULES[schedule])
+    steps = 4
     with apply_routing(model, cfg) as router, torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             return_dict_in_generate=True)
     rec = router.last_record
-    assert out.shape == (3, inputs["input_ids"].shape[1] + 4)
+    assert out.sequences.shape == (3, inputs["input_ids"].shape[1] + steps)
     nv = rec.num_visual
+    assert nv.tolist() == inputs["input_ids"].eq(any_fam.image_token_id).sum(1).tolist()
     text = inputs["attention_mask"].sum(1) - nv
     for st in rec.stages:
         expect = torch.tensor([min(st.keep if isinstance(st.keep, int) else int(st.keep * n), n) for n in nv.tolist()])
         assert torch.equal(st.kept, expect)
         for i, sel in enumerate(st.selected):
             assert torch.equal(sel, sel.sort().values) and len(sel) == expect[i]
-    # tokens that ran = text + active visual; what is cached equals what ran
-    for li in range(rec.num_layers):
-        assert torch.equal(rec.active_tokens[li], text + rec.active_visual[li])
-    assert torch.equal(rec.kv_tokens, rec.active_tokens)
+    # tokens that ran and K/V entries cached per layer, against counts worked out from the schedule alone; the
+    # cache's key tensors hold the longest sample's entries + the steps - 1 tokens fed back
+    visual = _expected_visual(SCHEDULES[schedule], action, nv.tolist(), rec.num_layers)
+    assert torch.equal(rec.active_visual, visual)
+    assert torch.equal(rec.active_tokens, text + visual)
+    assert torch.equal(rec.kv_tokens, text + visual)
+    keys = torch.tensor([layer.keys.shape[2] for layer in out.past_key_values.layers])
+    assert torch.equal(keys, (text + visual).max(1).values + steps - 1)
 
 
-def test_beam_search_runs_on_a_routed_cache():
-    fam = family("llava")
-    cfg = RoutingConfig(action="reroute", scorer="last_token_attention", stages=[Stage(1, 0.5), Stage(3, 0.25)])
-    with apply_routing(fam.model, cfg), torch.no_grad():
-        out = fam.model.generate(**fam.batch(), max_new_tokens=3, num_beams=2, do_sample=False)
-    assert out.shape[0] == 3
-
-
-def test_kv_cache_holds_only_the_tokens_that_ran(fam):
+@pytest.mark.parametrize("action", ["prune", "reroute"])
+def test_kv_cache_holds_the_oracle_keys_of_the_tokens_that_ran(fam, action):
+    """Layer l of the routed cache holds, per sample and in sequence order, the keys and values the eager masking
+    oracle computes in layer l for the tokens present there (text + that stage's active visual tokens; under
+    reroute a token that re-enters has its carried state), then padding marked invalid."""
     model, inputs = fam.model, fam.batch()
-    cfg = RoutingConfig(action="prune", scorer="last_token_attention", stages=[Stage(2, 0.25)])
+    cfg = RoutingConfig(action=action, scorer="last_token_attention", stages=[Stage(2, 0.25), Stage(4, 0.5)])
     with apply_routing(model, cfg) as router, torch.no_grad():
         out = model(**inputs, use_cache=True)
     cache, rec = out.past_key_values, router.last_record
+    decisions = [(st.layer, st.active) for st in rec.stages]
+    run = masked_run(fam.eager, inputs, fam.image_token_id, decisions, action)
+    if action == "reroute":
+        assert (rec.stages[1].active & ~rec.stages[0].active).any()  # some token re-entered at layer 4
     for li, layer in enumerate(cache.layers):
-        assert layer.keys.shape[2] == int(rec.kv_tokens[li].max())
-        assert torch.equal(cache.kv_valid[li].sum(1), rec.kv_tokens[li])
+        present = run.present[li]  # (B, L) from the decisions and the schedule alone
+        assert layer.keys.shape[2] == int(present.sum(1).max())
+        assert rec.kv_tokens[li].tolist() == present.sum(1).tolist()
+        for b in range(present.shape[0]):
+            where = present[b].nonzero().flatten()
+            n = len(where)
+            torch.testing.assert_close(layer.keys[b, :, :n], run.cache.layers[li].keys[b][:, where], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(layer.values[b, :, :n], run.cache.layers[li].values[b][:, where],
+                                       atol=2e-5, rtol=1e-4)
+            assert cache.kv_valid[li][b].tolist() == [True] * n + [False] * (layer.keys.shape[2] - n)
     assert cache.get_seq_length() == inputs["input_ids"].shape[1]
+    # the comparison can fail: past the first stage, the unrouted model's keys are not the routed ones
+    unrouted = masked_run(fam.eager, inputs, fam.image_token_id, [], action)
+    where = run.present[5][0].nonzero().flatten()
+    n = len(where)
+    assert (cache.layers[5].keys[0, :, :n] - unrouted.cache.layers[5].keys[0][:, where]).abs().max() > 1e-3
 
 
 def test_random_scorer_is_reproducible_and_seeded(fam):
