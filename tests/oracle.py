@@ -1,11 +1,15 @@
 """Independent references for the routing semantics: the unmodified model run layer by layer over the full
-sequence with eager attention and explicit L x L masks (slow and obviously correct)."""
+sequence with eager attention and explicit L x L masks (slow and obviously correct); and plain-Python versions
+of the scorers' selection procedures."""
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 
@@ -148,3 +152,29 @@ def text_positions(inputs, image_token_id):
     """(B, L) real text tokens (not padding, not visual)."""
     valid = inputs["attention_mask"].bool()
     return valid & inputs["input_ids"].ne(image_token_id)
+
+
+def instruction_positions(inputs, image_token_id):
+    """Per sample: the prompt positions after its last visual token (left padding: the prompt ends at L-1)."""
+    out = []
+    for row in inputs["input_ids"]:
+        last_visual = int(row.eq(image_token_id).nonzero().max())
+        out.append(torch.arange(last_visual + 1, row.shape[0]))
+    return out
+
+
+def dart_reference(key_l1, states, vis, instr, keep, n_visual, n_text):
+    """DART with Python sets and lists: pivots by key L1 norm, then each pivot (sequence order) keeps its
+    least-similar block from the remaining visual tokens; exactly `keep` tokens."""
+    vis, instr = vis.tolist(), instr.tolist()
+    visual_pivots = sorted(vis, key=lambda p: -float(key_l1[p]))[:n_visual]
+    text_pivots = sorted(instr, key=lambda p: -float(key_l1[p]))[:n_text]
+    kept = list(visual_pivots)
+    pivots = sorted(visual_pivots + text_pivots)
+    block = math.ceil(max(keep - len(visual_pivots), 0) / len(pivots))
+    pool = [p for p in vis if p not in visual_pivots]
+    for p in pivots:
+        ranked = sorted(pool, key=lambda j: (float(F.cosine_similarity(states[p], states[j], dim=0)), j))
+        kept += ranked[:block]
+        pool = [j for j in pool if j not in ranked[:block]]
+    return sorted(vis.index(p) for p in kept[:keep])

@@ -2,14 +2,12 @@
 attention probabilities, the tower's own attention weights, hidden states, the K/V cache), for LLaVA and
 Qwen2.5-VL on a padded batch of 2."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import PROMPTS
-from oracle import decoder_inputs, masked_run, visual_positions
+from oracle import dart_reference, decoder_inputs, instruction_positions, masked_run, visual_positions
 from visroute import RoutingConfig, Stage, apply_routing
 
 
@@ -19,15 +17,6 @@ def _routed(fam, scorer, stages, action="prune", **options):
     with apply_routing(fam.model, cfg) as router, torch.no_grad():
         fam.model(**inputs)
     return inputs, router.last_record
-
-
-def _instruction_positions(inputs, image_token_id):
-    """Per sample: the prompt positions after its last visual token (left padding: the prompt ends at L-1)."""
-    out = []
-    for row in inputs["input_ids"]:
-        last_visual = int(row.eq(image_token_id).nonzero().max())
-        out.append(torch.arange(last_visual + 1, row.shape[0]))
-    return out
 
 
 def _reference_states(fam, inputs):
@@ -57,7 +46,7 @@ def test_text_attention_equals_eager_attention(fam, layer, raters):
     ref = _reference_states(fam, inputs)
     embeds = decoder_inputs(fam.eager, inputs)[0]
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
-    instr_pos = _instruction_positions(inputs, fam.image_token_id)
+    instr_pos = instruction_positions(inputs, fam.image_token_id)
     expected, subset = [], False
     for i, (vis, instr) in enumerate(zip(vis_pos, instr_pos)):
         queries = _raters(embeds[i], vis, instr) if raters else instr
@@ -85,7 +74,7 @@ def test_text_attention_under_reroute_scores_every_token_from_its_carried_state(
     with torch.no_grad():
         _, probs = layer.self_attn(layer.input_layernorm(h), attention_mask=mask, position_embeddings=rotary)
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
-    instr_pos = _instruction_positions(inputs, fam.image_token_id)
+    instr_pos = instruction_positions(inputs, fam.image_token_id)
     expected = [probs[i][:, instr][:, :, vis].mean(0).mean(0) for i, (vis, instr) in enumerate(zip(vis_pos, instr_pos))]
     _assert_scores(record, 1, expected, atol=1e-5)
     assert not record.stages[0].active[0, : len(vis_pos[0])].all()  # some scored tokens were inactive
@@ -105,7 +94,7 @@ def test_embedding_similarity_equals_cosine_of_input_embeddings(fam, reduce):
     inputs, record = _routed(fam, "embedding_similarity", [Stage(2, 0.5)], reduce=reduce)
     embeds = decoder_inputs(fam.eager, inputs)[0]
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
-    expected = _cosine_rows(embeds, vis_pos, _instruction_positions(inputs, fam.image_token_id), reduce)
+    expected = _cosine_rows(embeds, vis_pos, instruction_positions(inputs, fam.image_token_id), reduce)
     _assert_scores(record, 0, expected, atol=1e-5)
 
 
@@ -118,7 +107,7 @@ def test_hidden_similarity_equals_cosine_of_layer_inputs(fam, reduce, text_token
     if text_tokens == "last":
         text_pos = [torch.tensor([length - 1])] * len(vis_pos)
     else:
-        text_pos = _instruction_positions(inputs, fam.image_token_id)
+        text_pos = instruction_positions(inputs, fam.image_token_id)
     _assert_scores(record, 0, _cosine_rows(hidden, vis_pos, text_pos, reduce), atol=1e-5)
 
 
@@ -126,7 +115,7 @@ def test_hidden_similarity_under_reroute_uses_carried_states(fam):
     inputs, record = _routed(fam, "hidden_similarity", [Stage(1, 0.5), Stage(3, 0.25)], action="reroute")
     h, _, _ = _oracle_states(fam, inputs, 1, record.stages[0].active, upto=3)
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
-    expected = _cosine_rows(h, vis_pos, _instruction_positions(inputs, fam.image_token_id), "mean")
+    expected = _cosine_rows(h, vis_pos, instruction_positions(inputs, fam.image_token_id), "mean")
     _assert_scores(record, 1, expected, atol=1e-5)
 
 
@@ -234,23 +223,6 @@ def test_qwen_windowed_block_scores_stay_within_windows():
 
 
 # ---- duplication (DART) ---------------------------------------------------------------------------------------
-def _dart_reference(key_l1, states, vis, instr, keep, n_visual, n_text):
-    """DART with Python sets and lists: pivots by key L1 norm, then each pivot (sequence order) keeps its
-    least-similar block from the remaining visual tokens; exactly `keep` tokens."""
-    vis, instr = vis.tolist(), instr.tolist()
-    visual_pivots = sorted(vis, key=lambda p: -float(key_l1[p]))[:n_visual]
-    text_pivots = sorted(instr, key=lambda p: -float(key_l1[p]))[:n_text]
-    kept = list(visual_pivots)
-    pivots = sorted(visual_pivots + text_pivots)
-    block = math.ceil(max(keep - len(visual_pivots), 0) / len(pivots))
-    pool = [p for p in vis if p not in visual_pivots]
-    for p in pivots:
-        ranked = sorted(pool, key=lambda j: (float(F.cosine_similarity(states[p], states[j], dim=0)), j))
-        kept += ranked[:block]
-        pool = [j for j in pool if j not in ranked[:block]]
-    return sorted(vis.index(p) for p in kept[:keep])
-
-
 @pytest.mark.parametrize("layer, pivots", [(0, (4, 4)), (2, (4, 4)), (2, (2, 1))])
 def test_duplication_equals_dart(fam, layer, pivots):
     inputs, record = _routed(fam, "duplication", [Stage(layer, 0.5)], pivot_visual=pivots[0], pivot_text=pivots[1])
@@ -260,10 +232,10 @@ def test_duplication_equals_dart(fam, layer, pivots):
     with torch.no_grad():
         states = fam.eager.model.language_model.norm(ref.hidden_states[layer])
     vis_pos = visual_positions(inputs["input_ids"], fam.image_token_id)
-    instr_pos = _instruction_positions(inputs, fam.image_token_id)
+    instr_pos = instruction_positions(inputs, fam.image_token_id)
     for i, (vis, instr) in enumerate(zip(vis_pos, instr_pos)):
         keep = len(vis) // 2
-        expected = _dart_reference(key_l1[i], states[i], vis, instr, keep, *pivots)
+        expected = dart_reference(key_l1[i], states[i], vis, instr, keep, *pivots)
         assert record.stages[0].selected[i].tolist() == expected
 
 

@@ -43,6 +43,31 @@ def tiny_llava(layers: int = 6, attn: str = "sdpa", seed: int = 0, image_size: i
     return model
 
 
+def tiny_llava_qwen3(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    """A tiny LLaVA whose decoder is a Qwen3 (per-head q_norm / k_norm before RoPE, as in Qwen3, Gemma 3 and
+    InternVL3.5 decoders); the norm weights are random so that leaving them out shows."""
+    from transformers import Qwen3Config
+
+    torch.manual_seed(seed)
+    text = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=PAD,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
+                      image_seq_length=16)
+    cfg._attn_implementation = attn
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _spread_weights(model)
+    g = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(0.5 + 1.5 * torch.rand(p.shape, generator=g))
+    return model
+
+
 def _spread_weights(model, std: float = 0.2):
     # Random init of tiny models gives near-uniform attention; larger weights make routing decisions matter.
     g = torch.Generator().manual_seed(1234)
