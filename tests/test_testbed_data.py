@@ -13,7 +13,7 @@ from visroute.testbed.data import make_items, read_dataset
 from visroute.testbed.questions import FAMILIES
 from visroute.testbed.scenes import ALL_COLORS, GRID, PATCH, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
 
-N = 48  # eight items of every family
+N = 54  # six items of every family
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def items():
 def test_same_seed_same_items_other_seed_other_items(items):
     again = make_items(N, seed=11)
     assert [a.to_dict() for a in items] == [b.to_dict() for b in again]
+    assert all(a.hops == b.hops and a.hop_targets == b.hop_targets for a, b in zip(items, again))
     assert all(np.array_equal(np.asarray(a.image()), np.asarray(b.image())) for a, b in zip(items[:6], again[:6]))
     other = make_items(N, seed=12)
     assert sum(a.question == b.question and a.objects == b.objects for a, b in zip(items, other)) < N // 4
@@ -135,6 +136,28 @@ def _meta_answer(it) -> str:
     if it.template == "where":
         o = next(o for o in objs if (o.color, o.shape) == (q[-2], q[-1]))
         return f"{o.x} {o.y} {o.x + o.size} {o.y + o.size}"
+    if it.template.startswith("related_"):  # "... the object {left of|right of|above|below} the {c} {s}"
+        a = next(o for o in objs if (o.color, o.shape) == (q[-2], q[-1]))
+        side = q[q.index("object") + 1]
+        rows = lambda o: set(range(o.y, o.y + o.size))  # noqa: E731
+        cols = lambda o: set(range(o.x, o.x + o.size))  # noqa: E731
+        found = [o for o in objs if o is not a and (
+            (side == "left" and rows(o) & rows(a) and max(cols(o)) < min(cols(a)))
+            or (side == "right" and rows(o) & rows(a) and min(cols(o)) > max(cols(a)))
+            or (side == "above" and cols(o) & cols(a) and max(rows(o)) < min(rows(a)))
+            or (side == "below" and cols(o) & cols(a) and min(rows(o)) > max(rows(a))))]
+        assert len(found) == 1, (it.id, it.question)
+        (b,) = found
+        return {"related_color": b.color, "related_shape": b.shape,
+                "related_where": f"{b.x} {b.y} {b.x + b.size} {b.y + b.size}"}[it.template]
+    if it.template == "shape_of_same_color":
+        (a,) = [o for o in objs if o.shape == q[-1]]
+        (b,) = [o for o in objs if o.color == a.color and o is not a]
+        return b.shape
+    if it.template == "color_of_same_shape":
+        (a,) = [o for o in objs if o.color == q[-2]]
+        (b,) = [o for o in objs if o.shape == a.shape and o is not a]
+        return b.color
     raise AssertionError(it.template)
 
 
@@ -156,6 +179,8 @@ def test_answers_match_the_scene(items):
         elif it.template == "where":
             assert it.box == [int(v) for v in it.answer.split()]
             assert by_patch[tuple(it.box)] == words[-2]  # the pixels of that colour fill exactly the box
+        elif it.template == "related_where":
+            assert it.box == [int(v) for v in it.answer.split()] and tuple(it.box) in by_patch
         elif it.template in ("left", "above"):
             a, b = (it.objects[i] for i in it.targets)
             first = a if (a.color, a.shape) == (words[2], words[3]) else b

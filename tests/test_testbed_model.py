@@ -37,7 +37,7 @@ def test_processor_round_trips_and_expands_the_image_to_the_patch_grid(processor
 
 def test_packed_questions_compute_exactly_like_separate_prompts(processor):
     """Training packs several questions after one image; each must see only the image prefix and itself."""
-    from visroute.testbed.train import _pack, _Tok, block_mask
+    from visroute.testbed.train import _Tok, block_mask, pack
 
     torch.manual_seed(0)
     model = build_model("tiny").eval()
@@ -45,7 +45,7 @@ def test_packed_questions_compute_exactly_like_separate_prompts(processor):
     items = make_items(3, seed=1)
     image = items[0].image()
     prefix = [BOS_ID] + tok.user + [IMAGE_ID] * 144
-    ids, pos, blk, lab, _, _ = _pack([prefix], [[(*tok.block(it.question, it.answer), it.family) for it in items]])
+    ids, pos, blk, lab, *_ = pack([prefix], [[(*tok.block(it.question, it.answer), it.family) for it in items]])
     with torch.no_grad():
         packed = model.model(input_ids=ids, pixel_values=pixel_values([image]), attention_mask=block_mask(blk),
                              position_ids=pos, use_cache=False).last_hidden_state[0]
@@ -106,17 +106,19 @@ def test_phases_train_what_they_say():
                for part in ("language_model", "lm_head", "symbolic", "vision_tower", "multi_modal_projector")
                if part in n}
         assert got == grads, step
-    labels = make_batch(cfg, 0, tok)["image"][7]
+    labels = make_batch(cfg, 0, tok)["image"].labels
     embed = model.get_input_embeddings().weight
     tokens = symbolic(labels, embed)
-    i = int((labels[0, :, 0] > 0).nonzero()[0])
     j = int((labels[0, :, 0] == 0).nonzero()[0])
-    color, shape = int(labels[0, i, 0]), int(labels[0, i, 1])
+
     def place(k):  # the learned vectors of the patch's row and column
         return symbolic.row[k // 12] + symbolic.column[k % 12]
 
-    want = embed[symbolic.color_words[color - 1]] + embed[symbolic.shape_words[shape - 1]] + place(i)
-    assert torch.allclose(tokens[0, i], want, atol=1e-5)
+    for i in (labels[0, :, 0] > 0).nonzero()[:, 0].tolist():
+        color, shape, part = (int(v) for v in labels[0, i])
+        want = (embed[symbolic.color_words[color - 1]] + embed[symbolic.shape_words[shape - 1]]
+                + symbolic.part[part - 1] + place(i))
+        assert torch.allclose(tokens[0, i], want, atol=1e-5)
     assert torch.allclose(tokens[0, j], symbolic.nothing + place(j), atol=1e-5)
 
 
@@ -126,9 +128,11 @@ def test_place_rows_ask_where_a_lone_object_is():
 
     tok = _Tok()
     cfg = TrainConfig(images=2, place_rows=3, place_until=5, text_rows=0)
-    ids, pos, blk, lab, _, fams, _, labels = make_batch(cfg, 4, tok)["image"]
-    assert ids.shape[0] == 5
-    for r in range(2, 5):
+    batch = make_batch(cfg, 4, tok)
+    assert batch["image"].ids.shape[0] == 2 and batch["image"].pixels is None  # phase 1 renders no images
+    ids, pos, blk, lab, _, fams, pixels, labels = batch["place"]
+    assert pixels is None and ids.shape[0] == 3
+    for r in range(3):
         painted = labels[r, :, 0] > 0
         visual = blk[r, 3:147]
         assert ((visual == HIDDEN) == ~painted).all()
@@ -137,7 +141,7 @@ def test_place_rows_ask_where_a_lone_object_is():
         rows, cols = (cells // 12).tolist(), (cells % 12).tolist()
         answer = tok.tok.decode(lab[r][lab[r] != -100][:-1]).split()
         assert list(map(int, answer)) == [min(cols), min(rows), max(cols) + 1, max(rows) + 1]
-    assert make_batch(cfg, 5, tok)["image"][0].shape[0] == 2
+    assert "place" not in make_batch(cfg, 5, tok)
 
 
 def test_scoring_rules():

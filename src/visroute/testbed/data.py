@@ -5,9 +5,13 @@ any prefix of a set is balanced across them. `write_dataset` stores PNG images p
 `read_dataset` loads them back.
 
 JSONL fields: id, image (path relative to the JSONL), family, subtype, template, question, answer, box
-(grounding: [x1, y1, x2, y2] in patch units, end exclusive; else null), grid ([rows, cols]), relevant_tokens
-(row-major indices of the visual tokens that hold the objects the question is about), targets (their indices
-in objects), objects (shape, color, x, y, size, margin, tint) and background_seed.
+(questions answered with a box, grounding and relation_grounding: [x1, y1, x2, y2] in patch units, end
+exclusive; else null), grid ([rows, cols]), relevant_tokens (row-major indices of the visual tokens that hold
+the objects the question is about, all hops together), targets (their indices in objects), hops (per hop, the
+sorted visual-token indices of that hop's objects: one hop for the one-hop families; for the multi-hop ones hop 1
+= the object the question names, hop 2 = the object the answer is about), hop_targets (per hop, the indices in
+objects), objects (shape, color, x, y, size, margin, tint) and background_seed. Files written before hops
+existed load with a single hop: hops = [relevant_tokens], hop_targets = [targets].
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visroute.testbed.questions import FAMILIES, Question, answer_of, ask, targets_of
+from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, Question, answer_of, ask, hop_targets_of
 from visroute.testbed.scenes import GRID, Obj, object_tokens, random_scene, render
 
 
 @dataclass
 class Item:
-    """One testbed question about one image."""
+    """One testbed question about one image. `hops[k]` holds the visual tokens of hop k + 1 and `hop_targets[k]`
+    its objects; `relevant_tokens` and `targets` are their unions (default: a single hop of them)."""
 
     id: str
     family: str
@@ -41,7 +46,17 @@ class Item:
     box: list[int] | None = None
     image_path: Path | None = None
     grid: tuple[int, int] = (GRID, GRID)
+    hops: list[list[int]] | None = None
+    hop_targets: list[list[int]] | None = None
     _image: Image.Image | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.hops is None:
+            self.hops = [list(self.relevant_tokens)]
+        if self.hop_targets is None:
+            self.hop_targets = [list(self.targets)]
+        if sorted({t for h in self.hops for t in h}) != sorted(self.relevant_tokens):
+            raise ValueError(f"item {self.id}: relevant_tokens is not the union of the hops")
 
     @property
     def num_visual(self) -> int:
@@ -56,10 +71,21 @@ class Item:
                 self._image = render(self.objects, self.background_seed)
         return self._image
 
-    def relevance(self) -> torch.Tensor:
-        """(num_visual,) float: 1 for the visual tokens of the objects the question is about, else 0."""
+    @property
+    def num_hops(self) -> int:
+        return len(self.hops)
+
+    def relevance(self, hop: int | None = None) -> torch.Tensor:
+        """(num_visual,) float: 1 for the visual tokens of the objects the question is about (all hops; with
+        `hop`, only those of hop `hop`, counted from 1 as in "hop 1", "hop 2"), else 0."""
+        if hop is None:
+            tokens = self.relevant_tokens
+        elif 1 <= hop <= len(self.hops):
+            tokens = self.hops[hop - 1]
+        else:
+            raise IndexError(f"item {self.id} has hops 1..{len(self.hops)}, not {hop}")
         r = torch.zeros(self.num_visual)
-        r[self.relevant_tokens] = 1.0
+        r[tokens] = 1.0
         return r
 
     def to_dict(self, image: str | None = None) -> dict:
@@ -67,6 +93,7 @@ class Item:
             "id": self.id, "image": image, "family": self.family, "subtype": self.subtype,
             "template": self.template, "question": self.question, "answer": self.answer, "box": self.box,
             "grid": list(self.grid), "relevant_tokens": self.relevant_tokens, "targets": self.targets,
+            "hops": self.hops, "hop_targets": self.hop_targets,
             "objects": [o.to_dict() for o in self.objects], "background_seed": self.background_seed,
         }
 
@@ -78,6 +105,8 @@ class Item:
             answer=d["answer"], objects=[Obj.from_dict(o) for o in d["objects"]], targets=list(d["targets"]),
             relevant_tokens=list(d["relevant_tokens"]), background_seed=int(d["background_seed"]),
             box=d.get("box"), image_path=path, grid=tuple(d.get("grid", (GRID, GRID))),
+            hops=[list(h) for h in d["hops"]] if d.get("hops") is not None else None,
+            hop_targets=[list(h) for h in d["hop_targets"]] if d.get("hop_targets") is not None else None,
         )
 
 
@@ -91,17 +120,19 @@ def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int)
     answer = answer_of(q, objs)
     if answer is None:
         raise ValueError(f"question {q.text!r} is ill-posed on this scene")
-    targets = targets_of(q, objs)
-    box = [int(v) for v in answer.split()] if q.family == "grounding" else None
+    hop_targets = hop_targets_of(q, objs)
+    targets = sorted({i for hop in hop_targets for i in hop})
+    box = [int(v) for v in answer.split()] if q.template in BOX_TEMPLATES else None
     return Item(
         id=item_id, family=q.family, subtype=q.subtype, template=q.template, question=q.text, answer=answer,
         objects=list(objs), targets=targets, relevant_tokens=relevant_tokens(objs, targets),
-        background_seed=background_seed, box=box,
+        background_seed=background_seed, box=box, hops=[relevant_tokens(objs, hop) for hop in hop_targets],
+        hop_targets=hop_targets,
     )
 
 
 def make_item(seed: int, index: int, family: str | None = None) -> Item:
-    """Item `index` of the set `seed` (family: FAMILIES[index % 6] unless given)."""
+    """Item `index` of the set `seed` (family: FAMILIES[index % len(FAMILIES)] unless given)."""
     family = family or FAMILIES[index % len(FAMILIES)]
     rng = random.Random(f"visroute-testbed:{seed}:{index}")
     while True:

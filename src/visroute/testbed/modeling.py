@@ -23,6 +23,7 @@ WORDS = (
      "how", "many", "are", "left", "of", "above", "where", "yes", "no"]
     + sorted(ALL_COLORS) + list(SHAPES) + sorted(PRIOR_SHAPES) + [PLURALS[s] for s in SHAPES]
     + [str(i) for i in range(GRID + 1)]
+    + ["right", "below", "other", "with"]
 )
 VOCAB = SPECIAL_TOKENS + WORDS
 
@@ -73,14 +74,15 @@ def build_processor():
 
 MODEL_SIZES = {
     # decoder hidden / layers / heads / kv heads / mlp, tower hidden / layers / mlp
+    "deep": dict(hidden=160, layers=12, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
     "small": dict(hidden=160, layers=8, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
     "tiny": dict(hidden=64, layers=8, heads=4, kv_heads=2, mlp=128, v_hidden=32, v_layers=1, v_mlp=64),
 }
 
 
-def build_config(size: str = "small"):
+def build_config(size: str = "deep"):
     """`LlavaConfig` of the testbed model: a CLIP vision tower over 12 x 12 patches, a 2-layer MLP projector and
-    a Llama decoder with 8 layers, SDPA attention."""
+    a Llama decoder (12 layers in the default size), SDPA attention."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     s = MODEL_SIZES[size]
@@ -103,7 +105,7 @@ def build_config(size: str = "small"):
     return cfg
 
 
-def build_model(size: str = "small", seed: int = 0):
+def build_model(size: str = "deep", seed: int = 0):
     """A freshly initialised testbed model (seeded)."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 

@@ -16,6 +16,18 @@ Families (`FAMILIES`):
                   of (above) the second, no when entirely right of (below) it; overlapping spans are never asked
   grounding       "where is the {color} {shape}?" -> "x1 y1 x2 y2", its box in patch units (end exclusive)
   blind_solvable  "what color is the {star|heart|moon}?": the prior shapes always have the same colour
+
+Multi-hop families (`MULTI_HOP_FAMILIES`): the object the answer is about is not named; it is found only after a
+first lookup. Hop 1 is the object the question names, hop 2 the object the answer is about.
+  relation_attribute  "what color / what shape is the object {left of|right of|above|below} the {c} {s}?": the
+                      *related* object of the named one in that direction: for left / right, the object whose
+                      row span overlaps the named object's and that lies on that side of it; for above / below,
+                      the same with column spans. The question is asked only where exactly one object is related
+                      (so the referent is unique by construction; "nearest" would name the same object).
+  same_attribute      "what shape is the other object with the color of the {shape}?" (the shape is unique,
+                      exactly two objects wear its colour) / "what color is the other object with the shape of
+                      the {color} object?" (the colour is unique, exactly two objects have its shape)
+  relation_grounding  "where is the object {left of|...} the {c} {s}?" -> the related object's box
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from dataclasses import dataclass
 from visroute.testbed.scenes import (
     COLORS,
     COMBOS,
+    GRID,
     MAX_OBJECTS,
     PLURALS,
     POPULAR,
@@ -33,10 +46,14 @@ from visroute.testbed.scenes import (
     SHAPES,
     SIZE_NAMES,
     Obj,
+    _free,
     new_object,
 )
 
-FAMILIES = ("attribute", "existence", "counting", "relation", "grounding", "blind_solvable")
+FAMILIES = ("attribute", "existence", "counting", "relation", "grounding", "blind_solvable",
+            "relation_attribute", "same_attribute", "relation_grounding")
+MULTI_HOP_FAMILIES = ("relation_attribute", "same_attribute", "relation_grounding")
+VISION_FAMILIES = tuple(f for f in FAMILIES if f != "blind_solvable")
 TEMPLATES = {  # question forms of each family
     "attribute": ("color_of_shape", "shape_of_color"),
     "existence": ("exists",),
@@ -44,8 +61,13 @@ TEMPLATES = {  # question forms of each family
     "relation": ("left", "above"),
     "grounding": ("where",),
     "blind_solvable": ("color_of_shape",),
+    "relation_attribute": ("related_color", "related_shape"),
+    "same_attribute": ("shape_of_same_color", "color_of_same_shape"),
+    "relation_grounding": ("related_where",),
 }
-VISION_FAMILIES = FAMILIES[:-1]
+BOX_TEMPLATES = ("where", "related_where")  # questions answered with a box
+DIRECTIONS = ("left", "right", "above", "below")  # the subtypes of the relation_* families
+DIRECTION_WORDS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 MAX_COUNT = 3
 
 Generated = tuple  # (Question, edited scene or None, the answer drawn for it)
@@ -79,6 +101,13 @@ class Question:
             return f"is the {a[0]} {a[1]} {word} the {b[0]} {b[1]}?"
         if t == "where":
             return f"where is the {a[0]} {a[1]}?"
+        if t in ("related_color", "related_shape", "related_where"):
+            head = {"related_color": "what color is", "related_shape": "what shape is", "related_where": "where is"}[t]
+            return f"{head} the object {DIRECTION_WORDS[self.subtype]} the {a[0]} {a[1]}?"
+        if t == "shape_of_same_color":
+            return f"what shape is the other object with the color of the {a[0]}?"
+        if t == "color_of_same_shape":
+            return f"what color is the other object with the shape of the {a[0]} object?"
         raise ValueError(f"unknown template {t!r}")
 
 
@@ -97,9 +126,68 @@ def _entirely_before(p: Obj, q: Obj, axis: str) -> bool:
     return p.y + p.size <= q.y
 
 
+def related(objs: list[Obj], named: Obj, direction: str) -> list[Obj]:
+    """The objects related to `named` in `direction`: for left / right, those whose row span overlaps the row
+    span of `named` and that lie entirely on that side of it; for above / below, the same with column spans.
+    (Objects never touch, so an object whose row span overlaps lies entirely left or entirely right.)"""
+    out = []
+    for o in objs:
+        if o is named:
+            continue
+        if direction in ("left", "right"):
+            overlap = o.y < named.y + named.size and named.y < o.y + o.size
+            side = o.x + o.size <= named.x if direction == "left" else named.x + named.size <= o.x
+        else:
+            overlap = o.x < named.x + named.size and named.x < o.x + o.size
+            side = o.y + o.size <= named.y if direction == "above" else named.y + named.size <= o.y
+        if overlap and side:
+            out.append(o)
+    return out
+
+
+def _unique_by(objs: list[Obj], pred) -> Obj | None:
+    found = _with(objs, pred)
+    return found[0] if len(found) == 1 else None
+
+
+def hop_objects(q: Question, objs: list[Obj]) -> tuple[Obj, Obj] | None:
+    """(hop-1 object, hop-2 object) of a multi-hop question, or None when the question is ill-posed: the named
+    object is not unique, or the object it leads to is not."""
+    t = q.template
+    if t.startswith("related_"):
+        named = _unique(objs, *q.a)
+        if named is None:
+            return None
+        found = related(objs, named, q.subtype)
+        return (named, found[0]) if len(found) == 1 else None
+    if t == "shape_of_same_color":
+        named = _unique_by(objs, lambda o: o.shape == q.a[0])
+        if named is None:
+            return None
+        others = _with(objs, lambda o: o.color == named.color and o is not named)
+        return (named, others[0]) if len(others) == 1 else None
+    if t == "color_of_same_shape":
+        named = _unique_by(objs, lambda o: o.color == q.a[0])
+        if named is None:
+            return None
+        others = _with(objs, lambda o: o.shape == named.shape and o is not named)
+        return (named, others[0]) if len(others) == 1 else None
+    raise ValueError(f"{t!r} is not a multi-hop question form")
+
+
 def answer_of(q: Question, objs: list[Obj]) -> str | None:
     """The answer of `q` in the scene `objs`, or None when the question is ill-posed there."""
     t = q.template
+    if q.family in MULTI_HOP_FAMILIES:
+        hops = hop_objects(q, objs)
+        if hops is None:
+            return None
+        target = hops[1]
+        if t in ("related_color", "color_of_same_shape"):
+            return target.color
+        if t in ("related_shape", "shape_of_same_color"):
+            return target.shape
+        return " ".join(str(v) for v in target.box)
     if t == "color_of_shape":
         found = _with(objs, lambda o: o.shape == q.a[0])
         if q.family == "blind_solvable":
@@ -137,11 +225,27 @@ def _distractors(objs: list[Obj], combo: tuple[str, str]) -> list[Obj]:
     return _with(objs, lambda o: (o.color == combo[0]) != (o.shape == combo[1]))
 
 
+def hop_targets_of(q: Question, objs: list[Obj]) -> list[list[int]]:
+    """Indices of the objects of every hop: one hop (the objects the question is about, see `targets_of`) for
+    the one-hop families; for the multi-hop ones [[the named object], [the object the answer is about]]."""
+    if q.family in MULTI_HOP_FAMILIES:
+        hops = hop_objects(q, objs)
+        if hops is None:
+            raise ValueError(f"question {q.text!r} is ill-posed on this scene")
+        return [[next(i for i, o in enumerate(objs) if o is h)] for h in hops]
+    return [_one_hop_targets(q, objs)]
+
+
 def targets_of(q: Question, objs: list[Obj]) -> list[int]:
-    """Indices of the objects the question is about; their visual tokens are its relevant tokens.
+    """Indices of the objects the question is about (of all its hops); their visual tokens are its relevant
+    tokens.
 
     For a "no" existence answer these are the distractors (objects with the asked colour or the asked shape):
     the ones a model has to inspect to rule the pair out; with none, the question has no relevant tokens."""
+    return sorted({i for hop in hop_targets_of(q, objs) for i in hop})
+
+
+def _one_hop_targets(q: Question, objs: list[Obj]) -> list[int]:
     t = q.template
     if t == "color_of_shape":
         pick = lambda o: o.shape == q.a[0]  # noqa: E731
@@ -291,6 +395,113 @@ def gen_blind_solvable(rng: random.Random, objs: list[Obj]) -> Generated | None:
     return q, _add(rng, objs, shape, PRIOR_SHAPES[shape]), PRIOR_SHAPES[shape]
 
 
+def _place(rng: random.Random, objs: list[Obj], shape: str, color: str, where, keep: Obj | None = None
+           ) -> list[Obj] | None:
+    """`objs` plus a new `color` `shape` at a place where `where(x, y, size)` holds, drawn uniformly among all
+    such free places (dropping a random object other than `keep` first when the scene is full), or None."""
+    objs = list(objs)
+    if len(objs) >= MAX_OBJECTS:
+        objs.pop(rng.choice([i for i, o in enumerate(objs) if o is not keep]))
+    places = [(x, y, size) for size in (1, 2) for y in range(GRID - size + 1) for x in range(GRID - size + 1)
+              if _free(objs, x, y, size) and where(x, y, size)]
+    if not places:
+        return None
+    x, y, size = rng.choice(places)
+    margin = rng.randint(1, 3) if size == 1 else rng.randint(2, 5)
+    tint = tuple(rng.randint(-12, 12) for _ in range(3))
+    return objs + [Obj(shape, color, x, y, size, margin, tint)]
+
+
+def _in_direction(named: Obj, direction: str):
+    """`where(x, y, size)`: a block there would be related to `named` in `direction` (see `related`)."""
+    def where(x: int, y: int, size: int) -> bool:
+        probe = Obj("square", "red", x, y, size)
+        return probe in related([named, probe], named, direction)
+    return where
+
+
+def _named_object(rng: random.Random, objs: list[Obj]) -> tuple[Obj, list[Obj]] | None:
+    """An ordinary object whose (colour, shape) is unique in the scene, to be named by a question: an existing
+    one, or a new one of a pair the scene lacks. Returns it and the scene holding it."""
+    unique = [o for o in objs if o.shape in SHAPES and _unique(objs, *o.combo) is not None]
+    if unique and rng.random() < 0.7:
+        return rng.choice(unique), list(objs)
+    color, shape = rng.choice([c for c in COMBOS if not any(o.combo == c for o in objs)])
+    out = _add(rng, objs, shape, color)
+    return None if out is None else (out[-1], out)
+
+
+def _related_scene(rng: random.Random, objs: list[Obj], direction: str, shape: str | None, color: str | None):
+    """A scene with a named object (unique pair) whose only related object in `direction` is a new ordinary
+    object of `shape` / `color` (drawn when None, never the named pair). Returns (named, related, scene)."""
+    found = _named_object(rng, objs)
+    if found is None:
+        return None
+    named, out = found
+    out = [o for o in out if o not in related(out, named, direction)]  # clear that side
+    combos = [(c, s) for (c, s) in COMBOS if (color is None or c == color) and (shape is None or s == shape)
+              and (c, s) != named.combo]
+    c, s = rng.choice(combos)
+    out = _place(rng, out, s, c, _in_direction(named, direction), keep=named)
+    if out is None or named not in out:
+        return None
+    return named, out[-1], out
+
+
+def gen_relation_attribute(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    direction = rng.choice(DIRECTIONS)
+    if rng.random() < 0.5:
+        answer = rng.choice(sorted(COLORS))
+        res = _related_scene(rng, objs, direction, None, answer)
+        template = "related_color"
+    else:
+        answer = rng.choice(SHAPES)
+        res = _related_scene(rng, objs, direction, answer, None)
+        template = "related_shape"
+    if res is None:
+        return None
+    named, _, out = res
+    return Question("relation_attribute", direction, template, named.combo), out, answer
+
+
+def gen_relation_grounding(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    direction = rng.choice(DIRECTIONS)
+    res = _related_scene(rng, objs, direction, None, None)
+    if res is None:
+        return None
+    named, target, out = res
+    answer = " ".join(str(v) for v in target.box)
+    return Question("relation_grounding", direction, "related_where", named.combo), out, answer
+
+
+def gen_same_attribute(rng: random.Random, objs: list[Obj]) -> Generated | None:
+    """Answer first; then exactly one object of the named shape (colour), and exactly one other object sharing
+    its colour (shape), of the answer's shape (colour)."""
+    if rng.random() < 0.5:  # "what shape is the other object with the color of the {shape}?"
+        answer = rng.choice(SHAPES)
+        named_shape = rng.choice([s for s in SHAPES if s != answer])
+        color = rng.choice(sorted(COLORS))
+        out = _keep_one(rng, objs, lambda o: o.shape == named_shape, named_shape, color)
+        if out is None:
+            return None
+        named = next(o for o in out if o.shape == named_shape)
+        out = _keep_one(rng, out, lambda o: o.color == color and o is not named, answer, color)
+        q = Question("same_attribute", "color", "shape_of_same_color", (named_shape,))
+    else:  # "what color is the other object with the shape of the {color} object?"
+        answer = rng.choice(sorted(COLORS))
+        named_color = rng.choice([c for c in COLORS if c != answer])
+        shape = rng.choice(SHAPES)
+        out = _keep_one(rng, objs, lambda o: o.color == named_color, shape, named_color)
+        if out is None:
+            return None
+        named = next(o for o in out if o.color == named_color)
+        out = _keep_one(rng, out, lambda o: o.shape == shape and o is not named, shape, answer)
+        q = Question("same_attribute", "shape", "color_of_same_shape", (named_color,))
+    if out is None or named not in out:
+        return None
+    return q, out, answer
+
+
 GENERATORS = {
     "attribute": gen_attribute,
     "existence": gen_existence,
@@ -298,6 +509,9 @@ GENERATORS = {
     "relation": gen_relation,
     "grounding": gen_grounding,
     "blind_solvable": gen_blind_solvable,
+    "relation_attribute": gen_relation_attribute,
+    "same_attribute": gen_same_attribute,
+    "relation_grounding": gen_relation_grounding,
 }
 
 

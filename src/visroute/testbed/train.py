@@ -6,52 +6,61 @@ therefore separates the two problems (the way LLaVA's first stage aligns the pro
 
 1. **symbolic** (`symbolic_steps`): the decoder learns every question family on *symbolic* visual tokens: the
    token of a patch painted by an object is the sum of the decoder's own word embeddings of its colour and
-   shape, the token of a background patch a learned "nothing" vector, each plus a learned vector for the
-   patch's place in the grid. The vision tower does not run.
+   shape and a learned vector for the part of the object the patch holds (a whole small object, or one of the
+   four quarters of a large one); the token of a background patch is a learned "nothing" vector; each plus a
+   learned vector for the patch's place in the grid. The vision tower does not run.
 2. **tower** (`tower_steps`): the vision tower and projector learn to map the rendered image to those symbolic
    tokens (mean squared error per patch); the decoder is frozen and does not run.
 3. **joint** (`joint_steps`): the whole model, end to end on the rendered images, on the answer loss plus the
    per-patch loss of phase 2 (so the tokens stay what the decoder learned to read).
 
-Each step draws fresh scenes (seeded by (seed, step, row), so a resumed run sees exactly the batches it would have
-seen) and asks several questions about each image. The questions of one image share a single copy of its prompt
-prefix, `<s> USER: <image>x144`: each question block attends to that prefix and to itself only, and its positions
-restart right after the prefix, so every block is computed exactly as if it were the only question (the way
-evaluation asks it). During the first `place_until` steps of phase 1, `place_rows` more image rows each show a
-single object, with the background hidden, and ask where it is: that is where the decoder learns to read a place
-out of a visual token, which it does not learn among several objects, where reading a place and finding the object
-must both exist before either is rewarded. A few rows per step carry questions without any image (`USER: {question}
-ASSISTANT:`): they define what the model answers when the image is removed (the blind control) and can only teach
-it what the question implies.
+Each step draws fresh scenes (seeded by (seed, step, row), so a resumed run sees exactly the batches it would
+have seen) and asks several questions about each image. The questions of one image share a single copy of its
+prompt prefix, `<s> USER: <image>x144`: each question block attends to that prefix and to itself only, and its
+positions restart right after the prefix, so every block is computed exactly as if it were the only question
+(the way evaluation asks it). Question families join phase 1 on a schedule (`unlock`): attribute questions
+alone first, the multi-hop families last, once the lookups they build on exist. During the first
+`place_until` steps of phase 1, `place_rows` more image rows each show a single object, with the background
+hidden, and ask where it is: that is where the decoder learns to read a place out of a visual token, which it
+does not learn among several objects, where reading a place and finding the object must both exist before
+either is rewarded. A few rows per step carry questions without any image (`USER: {question} ASSISTANT:`):
+they define what the model answers when the image is removed (the blind control) and can only teach it what
+the question implies.
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
-word on), which rewards looking the named object up as soon as it is named. AdamW with a warmup and cosine decay
-in every phase, gradient clipping at 1. Decoder weights start at std fan_in**-0.5 rather than Hugging Face's
-0.02, and word embeddings at std 1: at 0.02 the small decoder stays at chance for hundreds of steps. Every `log_every` steps one line goes to
-log.jsonl (loss, teacher-forced answer accuracy per family, learning rate, elapsed time); in phase 3 and at its
-start a greedy evaluation on a small held-out set is logged every `eval_every` steps. The training state is
-saved every `save_every` steps (train_state.pt) and `resume` continues from it. At the end the model is
-exported as a Hugging Face folder (weights, config, tokenizer, processor) and the curve is plotted to
-curve.png.
+word on; one-hop families only), which rewards looking the named object up as soon as it is named. AdamW with
+a warmup and cosine decay in every phase, gradient clipping at 1. Decoder weights start at std fan_in**-0.5
+rather than Hugging Face's 0.02, and word embeddings at std 1: at 0.02 the small decoder stays at chance for
+hundreds of steps. With `bf16` the matrix products run in bfloat16 (autocast; attention and the loss stay in
+float32): on CPUs with bfloat16 units that is much faster, and the weights are kept and exported in float32.
+
+Every `log_every` steps one line goes to log.jsonl (loss, teacher-forced answer accuracy per family, learning
+rate, elapsed time); from the end of phase 2 on, a greedy evaluation on a small held-out set is logged every
+`eval_every` steps. The training state is saved every `save_every` steps (train_state.pt) and `resume`
+continues from it. At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
+processor) and the curve is plotted to curve.png.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from visroute.testbed import log
 from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
-from visroute.testbed.questions import FAMILIES, TEMPLATES, answer_of, ask
+from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, MULTI_HOP_FAMILIES, TEMPLATES, answer_of, ask
 from visroute.testbed.scenes import ALL_COLORS, GRID, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
 
 IGNORE = -100
@@ -60,39 +69,61 @@ PHASES = ("symbolic", "tower", "joint")
 
 @dataclass
 class TrainConfig:
-    out: str = "runs/testbed"
-    symbolic_steps: int = 3200
-    tower_steps: int = 300
-    joint_steps: int = 600
-    images: int = 8  # images per step
-    questions: tuple[str, ...] = FAMILIES + ("attribute", "attribute", "existence", "grounding", "grounding",
-                                             "relation", "counting")  # asked of every image
-    text_rows: int = 1  # rows of image-free questions per step (phases 1 and 3)
-    text_questions: int = 16  # questions per image-free row
-    # Phase 1 schedule, in symbolic steps: (from step, question families added). Attribute questions alone
-    # first: mixed with the other families from the start, the decoder stays at chance far longer.
-    unlock: tuple = ((0, ("attribute",)), (250, ("existence", "grounding", "blind_solvable")),
-                     (450, ("counting", "relation")))
-    text_from: int = 250  # symbolic step from which the image-free rows join (ask only unlocked families)
-    curriculum: int = 0  # symbolic steps over which scenes grow from 1 object to the full 3..6 (0: none)
-    reveal: int = 400  # symbolic steps over which the questions come to see the background tokens
-    place_rows: int = 12  # extra image rows per step of one object and one "where" question (see place_rows)
-    place_until: int = 400  # ... during the first this many symbolic steps
-    early: float = 0.5  # weight of the early-answer loss at the start of phase 1, falling linearly to 0 ...
-    early_until: float = 0.6  # ... at this share of phase 1
-    lr: float = 1e-3  # phases 1 and 2
-    joint_lr: float = 3e-4
-    patch_weight: float = 1.0  # weight of the per-patch loss in phase 3
-    min_lr_ratio: float = 0.05
-    warmup: int = 50  # steps of linear warmup at the start of each phase
-    weight_decay: float = 0.05
-    size: str = "small"
-    seed: int = 0
-    threads: int = 2
-    log_every: int = 10
-    eval_every: int = 100
-    eval_items: int = 120
-    save_every: int = 100
+    """Every setting of a training run. Fields whose metadata says `"recipe": False` do not change the trained
+    weights (where and how often things are written, threads); a resumed run may change only those."""
+
+    out: str = field(default="runs/testbed", metadata={
+        "help": "run folder: log, training state, exported model", "recipe": False})
+    symbolic_steps: int = field(default=3200, metadata={"help": "phase 1: steps of the decoder on symbolic tokens"})
+    tower_steps: int = field(default=300, metadata={"help": "phase 2: steps of the vision tower and projector"})
+    joint_steps: int = field(default=600, metadata={"help": "phase 3: steps of the whole model, end to end"})
+    images: int = field(default=8, metadata={"help": "images per step"})
+    questions: tuple[str, ...] = field(
+        default=FAMILIES + ("relation_attribute", "same_attribute", "relation_grounding", "counting", "relation",
+                            "grounding"),
+        metadata={"help": "question families asked of every image (unlocked ones only, repeated to this count)"})
+    text_rows: int = field(default=1, metadata={"help": "rows of image-free questions per step (phases 1 and 3)"})
+    text_questions: int = field(default=16, metadata={"help": "questions per image-free row"})
+    unlock: tuple[str, ...] = field(
+        default=("attribute=0", "existence=250", "grounding=250", "blind_solvable=250", "counting=450",
+                 "relation=450", "relation_attribute=900", "same_attribute=900", "relation_grounding=900"),
+        metadata={"help": "family=step: the phase-1 step from which a family is asked (unlisted: from 0)"})
+    text_from: int = field(default=250, metadata={"help": "phase-1 step from which the image-free rows join"})
+    curriculum: int = field(default=0, metadata={
+        "help": "phase-1 steps over which scenes grow from 1 object to the full 3..6 (0: none)"})
+    reveal: int = field(default=400, metadata={
+        "help": "phase-1 steps over which the questions come to see the background tokens"})
+    place_rows: int = field(default=12, metadata={
+        "help": "extra rows per step of one object, background hidden, asking where it is"})
+    place_until: int = field(default=400, metadata={"help": "phase-1 steps that have the place rows"})
+    early: float = field(default=0.5, metadata={"help": "weight of the early-answer loss when phase 1 starts"})
+    early_until: float = field(default=0.6, metadata={
+        "help": "share of phase 1 over which the early-answer weight falls to 0"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of phases 1 and 2"})
+    joint_lr: float = field(default=3e-4, metadata={"help": "peak learning rate of phase 3"})
+    patch_weight: float = field(default=1.0, metadata={"help": "weight of the per-patch loss in phase 3"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "learning rate at the end of a phase, over its peak"})
+    warmup: int = field(default=50, metadata={"help": "steps of linear warmup at the start of each phase"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the matrices"})
+    size: str = field(default="deep", metadata={"help": "model size (visroute.testbed.modeling.MODEL_SIZES)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the training scenes"})
+    bf16: bool = field(default=True, metadata={
+        "help": "matrix products in bfloat16 (autocast); attention, loss and weights stay float32"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads", "recipe": False})
+    log_every: int = field(default=10, metadata={"help": "steps between two log lines", "recipe": False})
+    eval_every: int = field(default=200, metadata={
+        "help": "phase-3 steps between two held-out evaluations (0: none)", "recipe": False})
+    eval_items: int = field(default=180, metadata={"help": "size of that held-out set", "recipe": False})
+    save_every: int = field(default=100, metadata={"help": "steps between two saves of the state", "recipe": False})
+
+    def __post_init__(self):
+        for f in self.questions:
+            if f not in FAMILIES:
+                raise ValueError(f"unknown family {f!r} in questions")
+        for entry in self.unlock:
+            fam, eq, step = entry.partition("=")
+            if fam not in FAMILIES or not eq or not step.strip().isdigit():
+                raise ValueError(f"unlock entries are family=step with a known family, not {entry!r}")
 
     @property
     def steps(self) -> int:
@@ -105,6 +136,26 @@ class TrainConfig:
                 return name, step, n
             step -= n
         raise ValueError("step past the end of training")
+
+    def unlock_steps(self) -> dict[str, int]:
+        """The phase-1 step from which each family is asked."""
+        given = {fam: int(step) for fam, _, step in (e.partition("=") for e in self.unlock)}
+        return {f: given.get(f, 0) for f in FAMILIES}
+
+
+class PackedRows(NamedTuple):
+    """Right-padded packed rows of one step (see `pack`). `pixels` (N, 3, 192, 192) and `labels` (N, 144, 3)
+    belong to image rows: pixels only where the tower runs (phases 2 and 3), labels (colour, shape, part id of
+    every patch) always; both None for image-free rows."""
+
+    ids: torch.Tensor  # (N, L) token ids
+    pos: torch.Tensor  # (N, L) position ids (each question block restarts right after the prefix)
+    blk: torch.Tensor  # (N, L) block index: 0 prefix, k >= 1 question k, -1 padding, HIDDEN hidden prefix token
+    lab: torch.Tensor  # (N, L) next-token labels (answer tokens and </s>), IGNORE elsewhere
+    early: torch.Tensor  # (N, L) early-answer labels, IGNORE elsewhere
+    fams: list[list[str]]  # family of every labelled position ("" elsewhere)
+    pixels: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 class _Tok:
@@ -120,15 +171,19 @@ class _Tok:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def block(self, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+    def block(self, question: str, answer: str, early: bool = True) -> tuple[list[int], list[int], list[int]]:
         """Token ids of `{question} ASSISTANT: {answer}</s>`, their next-token labels (answer and </s>), and the
         early-answer labels: the first answer token at every question token from the first word that names a
-        colour or shape up to ASSISTANT (see TrainConfig.early)."""
+        colour or shape up to ASSISTANT (none without `early`; see TrainConfig.early)."""
         q = self.ids(f"{question} ASSISTANT:")
         a = self.ids(answer) + [EOS_ID]
-        first = next((i for i, t in enumerate(q) if t in self.names), len(q) - 1)
-        early = [IGNORE] * first + [a[0]] * (len(q) - 1 - first) + [IGNORE] * (len(a) + 1)
-        return q + a, [IGNORE] * (len(q) - 1) + a + [IGNORE], early
+        first = next((i for i, t in enumerate(q) if t in self.names), len(q) - 1) if early else len(q) - 1
+        early_labels = [IGNORE] * first + [a[0]] * (len(q) - 1 - first) + [IGNORE] * (len(a) + 1)
+        return q + a, [IGNORE] * (len(q) - 1) + a + [IGNORE], early_labels
+
+    def question_block(self, q, objs) -> tuple[list[int], list[int], list[int], str]:
+        """`block` of question `q` on the scene `objs`, with its family."""
+        return (*self.block(q.text, answer_of(q, objs), early=q.family not in MULTI_HOP_FAMILIES), q.family)
 
     @functools.cached_property
     def names(self) -> set[int]:
@@ -136,9 +191,8 @@ class _Tok:
         return {self.ids(w)[0] for w in words}
 
 
-def _pack(prefixes: list[list[int]], blocks: list[list[tuple[list[int], list[int], list[int], str]]]):
-    """Right-padded packed rows: ids, positions, block index (0 = prefix, -1 = padding), labels, early-answer
-    labels, and the family of each labelled position."""
+def pack(prefixes: list[list[int]], blocks: list[list[tuple[list[int], list[int], list[int], str]]]) -> PackedRows:
+    """Right-padded packed rows: one row per prefix, followed by its question blocks."""
     rows = []
     for prefix, bl in zip(prefixes, blocks):
         n0 = len(prefix)
@@ -160,7 +214,7 @@ def _pack(prefixes: list[list[int]], blocks: list[list[tuple[list[int], list[int
         for t, values in zip(out, row[:5]):
             t[i, :len(values)] = torch.tensor(values)
         fams.append(row[5] + [""] * (length - len(row[5])))
-    return (*out, fams)
+    return PackedRows(*out, fams)
 
 
 HIDDEN = -2  # block index of prefix tokens the question blocks do not see (see background_visible)
@@ -190,7 +244,7 @@ def background_visible(cfg: TrainConfig, step: int) -> float:
     return min(1.0, d / cfg.reveal)
 
 
-def place_rows(cfg: TrainConfig, step: int) -> int:
+def place_rows_at(cfg: TrainConfig, step: int) -> int:
     """Extra rows at `step` that each show one object, with the background hidden, and ask where it is. Reading a
     place out of the visual tokens and looking an object up among several are learned together only very
     slowly (neither gives a gradient signal before the other exists); on a lone object the readout forms
@@ -210,75 +264,85 @@ def scene_sizes(cfg: TrainConfig, step: int) -> tuple[int, int]:
 
 
 def unlocked(cfg: TrainConfig, step: int) -> set[str]:
-    """The question families asked at `step`: in phase 1 those of `cfg.unlock` whose step has come, then all."""
+    """The question families asked at `step`: in phase 1 those whose `cfg.unlock` step has come, then all."""
     name, d, _ = cfg.phase(step)
-    return {f for start, fams in cfg.unlock if name != "symbolic" or d >= start for f in fams}
+    return {f for f, start in cfg.unlock_steps().items() if name != "symbolic" or d >= start}
 
 
-def text_rows(cfg: TrainConfig, step: int) -> int:
+def text_rows_at(cfg: TrainConfig, step: int) -> int:
     """Image-free rows at `step` (none in phase 2, none in phase 1 before `cfg.text_from`)."""
     name, d, _ = cfg.phase(step)
     return 0 if name == "tower" or (name == "symbolic" and d < cfg.text_from) else cfg.text_rows
 
 
-def make_batch(cfg: TrainConfig, step: int, tok: _Tok):
-    """The packed image rows and image-free rows of training step `step` (a pure function of seed and step)."""
+def make_batch(cfg: TrainConfig, step: int, tok: _Tok) -> dict[str, PackedRows]:
+    """The packed rows of training step `step` (a pure function of seed and step): "image" (the scenes with
+    their questions), "place" (the place rows, when there are any) and "text" (the image-free rows, when there
+    are any). Images are rendered only where the tower runs."""
     image_prefix = [BOS_ID] + tok.user + [IMAGE_ID] * (GRID * GRID)
     families = unlocked(cfg, step)
     asked = [f for f in cfg.questions if f in families]
     forms = {t for f in families for t in TEMPLATES[f]}
-    images, img_blocks, patch_labels = [], [], []
+    draw = cfg.phase(step)[0] != "symbolic"
+    first = len(image_prefix) - GRID * GRID
 
-    def add_image(objs, questions, background_seed):
-        images.append(render(objs, background_seed))
-        patch_labels.append(_patch_labels(objs))
-        img_blocks.append([(*tok.block(q.text, answer_of(q, objs)), q.family) for q in questions])
+    def image_rows(scenes, visible: float, generator) -> PackedRows:
+        """Rows of (objects, questions, background seed); each background token stays visible to the
+        questions with probability `visible`."""
+        blocks = [[tok.question_block(q, objs) for q in questions] for objs, questions, _ in scenes]
+        rows = pack([image_prefix] * len(scenes), blocks)
+        labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
+        hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=generator) >= visible)
+        rows.blk[:, first:first + GRID * GRID][hide] = HIDDEN
+        pixels = pixel_values([render(objs, seed) for objs, _, seed in scenes]) if draw else None
+        return rows._replace(pixels=pixels, labels=labels)
 
+    scenes = []
     for row in range(cfg.images):
         rng = random.Random(f"visroute-train:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
         fams = [asked[i % len(asked)] for i in range(len(cfg.questions))]
         rng.shuffle(fams)
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
-        add_image(objs, questions, background_seed)
-    for row in range(place_rows(cfg, step)):
+        scenes.append((objs, questions, background_seed))
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    batch = {"image": image_rows(scenes, background_visible(cfg, step), g)}
+    places = []
+    for row in range(place_rows_at(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
         questions, objs = ask(rng, [], ["grounding"])
-        add_image(objs, questions, background_seed)
-    n_text = text_rows(cfg, step)
+        places.append((objs, questions, background_seed))
+    if places:
+        batch["place"] = image_rows(places, 0.0, g)  # the place rows never see the background
+    n_text = text_rows_at(cfg, step)
     text_blocks = []
     for row in range(n_text):
         rng = random.Random(f"visroute-train-text:{cfg.seed}:{step}:{row}")
         bl = []
         while len(bl) < cfg.text_questions:
             questions, objs = ask(rng, random_scene(rng), [rng.choice(sorted(families))])
-            bl += [(*tok.block(q.text, answer_of(q, objs)), q.family) for q in questions]
+            bl += [tok.question_block(q, objs) for q in questions]
         text_blocks.append(bl)
-    ids, pos, blk, lab, early, fams = _pack([image_prefix] * len(images), img_blocks)
-    labels = torch.stack(patch_labels)
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=g) >= background_visible(cfg, step))
-    hide[cfg.images:] = labels[cfg.images:, :, 0] == 0  # the place rows never see the background
-    first = len(image_prefix) - GRID * GRID
-    blk[:, first:first + GRID * GRID][hide] = HIDDEN
-    batch = {"image": (ids, pos, blk, lab, early, fams, pixel_values(images), labels)}
     if n_text:
-        batch["text"] = (*_pack([[BOS_ID] + tok.user] * n_text, text_blocks), None, None)
+        batch["text"] = pack([[BOS_ID] + tok.user] * n_text, text_blocks)
     return batch
 
 
 COLOR_IDS = {c: i + 1 for i, c in enumerate(ALL_COLORS)}  # 0: no object
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(list(SHAPES) + sorted(PRIOR_SHAPES))}
+PARTS = ("whole", "top left", "top right", "bottom left", "bottom right")  # part ids 1..5; 0: no object
 
 
 def _patch_labels(objs) -> torch.Tensor:
-    """(GRID*GRID, 2) colour id and shape id of the object painting each patch (0 where there is none)."""
-    lab = torch.zeros(GRID * GRID, 2, dtype=torch.long)
+    """(GRID*GRID, 3) colour id, shape id and part id of the object painting each patch (0 where there is
+    none): part 1 for a small object, 2..5 for the quarters of a large one (see PARTS)."""
+    lab = torch.zeros(GRID * GRID, 3, dtype=torch.long)
     for o in objs:
-        toks = object_tokens(o)
-        lab[toks, 0] = COLOR_IDS[o.color]
-        lab[toks, 1] = SHAPE_IDS[o.shape]
+        for t in object_tokens(o):
+            lab[t, 0] = COLOR_IDS[o.color]
+            lab[t, 1] = SHAPE_IDS[o.shape]
+            lab[t, 2] = 1 if o.size == 1 else 2 + 2 * (t // GRID - o.y) + (t % GRID - o.x)
     return lab
 
 
@@ -294,9 +358,9 @@ def init_weights(model) -> None:
 
 class SymbolicTokens(torch.nn.Module):
     """The visual tokens the decoder learns on in phase 1 and the tower learns to produce in phases 2 and 3:
-    embed(colour word) + embed(shape word) for a patch an object paints, a learned `nothing` vector for the
-    background, plus a learned vector for the patch's column and one for its row. Used only in training; not
-    part of the exported model."""
+    embed(colour word) + embed(shape word) + a learned vector of the object part for a patch an object paints,
+    a learned `nothing` vector for the background, plus a learned vector for the patch's column and one for its
+    row. Used only in training; not part of the exported model."""
 
     def __init__(self, dim: int, tok: _Tok):
         super().__init__()
@@ -305,6 +369,7 @@ class SymbolicTokens(torch.nn.Module):
         self.nothing = torch.nn.Parameter(torch.randn(dim))
         self.column = torch.nn.Parameter(torch.randn(GRID, dim) * 0.5)
         self.row = torch.nn.Parameter(torch.randn(GRID, dim) * 0.5)
+        self.part = torch.nn.Parameter(torch.randn(len(PARTS), dim) * 0.5)
 
     @property
     def place(self) -> torch.Tensor:
@@ -312,24 +377,29 @@ class SymbolicTokens(torch.nn.Module):
         return (self.row[:, None, :] + self.column[None, :, :]).flatten(0, 1)
 
     def forward(self, labels: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        """(B, GRID*GRID, dim) tokens for per-patch (colour id, shape id) labels, `embed` the word embeddings."""
-        color, shape = labels[..., 0], labels[..., 1]
-        obj = embed[self.color_words[(color - 1).clamp(min=0)]] + embed[self.shape_words[(shape - 1).clamp(min=0)]]
+        """(B, GRID*GRID, dim) tokens for per-patch (colour, shape, part) ids, `embed` the word embeddings."""
+        color, shape, part = labels[..., 0], labels[..., 1], labels[..., 2]
+        obj = (embed[self.color_words[(color - 1).clamp(min=0)]] + embed[self.shape_words[(shape - 1).clamp(min=0)]]
+               + self.part[(part - 1).clamp(min=0)])
         return torch.where((color > 0)[..., None], obj, self.nothing) + self.place
 
 
-def answer_loss(model, hidden, lab, early, fams, blk):
+def answer_loss(model, hidden, rows: PackedRows):
     """Summed cross-entropy over labelled positions, their count, per-family (correct, total) answers under
     teacher forcing (an answer counts as correct when all its tokens and the </s> are), and the mean
-    early-answer loss."""
-    sel_early = early != IGNORE
-    early_loss = F.cross_entropy(model.lm_head(hidden[sel_early]).float(), early[sel_early])
-    sel = lab != IGNORE
-    logits = model.lm_head(hidden[sel])
-    target = lab[sel]
-    loss = F.cross_entropy(logits.float(), target, reduction="sum")
+    early-answer loss (None when no position has an early-answer label)."""
+    lab, early, blk = rows.lab, rows.early, rows.blk
+    with torch.autocast("cpu", enabled=False):
+        sel_early = early != IGNORE
+        early_loss = None
+        if bool(sel_early.any()):
+            early_loss = F.cross_entropy(model.lm_head(hidden[sel_early].float()), early[sel_early])
+        sel = lab != IGNORE
+        logits = model.lm_head(hidden[sel].float())
+        target = lab[sel]
+        loss = F.cross_entropy(logits, target, reduction="sum")
     hit = (logits.argmax(-1) == target).tolist()
-    flat_fams = [f for row, m in zip(fams, sel.tolist()) for f, keep in zip(row, m) if keep]
+    flat_fams = [f for row, m in zip(rows.fams, sel.tolist()) for f, keep in zip(row, m) if keep]
     answers: dict[tuple[int, int], list] = {}
     for h, f, b, r in zip(hit, flat_fams, blk[sel].tolist(), sel.nonzero()[:, 0].tolist()):
         answers.setdefault((r, b), [f, True])[1] &= bool(h)
@@ -355,7 +425,7 @@ def projected_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
     """(N, 144, dim) projector outputs for `pixels`: the visual tokens the model feeds its decoder."""
     feats = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                            vision_feature_select_strategy="default").pooler_output
-    return torch.stack(list(feats))
+    return torch.stack(list(feats)).float()
 
 
 def patch_loss(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -396,35 +466,98 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
-def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, batch: dict, window: "_Window"):
+FP32_ATTENTION = "visroute_testbed_sdpa_fp32"
+
+
+def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+    """SDPA in float32 under bfloat16 autocast (its bfloat16 backward is slow on CPUs, and less exact)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(dtype), weights
+
+
+@contextlib.contextmanager
+def precision(model, cfg: TrainConfig):
+    """Within: bfloat16 autocast with float32 attention when `cfg.bf16`, else nothing changes."""
+    if not cfg.bf16:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+    configs = [model.config.text_config, model.config.vision_config]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = FP32_ATTENTION
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl
+
+
+def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, batch: dict[str, PackedRows],
+               window: "_Window"):
     """Forward and backward of one step (the caller steps the optimizer)."""
     phase = cfg.phase(step)[0]
     embed = model.get_input_embeddings().weight
-    *_, pixels, labels = batch["image"]
-    target = symbolic(labels, embed)
-    if phase == "tower":
-        loss = patch_loss(projected_tokens(model, pixels), target.detach())
-        loss.backward()
-        window.add(patch=float(loss.detach()))
-        return
-    tokens = target if phase == "symbolic" else projected_tokens(model, pixels)
-    losses, early_losses, count = [], [], 0
-    for name, (ids, pos, blk, lab, early, fams, _, _) in batch.items():
-        hidden = decoder_hidden(model, ids, pos, blk, tokens if name == "image" else None)
-        loss, n, stats, early_loss = answer_loss(model, hidden, lab, early, fams, blk)
-        losses.append(loss)
-        early_losses.append(early_loss)
-        count += n
-        window.add_stats(stats)
-    total = torch.stack(losses).sum() / count
-    early_total = torch.stack(early_losses).mean()
-    objective = total + early_weight(cfg, step) * early_total
-    if phase == "joint":
-        patch = patch_loss(tokens, target.detach())
-        objective = objective + cfg.patch_weight * patch
-        window.add(patch=float(patch.detach()))
+    target = symbolic(batch["image"].labels, embed)
+    with precision(model, cfg):
+        if phase == "tower":
+            loss = patch_loss(projected_tokens(model, batch["image"].pixels), target.detach())
+            loss.backward()
+            window.add(patch=float(loss.detach()))
+            return
+        tokens = target if phase == "symbolic" else projected_tokens(model, batch["image"].pixels)
+        losses, early_losses, count = [], [], 0
+        for name, rows in batch.items():
+            visual = None
+            if name == "image":
+                visual = tokens
+            elif rows.labels is not None:  # place rows: symbolic tokens (they exist in phase 1 only)
+                visual = symbolic(rows.labels, embed)
+            hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual)
+            loss, n, stats, early_loss = answer_loss(model, hidden, rows)
+            losses.append(loss)
+            if early_loss is not None:
+                early_losses.append(early_loss)
+            count += n
+            window.add_stats(stats)
+        total = torch.stack(losses).sum() / count
+        objective = total
+        if early_losses:
+            early_total = torch.stack(early_losses).mean()
+            objective = objective + early_weight(cfg, step) * early_total
+            window.add(early=float(early_total.detach()))
+        if phase == "joint":
+            patch = patch_loss(tokens, target.detach())
+            objective = objective + cfg.patch_weight * patch
+            window.add(patch=float(patch.detach()))
     objective.backward()
-    window.add(loss=float(total.detach()) * count, tokens=count, early=float(early_total.detach()))
+    window.add(loss=float(total.detach()) * count, tokens=count)
+
+
+def held_out_accuracy(model, processor, items) -> dict[str, float]:
+    """Greedy accuracy per family (and "all") on `items`, box answers correct at IoU >= 0.5."""
+    from visroute.testbed.evaluate import Evaluator, box_iou, parse_box
+
+    rep = Evaluator(model, processor, items, progress=False).run(None)
+    by: dict[str, list[bool]] = {}
+    for it, r in zip(items, rep.results):
+        if it.template in BOX_TEMPLATES:
+            box = parse_box(r.prediction)
+            ok = box is not None and box_iou(box, it.box) >= 0.5
+        else:
+            ok = r.prediction == it.answer
+        by.setdefault(it.family, []).append(ok)
+    out = {f: sum(v) / len(v) for f, v in by.items()}
+    out["all"] = sum(sum(v) for v in by.values()) / max(1, len(items))
+    return out
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> Path | None:
@@ -433,7 +566,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     None then."""
     from tqdm.auto import tqdm
 
-    from visroute.testbed.evaluate import HELDOUT_SEED, Evaluator
+    from visroute.testbed.evaluate import HELDOUT_SEED
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -453,7 +586,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         start, elapsed = state["step"], state["elapsed"]
         if start < cfg.steps and state["phase"] == cfg.phase(start)[0]:
             opt_state = state["optimizer"]
-        _truncate_log(log_path, start)
+        log.truncate(log_path, start)
     elif log_path.exists():
         log_path.unlink()
     processor = build_processor()
@@ -492,20 +625,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
                     **window.summary()}
             if "loss" in line or "patch_loss" in line:
                 bar.set_postfix(loss=f"{line.get('loss', line.get('patch_loss')):.3f}")
-            _log(log_path, line)
+            log.append(log_path, line)
             window = _Window()
         tower_done = done == cfg.symbolic_steps + cfg.tower_steps
         if cfg.eval_every and (tower_done or (phase == "joint" and (d + 1) % cfg.eval_every == 0)
                                or done == cfg.steps):
             model.eval()
-            rep = Evaluator(model, processor, held_out, progress=False).run(None)
+            acc = held_out_accuracy(model, processor, held_out)
             model.train()
-            _log(log_path, {"step": done, "eval": rep.accuracy(), "elapsed_s": round(elapsed, 1)})
+            log.append(log_path, {"step": done, "eval": acc, "elapsed_s": round(elapsed, 1)})
             t_last = time.perf_counter()
         if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at:
             torch.save({"model": model.state_dict(), "symbolic": symbolic.state_dict(),
-                        "optimizer": opt.state_dict(), "phase": phase, "step": done, "elapsed": elapsed, "config": asdict(cfg)},
-                       state_path)
+                        "optimizer": opt.state_dict(), "phase": phase, "step": done, "elapsed": elapsed,
+                        "config": asdict(cfg)}, state_path)
             t_last = time.perf_counter()
         if done == stop_at:
             bar.close()
@@ -513,7 +646,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     bar.close()
     model.eval()
     folder = export(model, out / "model")
-    plot_curve(log_path, out / "curve.png")
+    log.plot_curve(log_path, out / "curve.png")
     return folder
 
 
@@ -558,64 +691,6 @@ def export(model, folder: str | Path) -> Path:
 
 
 def _recipe(cfg: dict) -> dict:
-    """The settings that decide the trained weights (not where or how often things are written)."""
-    skip = {"out", "threads", "log_every", "eval_every", "eval_items", "save_every"}
+    """The settings that decide the trained weights: every field but those marked `"recipe": False`."""
+    skip = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("recipe", True)}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k not in skip}
-
-
-def _log(path: Path, line: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of a log.jsonl."""
-    lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-    return [x for x in lines if "eval" not in x], [x for x in lines if "eval" in x]
-
-
-def plot_curve(log_path: str | Path, png: str | Path) -> None:
-    """Answer loss and per-patch loss (left) and held-out accuracy per family (right) against steps, with the
-    phase boundaries marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train_lines, eval_lines = read_log(log_path)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("loss", "answer loss"), ("patch_loss", "per-patch loss")):
-        pts = [(x["step"], x[key]) for x in train_lines if key in x]
-        if pts:
-            ax1.plot(*zip(*pts), lw=1, label=label)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("step")
-    ax1.set_title("training losses")
-    ax1.legend(fontsize=8)
-    for fam in FAMILIES:
-        pts = [(x["step"], x["eval"][fam]) for x in eval_lines if fam in x["eval"]]
-        if pts:
-            ax2.plot(*zip(*pts), marker="o", ms=3, label=fam)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("held-out accuracy (greedy)")
-    ax2.set_ylim(0, 1.02)
-    if eval_lines:
-        ax2.legend(fontsize=8)
-    ax2.set_title("held-out accuracy per family (real image path)")
-    previous = None
-    for x in train_lines:
-        if previous is not None and x.get("phase") != previous:
-            for ax in (ax1, ax2):
-                ax.axvline(x["step"], color="grey", lw=0.8, ls="--")
-            ax1.text(x["step"], ax1.get_ylim()[1], f" {x.get('phase')}", va="top", fontsize=7, color="grey")
-        previous = x.get("phase")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
