@@ -89,6 +89,14 @@ def budget_label(run: Run) -> str:
     return "keeps " + ",".join(str(k) for k in keeps)
 
 
+def _budget_order(label: str):
+    """Budgets in numeric order (k0.0556 < k0.111 < k0.25; counts after shares)."""
+    try:
+        return (0, float(label[1:]))
+    except ValueError:
+        return (1, 0.0)
+
+
 def _task_for(run: Run):
     from visroute.evaluation.tasks import build_task
 
@@ -236,7 +244,7 @@ def plot_accuracy_vs_layer(summaries: list[RunSummary], path: Path, title: str) 
     if not groups:
         return False
     plt = _plt()
-    budgets = sorted(groups)
+    budgets = sorted(groups, key=_budget_order)
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets):
         _refs(ax, summaries)
@@ -299,7 +307,7 @@ def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
     if not groups:
         return False
     plt = _plt()
-    budgets = sorted(groups)
+    budgets = sorted(groups, key=_budget_order)
     fig, axes = plt.subplots(hops, len(budgets), figsize=(4.6 * len(budgets), 3.4 * hops), squeeze=False,
                              sharey=True)
     for j, budget in enumerate(budgets):

@@ -51,8 +51,6 @@ def load_model(spec: ModelSpec, device: torch.device | None = None):
             raise FileNotFoundError(f"model {spec.path!r}: no such folder, and the hub is offline")
         model, processor = load_pretrained(spec.path, dtype, device=None if target is None else str(target),
                                            device_map=None if device is not None else spec.device_map)
-    tok = getattr(processor, "tokenizer", processor)
-    tok.padding_side = "left"  # batched greedy generation continues every prompt from its last token
     return model, processor
 
 
@@ -100,12 +98,114 @@ class Batch:
     """A batch of one task's items, processed once: prompts with the image, and (built on demand) without."""
 
     items: list[TaskItem]
-    images: list[list]
     inputs: dict[str, Any]
     frames: list[list]  # per item, one ImageFrame per image
     num_visual: list[int]
     relevant: list[list[list[int]] | None]  # per item, per hop, visual-token indices
     blind_inputs: dict[str, Any] | None = None
+
+
+class Session:
+    """One loaded model and its processor: builds batches of a task's items and generates under a config.
+
+    `session.batch(task, items)` processes the items once; `session.generate(task, batch, config)` (None:
+    unrouted; `blind=True`: the blind control) returns one `Row` per item and the routing record."""
+
+    def __init__(self, model, processor, box_frame: str | None = None, rank: int = 0):
+        from visroute.families import adapter_for
+
+        self.model = model.eval()
+        self.processor = processor
+        self.adapter = adapter_for(model)
+        self.box_frame = box_frame
+        self.rank = rank
+        self.flops = _layer_flops(self.adapter.text_config)
+        tok = getattr(processor, "tokenizer", processor)
+        tok.padding_side = "left"  # batched greedy generation continues every prompt from its last token
+        self.pad_token_id = getattr(tok, "pad_token_id", None)
+
+    def _device_inputs(self, inputs) -> dict[str, Any]:
+        dev, dtype = self.model.device, self.model.dtype
+        out = {}
+        for k, v in dict(inputs).items():
+            if torch.is_tensor(v):
+                v = v.to(dev, dtype=dtype) if v.is_floating_point() else v.to(dev)
+            out[k] = v
+        return out
+
+    def batch(self, task: Task, items: list[TaskItem]) -> Batch:
+        images = [it.images() for it in items]
+        texts = [self.adapter.prompt(task.text(it), len(im), self.processor) for it, im in zip(items, images)]
+        flat = [im for ims in images for im in ims]
+        if flat:
+            inputs = self.processor(images=flat, text=texts, padding=True, return_tensors="pt")
+            frames_flat = self.adapter.image_frames(self.processor, flat, dict(inputs), box_frame=self.box_frame)
+        else:
+            inputs = self.processor(text=texts, padding=True, return_tensors="pt")
+            frames_flat = []
+        frames, relevant, counts, k = [], [], [], 0
+        for it, ims in zip(items, images):
+            fr = frames_flat[k:k + len(ims)]
+            k += len(ims)
+            frames.append(fr)
+            counts.append(sum(f.rows * f.cols for f in fr))
+            regions = it.relevance_regions
+            if regions is None or not fr:
+                relevant.append(None)
+            else:  # regions lie on the first image, whose tokens come first
+                relevant.append([sorted({t for box in hop for t in fr[0].tokens_of(box)}) for hop in regions])
+        return Batch(items, self._device_inputs(inputs), frames, counts, relevant)
+
+    def _blind_inputs(self, task: Task, batch: Batch) -> dict[str, Any]:
+        if batch.blind_inputs is None:
+            texts = [self.adapter.prompt(task.text(it), 0, self.processor) for it in batch.items]
+            batch.blind_inputs = self._device_inputs(self.processor(text=texts, padding=True, return_tensors="pt"))
+        return batch.blind_inputs
+
+    def generate(self, task: Task, batch: Batch, config=None, blind: bool = False):
+        """(rows, record): greedy answers of `batch` under `config`, scored, with their costs and recall."""
+        from visroute import apply_routing
+
+        inputs = self._blind_inputs(task, batch) if blind else batch.inputs
+        t0 = time.perf_counter()
+        record = None
+        gen = dict(max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=self.pad_token_id)
+        with torch.no_grad():
+            if config is None or blind:
+                out = self.model.generate(**inputs, **gen)
+            else:
+                with apply_routing(self.model, config) as router:
+                    options = {}
+                    if "relevance" in router.call_inputs:
+                        options["relevance"] = [_relevance(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)]
+                    with router.call_options(**options):
+                        out = self.model.generate(**inputs, **gen)
+                    record = router.last_record
+        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        seconds = (time.perf_counter() - t0) / len(batch.items)
+        seq = inputs["attention_mask"].sum(1).tolist()
+        full_seq = batch.inputs["attention_mask"].sum(1).tolist()
+        layers = self.adapter.num_layers
+        rows = []
+        for b, (it, text) in enumerate(zip(batch.items, texts)):
+            prediction = text.strip()
+            frame = batch.frames[b][0] if batch.frames[b] else None
+            metrics = task.score(it, prediction, frame)
+            row = Row(item_id=it.id, prediction=prediction, correct=bool(metrics["correct"]), metrics=metrics,
+                      kv_unrouted=int(full_seq[b]) * layers, flops_unrouted=float(layers * self.flops(int(full_seq[b]))),
+                      seconds=seconds, rank=self.rank)
+            if record is not None:
+                row.avg_T = float(record.avg_visual_tokens[b])
+                row.kv_entries = int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None
+                row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
+                if batch.relevant[b] is not None:
+                    row.recall = [[_recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
+            else:
+                row.avg_T = 0.0 if blind else float(batch.num_visual[b])
+                row.kv_entries = int(seq[b]) * layers
+                row.flops = float(layers * self.flops(int(seq[b])))
+            rows.append(row)
+        return rows, record
 
 
 @dataclass
@@ -120,7 +220,7 @@ class Job:
 
 
 class Runner:
-    """Runs a grid into a database: `Runner(grid, db).run()`."""
+    """Runs a grid into a database: `Runner(grid, db).run()` (a loaded `model`, `processor` may be given)."""
 
     def __init__(self, grid: Grid, db: str | Path, *, limit: int | None = None, progress: bool = True,
                  ctx: Context | None = None, model=None, processor=None):
@@ -146,14 +246,12 @@ class Runner:
             out.append((spec.label, task, items))
         return out
 
-    def _configs(self, tasks) -> list[tuple[str, Any]]:
-        from visroute.families import adapter_for
-
-        num_layers = adapter_for(self.model).num_layers
+    def _configs(self, session: Session, tasks) -> list[tuple[str, Any]]:
+        num_layers = session.adapter.num_layers
         num_visual = None
         if any(c.needs_num_visual() for c in self.grid.configs):
             _, task, items = tasks[0]
-            num_visual = self._batch(task, items[:1]).num_visual[0]
+            num_visual = session.batch(task, items[:1]).num_visual[0]
         out, seen = [], {}
         for spec in self.grid.configs:
             cfg = spec.resolve(num_layers, num_visual)
@@ -169,52 +267,11 @@ class Runner:
         if self.ctx.is_main:
             print(text, file=sys.stderr)
 
-    # ---- inputs --------------------------------------------------------------------------------------------
-    def _device_inputs(self, inputs) -> dict[str, Any]:
-        dev = self.model.device
-        dtype = self.model.dtype
-        out = {}
-        for k, v in dict(inputs).items():
-            if torch.is_tensor(v):
-                v = v.to(dev, dtype=dtype) if v.is_floating_point() else v.to(dev)
-            out[k] = v
-        return out
-
-    def _batch(self, task: Task, items: list[TaskItem]) -> Batch:
-        images = [it.images() for it in items]
-        texts = [self.adapter.prompt(task.text(it), len(im), self.processor) for it, im in zip(items, images)]
-        flat = [im for ims in images for im in ims]
-        if flat:
-            inputs = self.processor(images=flat, text=texts, padding=True, return_tensors="pt")
-            frames_flat = self.adapter.image_frames(self.processor, flat, dict(inputs), box_frame=self.box_frame)
-        else:
-            inputs = self.processor(text=texts, padding=True, return_tensors="pt")
-            frames_flat = []
-        frames, relevant, counts, k = [], [], [], 0
-        for it, ims in zip(items, images):
-            fr = frames_flat[k:k + len(ims)]
-            k += len(ims)
-            frames.append(fr)
-            counts.append(sum(f.rows * f.cols for f in fr))
-            regions = it.relevance_regions
-            if regions is None or not fr:
-                relevant.append(None)
-            else:
-                relevant.append([sorted({t for box in hop for t in fr[0].tokens_of(box)}) for hop in regions])
-        return Batch(items, images, self._device_inputs(inputs), frames, counts, relevant)
-
-    def _blind_inputs(self, task: Task, batch: Batch) -> dict[str, Any]:
-        if batch.blind_inputs is None:
-            texts = [self.adapter.prompt(task.text(it), 0, self.processor) for it in batch.items]
-            batch.blind_inputs = self._device_inputs(self.processor(text=texts, padding=True, return_tensors="pt"))
-        return batch.blind_inputs
-
     # ---- running -------------------------------------------------------------------------------------------
     def run(self) -> dict[str, dict[str, int]]:
         """Run everything still missing; returns {task: {run name: rows written by this process}}."""
         from tqdm.auto import tqdm
 
-        from visroute.families import adapter_for
         from visroute.scoring import get_scorer_class
 
         if self.db.exists():  # refuse another grid's database before loading anything
@@ -222,11 +279,8 @@ class Runner:
         tasks = self._tasks()
         if self.model is None:
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
-        self.model.eval()
-        self.adapter = adapter_for(self.model)
-        self.box_frame = default_box_frame(self.grid.model)
-        self.flops = _layer_flops(self.adapter.text_config)
-        configs = self._configs(tasks)  # a layer outside the model fails here, before the database is written
+        session = Session(self.model, self.processor, default_box_frame(self.grid.model), self.ctx.rank)
+        configs = self._configs(session, tasks)  # a layer outside the model fails here, before the database is written
         versions, hardware = environment(self.ctx)
         store = Store(self.db, self.grid.identity())
 
@@ -259,14 +313,15 @@ class Runner:
                 bs = self.grid.model.batch_size
                 for start in range(0, len(todo), bs):
                     chunk = todo[start:start + bs]
-                    batch = self._batch(task, chunk)
+                    batch = session.batch(task, chunk)
                     for job in jobs:
-                        want = [i for i, it in enumerate(chunk) if it.id in job.pending]
+                        want = [it for it in chunk if it.id in job.pending]
                         if not want:
                             continue
-                        sub = batch if len(want) == len(chunk) else self._batch(task, [chunk[i] for i in want])
+                        # a resumed run may lack only part of a batch: those items get a batch of their own
+                        sub = batch if len(want) == len(chunk) else session.batch(task, want)
                         bar.set_postfix_str(f"{label}: {job.name}", refresh=False)
-                        rows = self._run_job(task, job, sub)
+                        rows, _ = session.generate(task, sub, job.config, blind=job.kind == BLIND)
                         store.add(job.run_id, rows)
                         job.pending -= {r.item_id for r in rows}
                         written[label][job.name] += len(rows)
@@ -276,52 +331,6 @@ class Runner:
             store.close()
         self.ctx.wait()
         return written
-
-    def _run_job(self, task: Task, job: Job, batch: Batch) -> list[Row]:
-        from visroute import apply_routing
-
-        blind = job.kind == BLIND
-        inputs = self._blind_inputs(task, batch) if blind else batch.inputs
-        t0 = time.perf_counter()
-        record = None
-        gen = dict(max_new_tokens=task.max_new_tokens, do_sample=False,
-                   pad_token_id=getattr(getattr(self.processor, "tokenizer", self.processor), "pad_token_id", None))
-        with torch.no_grad():
-            if job.config is None:
-                out = self.model.generate(**inputs, **gen)
-            else:
-                options = {}
-                with apply_routing(self.model, job.config) as router:
-                    if "relevance" in router.call_inputs:
-                        options["relevance"] = [_relevance(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)]
-                    with router.call_options(**options):
-                        out = self.model.generate(**inputs, **gen)
-                    record = router.last_record
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        seconds = (time.perf_counter() - t0) / len(batch.items)
-        seq = inputs["attention_mask"].sum(1).tolist()
-        full_seq = batch.inputs["attention_mask"].sum(1).tolist()
-        layers = self.adapter.num_layers
-        rows = []
-        for b, (it, text) in enumerate(zip(batch.items, texts)):
-            prediction = text.strip()
-            frame = batch.frames[b][0] if batch.frames[b] else None
-            metrics = task.score(it, prediction, frame)
-            row = Row(item_id=it.id, prediction=prediction, correct=bool(metrics["correct"]), metrics=metrics,
-                      kv_unrouted=int(full_seq[b]) * layers, flops_unrouted=float(layers * self.flops(int(full_seq[b]))),
-                      seconds=seconds, rank=self.ctx.rank)
-            if record is not None:
-                row.avg_T = float(record.avg_visual_tokens[b])
-                row.kv_entries = int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None
-                row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
-                if batch.relevant[b] is not None:
-                    row.recall = [[_recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
-            else:
-                row.avg_T = 0.0 if blind else float(batch.num_visual[b])
-                row.kv_entries = int(seq[b]) * layers
-                row.flops = float(layers * self.flops(int(seq[b])))
-            rows.append(row)
-        return rows
 
 
 def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:

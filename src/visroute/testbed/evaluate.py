@@ -22,39 +22,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from visroute.evaluation.boxes import box_iou  # noqa: F401  (re-exported: the testbed's box IoU)
 from visroute.testbed.data import Item
-from visroute.testbed.modeling import prompt
 from visroute.testbed.questions import FAMILIES
 
 HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
 MAX_NEW_TOKENS = 5  # the longest answer (a box) is 4 tokens, then </s>
 
 
-def box_iou(a: list[int], b: list[int]) -> float:
-    """IoU of two boxes (x1, y1, x2, y2), end exclusive."""
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def parse_box(text: str) -> list[int] | None:
-    parts = text.split()
-    if len(parts) != 4 or not all(p.isdigit() for p in parts):
-        return None
-    x1, y1, x2, y2 = (int(p) for p in parts)
-    return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
-
-
 def score(item: Item, prediction: str) -> tuple[bool, float | None]:
-    """(correct, IoU for grounding items else None)."""
-    pred = " ".join(prediction.split())
-    if item.family == "grounding":
-        box = parse_box(pred)
-        iou = box_iou(box, item.box) if box is not None else 0.0
-        return iou >= 0.5, iou
-    return pred == item.answer, None
+    """(correct, IoU for grounding items else None), scored by the harness's `testbed` task."""
+    from visroute.evaluation.tasks.testbed import TestbedTask, grid_frame, to_task_item
+
+    metrics = TestbedTask().score(to_task_item(item), prediction, grid_frame(item.grid))
+    return bool(metrics["correct"]), metrics.get("iou")
 
 
 def majority_rates(items: list[Item]) -> dict[str, float]:
@@ -142,75 +123,61 @@ class EvalReport:
 
 
 class Evaluator:
-    """Runs routing configs over a fixed item set with batched greedy generation (left-padded batches). The
-    processed inputs are built once and reused by every `run`."""
+    """Runs routing configs over a fixed item set on the evaluation harness (`visroute.evaluation`): batched
+    greedy generation over left-padded batches, the harness's prompts, scoring and records. Each batch is
+    processed once and reused by every `run`."""
 
     def __init__(self, model, processor, items: list[Item], batch_size: int = 32, progress: bool = True,
                  max_new_tokens: int = MAX_NEW_TOKENS):
-        self.model = model.eval()
+        from visroute.evaluation.runner import Session
+        from visroute.evaluation.tasks.testbed import TestbedTask
+
+        self.session = Session(model, processor, box_frame="grid")
+        self.model = self.session.model
         self.processor = processor
         self.items = list(items)
         self.batch_size = batch_size
         self.progress = progress
-        self.max_new_tokens = max_new_tokens
-        self._batches: dict[bool, list[tuple[list[Item], dict]]] = {}
+        self.task = TestbedTask(max_new_tokens=max_new_tokens)
+        self._batches: list | None = None
 
-    def batches(self, blind: bool = False) -> list[tuple[list[Item], dict]]:
-        if blind not in self._batches:
-            out = []
-            for i in range(0, len(self.items), self.batch_size):
-                chunk = self.items[i:i + self.batch_size]
-                texts = [prompt(it.question, image=not blind) for it in chunk]
-                if blind:
-                    inputs = self.processor(text=texts, padding=True, return_tensors="pt")
-                else:
-                    inputs = self.processor(images=[it.image() for it in chunk], text=texts, padding=True,
-                                            return_tensors="pt")
-                out.append((chunk, dict(inputs)))
-            self._batches[blind] = out
-        return self._batches[blind]
+    def batches(self) -> list:
+        """The harness batches of the items (built once)."""
+        if self._batches is None:
+            from visroute.evaluation.tasks.testbed import to_task_item
+
+            task_items = [to_task_item(it) for it in self.items]
+            self._batches = [self.session.batch(self.task, task_items[i:i + self.batch_size])
+                             for i in range(0, len(task_items), self.batch_size)]
+        return self._batches
 
     def run(self, config=None, *, blind: bool = False, name: str | None = None) -> EvalReport:
         """Evaluate the model routed by `config` (a RoutingConfig, dict, YAML path, or None for unrouted);
         `blind=True` runs the blind control (the image removed; routing has nothing to act on)."""
         from tqdm.auto import tqdm
 
-        from visroute import RoutingConfig, apply_routing
+        from visroute import RoutingConfig
 
         if config is not None and not isinstance(config, RoutingConfig):
             config = RoutingConfig.from_dict(config) if isinstance(config, dict) else RoutingConfig.from_yaml(config)
         name = name or ("blind" if blind else ("unrouted" if config is None else f"{config.action}:{config.scorer}"))
-        batches = self.batches(blind)
-        router = apply_routing(self.model, config) if config is not None else None
+        by_id = {it.id: it for it in self.items}
         results: list[ItemResult] = []
         kv_routed = kv_full = 0
         t0 = time.perf_counter()
-        try:
-            for chunk, inputs in tqdm(batches, desc=name, disable=not self.progress, leave=False):
-                options = {}
-                if router is not None and "relevance" in router.call_inputs:
-                    options["relevance"] = torch.stack([it.relevance() for it in chunk])
-                with torch.no_grad():
-                    if router is not None:
-                        with router.call_options(**options):
-                            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-                    else:
-                        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-                texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-                record = router.last_record if router is not None else None
-                if record is not None and record.kv_tokens is not None:
-                    kv_routed += int(record.kv_tokens.sum())
-                    kv_full += int(record.seq_lengths.sum()) * record.num_layers
-                for b, (it, text) in enumerate(zip(chunk, texts)):
-                    correct, iou = score(it, text)
-                    res = ItemResult(it.id, it.family, it.subtype, " ".join(text.split()), correct, iou)
-                    if record is not None:
-                        res.recall = [_recall(st.active[b], it.relevant_tokens) for st in record.stages]
-                        res.avg_T = float(record.avg_visual_tokens[b])
-                    results.append(res)
-        finally:
-            if router is not None:
-                router.remove()
+        for batch in tqdm(self.batches(), desc=name, disable=not self.progress, leave=False):
+            rows, record = self.session.generate(self.task, batch, config, blind=blind)
+            for b, row in enumerate(rows):
+                it = by_id[row.item_id]
+                res = ItemResult(it.id, it.family, it.subtype, " ".join(row.prediction.split()), row.correct,
+                                 row.metrics.get("iou"))
+                if record is not None:
+                    res.recall = [_recall(st.active[b], it.relevant_tokens) for st in record.stages]
+                    res.avg_T = row.avg_T
+                    if row.kv_entries is not None:
+                        kv_routed += row.kv_entries
+                        kv_full += row.kv_unrouted
+                results.append(res)
         return EvalReport(
             name=name, config=config, blind=blind, results=results,
             stage_layers=[s.layer for s in config.stages] if config is not None else [],

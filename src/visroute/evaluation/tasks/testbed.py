@@ -19,6 +19,17 @@ def _patch_boxes(tokens: list[int], rows: int, cols: int) -> list[list[float]]:
     return [[(t % cols) / cols, (t // cols) / rows, (t % cols + 1) / cols, (t // cols + 1) / rows] for t in tokens]
 
 
+def grid_frame(grid: tuple[int, int]):
+    """The ImageFrame of a testbed image on a model whose token grid is the scene's (the testbed model):
+    boxes in grid units."""
+    from visroute.families import ImageFrame
+    from visroute.testbed.scenes import IMAGE_SIZE
+
+    rows, cols = grid
+    return ImageFrame(width=IMAGE_SIZE, height=IMAGE_SIZE, view=(0.0, 0.0, float(IMAGE_SIZE), float(IMAGE_SIZE)),
+                      rows=rows, cols=cols, canvas=(IMAGE_SIZE, IMAGE_SIZE), box_frame="grid")
+
+
 def hops_of(item) -> list[list[int]]:
     """The relevant tokens per hop (one hop, `relevant_tokens`, for items without `hops`)."""
     hops = getattr(item, "hops", None)
@@ -33,7 +44,7 @@ def to_task_item(it) -> TaskItem:
         x1, y1, x2, y2 = it.box
         box = [x1 / cols, y1 / rows, x2 / cols, y2 / rows]
     return TaskItem(
-        id=it.id, question=it.question, answers=[it.answer], kind="box" if it.family == "grounding" else "short",
+        id=it.id, question=it.question, answers=[it.answer], kind="box" if it.box is not None else "short",
         box=box, hops=[_patch_boxes(h, rows, cols) for h in hops_of(it)],
         meta={"family": it.family, "subtype": it.subtype, "template": it.template}, images=lambda it=it: [it.image()],
     )
