@@ -22,6 +22,12 @@ def eager_copy(model, builder):
 
 def decoder_inputs(model, inputs):
     """What the unmodified model feeds its text decoder: (inputs_embeds, position_ids, attention_mask)."""
+    seen = decoder_call(model, inputs)
+    return seen["inputs_embeds"], seen.get("position_ids"), seen.get("attention_mask")
+
+
+def decoder_call(model, inputs):
+    """Every keyword input the unmodified model gives its text decoder (Qwen3-VL's DeepStack features too)."""
     lm = model.model.language_model
     seen = {}
 
@@ -34,7 +40,7 @@ def decoder_inputs(model, inputs):
             model(**inputs)
     finally:
         h.remove()
-    return seen["inputs_embeds"], seen.get("position_ids"), seen.get("attention_mask")
+    return seen
 
 
 def visual_positions(input_ids, token_id):
@@ -92,7 +98,10 @@ def masked_run(model, inputs, image_token_id, stages, action, generated=None, po
     if generated is not None:
         inputs = with_generated(inputs, generated)
     lm = model.model.language_model
-    embeds, pos, _ = decoder_inputs(model, inputs)
+    seen = decoder_call(model, inputs)
+    embeds, pos = seen["inputs_embeds"], seen.get("position_ids")
+    # Qwen3-VL: DeepStack feature l is added to every visual position after decoder layer l, outside the layer
+    deepstack, deep_mask = seen.get("deepstack_visual_embeds"), seen.get("visual_pos_masks")
     b, length, _ = embeds.shape
     if position_ids is not None:
         pos = position_ids
@@ -134,6 +143,9 @@ def masked_run(model, inputs, image_token_id, stages, action, generated=None, po
             captured = holder["w"]
         out = out[0] if isinstance(out, tuple) else out
         h = torch.where(present[..., None], out, h) if action == "reroute" else out
+        if deepstack is not None and li < len(deepstack):
+            h = h.clone()
+            h[deep_mask] = h[deep_mask] + deepstack[li].to(h.dtype)
         hidden.append(h)
     with torch.no_grad():
         logits = model.lm_head(lm.norm(h))
