@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tiny import llava_batch, qwen_batch, tiny_llava, tiny_qwen
+from tiny import FAMILIES, llava_batch
 from visroute import RoutingConfig, Stage, apply_routing
 from visroute.accounting import (
     DecoderDims,
@@ -20,21 +20,18 @@ from visroute.budget import schedule_avg_T
 
 KEEP_ALL = RoutingConfig("prune", "last_token_attention", [])
 
-CASES = {
-    "llava": (lambda attn: tiny_llava(attn=attn), lambda m: llava_batch(m, [[1, 5, 6, 7, 8]], [1])),
-    "qwen2.5": (lambda attn: tiny_qwen("2.5", attn=attn),
-                lambda m: qwen_batch(m, [[1, 5, 6, 7, 8]], [[(8, 12), (4, 8)]])),
-    "qwen2": (lambda attn: tiny_qwen("2", attn=attn), lambda m: qwen_batch(m, [[1, 5, 6, 7]], [[(8, 12)]])),
-}
+CASES = list(FAMILIES)  # every row of the family table
 _MODELS = {}
 
 
 def case(name):
-    # Eager attention runs attention as matmuls, which FlopCounterMode counts (it counts none for CPU SDPA).
+    """The family's tiny model with eager attention, which runs attention as matmuls that FlopCounterMode counts
+    (it counts none for CPU SDPA), and one prompt holding the images of the table's second sample (LLaVA: two
+    images; Qwen: two of different sizes)."""
     if name not in _MODELS:
-        build, batch = CASES[name]
-        model = build("eager")
-        _MODELS[name] = (model, batch(model))
+        row = FAMILIES[name]
+        model = row.build(attn="eager")
+        _MODELS[name] = (model, row.batch(model, [[1, 5, 6, 7, 8]], [row.images[1]]))
     return _MODELS[name]
 
 
@@ -44,7 +41,7 @@ def counted(model, inputs):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASES)
 def test_unrouted_flops_match_flop_counter(name):
     model, inputs = case(name)
     with apply_routing(model, KEEP_ALL) as router, torch.no_grad():

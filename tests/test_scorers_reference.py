@@ -187,7 +187,7 @@ def test_vision_attention_equals_the_towers_eager_attention(any_fam, layer, monk
     options = {} if layer == 1 else {"layer": layer}
     inputs, record = _routed(fam, "vision_cls_attention", [Stage(0, 0.5)], **options)
     ref = fam.eager
-    if fam.name == "llava":
+    if fam.row.tower == "clip":
         per_image = _llava_cls_reference(ref, inputs, layer)
     else:
         per_image = _qwen_received_reference(ref, inputs, layer, monkeypatch)

@@ -43,7 +43,7 @@ def tiny_llava(layers: int = 6, attn: str = "sdpa", seed: int = 0, image_size: i
     return model
 
 
-def tiny_llava_qwen3(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+def tiny_llava_qwen3(layers: int = 6, attn: str = "sdpa", seed: int = 0):
     """A tiny LLaVA whose decoder is a Qwen3 (per-head q_norm / k_norm before RoPE, as in Qwen3, Gemma 3 and
     InternVL3.5 decoders); the norm weights are random so that leaving them out shows."""
     from transformers import Qwen3Config
@@ -207,6 +207,8 @@ class TinyFamily:
     make_batch:     make_batch(model, prompts, images, seed) -> a left-padded batch
     pixel_rows:     rows of `pixel_values` one image takes
     draw_image:     a random image of the family (for randomized batches)
+    tower:          the kind of vision tower, for the references of vision-tower scores: "clip" (a [CLS] token)
+                    or "qwen_vit" (no [CLS]; 2x2 merged patches)
     own_positions:  the model numbers each sample's tokens itself from the attention mask (Qwen's M-RoPE);
                     otherwise a left-padded forward numbers the padding too, and `padded_positions` gives the
                     positions `generate` would use
@@ -220,6 +222,7 @@ class TinyFamily:
     make_batch: Callable[..., dict]
     pixel_rows: Callable[[Any], int]
     draw_image: Callable[[random.Random], Any]
+    tower: str = "clip"
     own_positions: bool = False
     quick: bool = True
 
@@ -275,9 +278,12 @@ FAMILIES: dict[str, TinyFamily] = {
                    make_batch=_llava_batch, pixel_rows=lambda image: 1, draw_image=lambda rng: None),
         TinyFamily("qwen2.5", partial(tiny_qwen, "2.5"), QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
                    make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image,
-                   own_positions=True),
+                   tower="qwen_vit", own_positions=True),
         TinyFamily("qwen2", partial(tiny_qwen, "2"), QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
                    make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image,
-                   own_positions=True, quick=False),
+                   tower="qwen_vit", own_positions=True, quick=False),
+        # not a family of its own: LLaVA's adapter on a decoder with per-head q/k norms (Qwen3)
+        TinyFamily("llava-qwen3", tiny_llava_qwen3, IMAGE_TOKEN, images=((None,), (None, None), (None,)),
+                   make_batch=_llava_batch, pixel_rows=lambda image: 1, draw_image=lambda rng: None, quick=False),
     )
 }
