@@ -260,3 +260,18 @@ def test_the_checks_catch_a_broken_scorer(scratch_registry):
             check_padded_batch_equals_alone(Case("contract_batch_dependent", "prune", fam))
         with pytest.raises(AssertionError, match="non-finite"):
             check_scores_and_selection(Case("contract_infinite", "reroute", fam))
+
+
+def test_a_scorer_needing_inputs_the_suite_cannot_make_up_is_skipped_saying_so(scratch_registry):
+    @scratch_registry
+    class NeedsBoxes(Scorer):
+        name = "contract_needs_boxes"
+        description = "test scorer"
+        call_inputs = ("relevance", "boxes")
+
+        def score(self, ctx):
+            raise AssertionError("not reached")
+
+    for check in CHECKS:
+        with pytest.raises(pytest.skip.Exception, match=r"'contract_needs_boxes' needs per-call inputs \['boxes'\]"):
+            check(Case("contract_needs_boxes", "prune", "llava"))
