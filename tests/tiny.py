@@ -192,6 +192,37 @@ def tiny_llava_processor(model):
                           image_token="<image>")
 
 
+# ---- Qwen3-VL (DeepStack) and LLaVA-NeXT / OneVision (tiles) --------------------------------------------------
+def tiny_qwen3_vl(moe: bool = False, layers: int = 6, attn: str = "sdpa", seed: int = 0, deepstack: int = 2):
+    """A tiny Qwen3-VL (`moe`: Qwen3-VL-MoE, 4 experts, 2 per token, whose widths add up to `intermediate_size`
+    as in the released MoE checkpoints): a decoder with per-head q/k norms and interleaved M-RoPE, and a ViT of
+    `deepstack` (at least 2) blocks each of which feeds a DeepStack feature, added to the visual positions after
+    decoder layers 0 .. deepstack - 1 (the released checkpoints: 3)."""
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if moe:
+        text.update(intermediate_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    decoder_sparse_step=1)
+    vision = dict(depth=max(2, deepstack), hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(range(deepstack)))
+    config_class, cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
+                         else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    cfg = config_class(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                       vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND, video_token_id=113)
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    model = cls(cfg).eval()
+    _spread_weights(model)
+    return model
+
+
 # ---- the family table ---------------------------------------------------------------------------------------
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, L) per-token inputs
 
