@@ -17,10 +17,10 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str | None = "cpu",
-               device_map: Any = None) -> tuple[Any, Any]:
+               device_map: Any = None, processor_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(model, processor) of a supported VLM, with SDPA attention, in eval mode: on `device`, or dispatched by
-    `device_map` ("auto", a dict, ...) when given. An architecture no family serves is refused before any weight
-    loads."""
+    `device_map` ("auto", a dict, ...) when given; `processor_kwargs` go to the processor (e.g. Qwen's
+    `max_pixels`). An architecture no family serves is refused before any weight loads."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from visroute.families import UnsupportedModelError, supported_model_classes
@@ -38,5 +38,5 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     if device_map is None and device is not None:
         model = model.to(device)
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    processor = AutoProcessor.from_pretrained(name_or_path, **(processor_kwargs or {}))
     return model.eval(), processor

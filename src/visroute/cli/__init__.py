@@ -10,7 +10,7 @@ import sys
 
 from visroute.families import UnsupportedModelError
 
-COMMANDS = ("generate", "scorers", "bench", "demo", "testbed", "study")
+COMMANDS = ("generate", "scorers", "bench", "demo", "testbed", "study", "lmms", "paper-table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"visroute.cli.{name}").add_parser(sub)
+        importlib.import_module(f"visroute.cli.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

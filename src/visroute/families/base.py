@@ -239,6 +239,14 @@ class FamilyAdapter(HasOptions):
         raise NotImplementedError(f"{cls.__name__} has no prompt format")
 
     @classmethod
+    def grounding_prompt(cls, expression: str) -> str:
+        """The question that asks this family's checkpoints for the box of `expression` in their box frame (the
+        default: lmms-eval's RefCOCO prompt, which asks for [0, 1] coordinates)."""
+        return ("Bounding box coordinates are specified in the format (top-left x, top-left y, bottom-right x, "
+                "bottom-right y). All values are floating point numbers bounded between 0 and 1. Please provide "
+                "the bounding box coordinate of the region this sentence describes: " + expression)
+
+    @classmethod
     def build_config(cls, shape: ModelShape):
         """The transformers config (SDPA attention) of one of this family's bench shapes."""
         raise NotImplementedError(f"{cls.__name__} builds no bench shapes")

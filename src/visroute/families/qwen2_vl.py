@@ -103,6 +103,11 @@ class Qwen2VLAdapter(FamilyAdapter):
                 + image * num_images + question + "<|im_end|>\n<|im_start|>assistant\n")
 
     @classmethod
+    def grounding_prompt(cls, expression: str) -> str:
+        # Qwen's grounding prompt; lmms-eval's "[0, 1] floats" wording makes Qwen2.5-VL answer wrongly
+        return f"Locate {expression} in this image and output the bbox coordinates in JSON format."
+
+    @classmethod
     def model_class(cls, config):
         from transformers import Qwen2VLForConditionalGeneration
 

@@ -1,0 +1,323 @@
+"""`VisrouteLMM`: an lmms-eval chat model that loads any model visroute supports, routes it, batches requests,
+writes prompts in the family's format, converts boxes between the family's frame and the task's, and writes a
+side log with the routing statistics of every sample.
+
+model_args (lmms-eval's `--model_args k=v,k2=v2`):
+  pretrained   a Hugging Face model id or folder, or "testbed" (the shipped testbed checkpoint; the default)
+  routing      a method preset "name@tier" (e.g. pdrop@128, reroute-pdrop@64), a routing config as inline JSON
+               ('{"action": "prune", ...}'), a YAML path, or none (unrouted)
+  blind        true: the blind control, the same prompts with the images removed
+  dtype        float32 / bfloat16 / float16;  device, device_map ("auto", ...);  batch_size
+  box_tasks    comma-separated glob patterns of the tasks whose answers are boxes (default *bbox_rec*)
+  box_prompt   task (the task's own prompt, the default) or family (the family's grounding prompt on the
+               task's referring expression, `doc["answer"]`; Qwen2.5-VL answers lmms-eval's [0, 1] wording wrongly)
+  box_frame    the frame the model writes boxes in, when not its family's (e.g. grid for the testbed model)
+  box_convert  true (default): a box answer is read in the model's box frame (`FamilyAdapter.box_frame`) and
+               written back as "[x1, y1, x2, y2]" normalised to the original image, the frame lmms-eval's RefCOCO
+               scoring uses; false: the model's text as it is (what unpatched lmms-eval setups score)
+  side_log     folder of the side log (one JSONL per rank; default visroute_logs)
+  min_pixels, max_pixels   passed to the processor (Qwen: the image size range, e.g. max_pixels=451584)
+
+lmms-eval keys its response cache on the model name and the model_args text: a preset or an inline config is
+part of that text; a YAML path is not (editing the file does not invalidate the cache), so prefer the inline
+form with `--use_cache` (`visroute lmms-args --config cfg.yaml` prints it). A model passed to `simple_evaluate`
+as an instance is keyed by `str(instance)`, which holds the canonical config.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+
+from visroute.config import RoutingConfig
+
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_BOX = re.compile(rf"({_NUMBER})\s*,?\s*({_NUMBER})\s*,?\s*({_NUMBER})\s*,?\s*({_NUMBER})")
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"visroute model_args: {name} must be true or false, got {value!r}")
+
+
+def parse_answer_box(text: str) -> list[float] | None:
+    """The first four numbers of an answer (inside [...] or (...), comma- or space-separated), or None."""
+    match = _BOX.search(text)
+    return [float(g) for g in match.groups()] if match else None
+
+
+def resolve_routing(spec: Any, model) -> RoutingConfig | None:
+    """The RoutingConfig a `routing=` value names, for `model` (presets are solved to its decoder depth and
+    visual tokens per image)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "unrouted")):
+        return None
+    if isinstance(spec, RoutingConfig):
+        return spec
+    if isinstance(spec, dict):
+        return RoutingConfig.from_dict(spec)
+    text = str(spec).strip()
+    if text.startswith("{"):
+        try:
+            return RoutingConfig.from_dict(json.loads(text))
+        except json.JSONDecodeError:
+            return RoutingConfig.from_yaml_text(text, source="routing=")
+    if "@" in text and not Path(text).exists():
+        from visroute.integrations.lmms.presets import preset_for_model
+
+        return preset_for_model(text, model)
+    return RoutingConfig.from_yaml(text)
+
+
+class VisrouteLMM(lmms):
+    """A routed Hugging Face VLM as an lmms-eval chat model (see the module docstring for its model_args)."""
+
+    is_simple = False
+
+    def __init__(self, pretrained: str = "testbed", routing: Any = None, blind: Any = False, dtype: str = "bfloat16",
+                 device: str | None = None, device_map: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, box_tasks: str = "*bbox_rec*", box_prompt: str = "task",
+                 box_convert: Any = True, box_frame: str | None = None, side_log: str = "visroute_logs",
+                 min_pixels: int | None = None,
+                 max_pixels: int | None = None, **unknown: Any) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"visroute model_args: unknown {sorted(unknown)}; it takes pretrained, routing, blind, "
+                             "dtype, device, device_map, batch_size, box_tasks, box_prompt, box_convert, box_frame, "
+                             "side_log, min_pixels, max_pixels")
+        from visroute.families import BOX_FRAMES
+
+        if box_frame is not None and box_frame not in BOX_FRAMES:
+            raise ValueError(f"visroute model_args: box_frame must be one of {', '.join(BOX_FRAMES)}, got {box_frame!r}")
+        self.box_frame = box_frame
+        self._processor_kwargs = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                                  if v is not None}
+        if box_prompt not in ("task", "family"):
+            raise ValueError(f"visroute model_args: box_prompt must be task or family, got {box_prompt!r}")
+        from accelerate import Accelerator
+
+        from visroute.families import adapter_for
+
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self._world_size > 1:  # data parallel: one model per process, on its own device
+            device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+            device_map = None
+        self.pretrained = str(pretrained)
+        self.blind = _flag(blind, "blind")
+        self.box_convert = _flag(box_convert, "box_convert")
+        self.box_tasks = [p.strip() for p in str(box_tasks).split(",") if p.strip()]
+        self.box_prompt = box_prompt
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"visroute model_args: batch_size must be at least 1, got {batch_size}")
+        self._model, self.processor = self._load(dtype, device, device_map)
+        self.adapter = adapter_for(self._model)
+        self.router = None
+        self.set_routing(resolve_routing(routing, self._model), blind=self.blind, side_log=side_log)
+
+    def set_routing(self, config: RoutingConfig | None, blind: bool | None = None,
+                    side_log: str | Path | None = None) -> None:
+        """Route the loaded model by `config` (None: unrouted) from now on, optionally switching the blind control
+        and the side log's folder: a sweep reuses one loaded model across runs."""
+        from visroute.engine import apply_routing
+
+        if self.router is not None:
+            self.router.remove()
+        self.config = config
+        self.router = apply_routing(self._model, config) if config is not None else None
+        if blind is not None:
+            self.blind = bool(blind)
+        if side_log is not None:
+            self.side_log = Path(side_log) / f"side_log.rank{self._rank}.jsonl"
+            self.side_log.parent.mkdir(parents=True, exist_ok=True)
+
+    def _load(self, dtype, device, device_map):
+        from visroute.loading import dtype_of, load_model
+
+        if self.pretrained == "testbed":
+            from visroute.testbed import load_model as load_testbed
+
+            model, processor = load_testbed(dtype=dtype_of(dtype))
+            model = model.to(device or "cpu")
+        else:
+            model, processor = load_model(self.pretrained, dtype, device=device or ("cpu" if device_map is None else None),
+                                          device_map=device_map, processor_kwargs=self._processor_kwargs)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
+        return model, processor
+
+    # ---- what lmms-eval reads --------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._model.parameters()).device
+
+    def __str__(self) -> str:
+        # lmms-eval keys its response cache of a model instance on str(instance): the routing config is in it
+        routing = json.dumps(self.config.to_dict(), sort_keys=True) if self.config is not None else None
+        return f"visroute(pretrained={self.pretrained}, routing={routing}, blind={self.blind})"
+
+    def clean(self) -> None:
+        """lmms-eval calls this after each run and, by default, deletes every module attribute; a sweep that
+        reuses this model across runs keeps it, and only frees cached device memory."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("visroute answers generate_until tasks (loglikelihood is not routed)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("visroute answers single-round generate_until tasks")
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def _is_box_task(self, task: str) -> bool:
+        return any(fnmatch.fnmatch(task, pattern) for pattern in self.box_tasks)
+
+    def generate_until(self, requests) -> list[GenerationResult]:
+        from tqdm.auto import tqdm
+
+        # requests with the same generation settings go together, each batch in the order lmms-eval gave them
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[2], sort_keys=True, default=str), []).append(i)
+        out: list[GenerationResult | None] = [None] * len(requests)
+        batches = [idx[s:s + self.batch_size] for idx in groups.values() for s in range(0, len(idx), self.batch_size)]
+        for batch in tqdm(batches, desc="visroute", disable=self._rank != 0):
+            for i, result in zip(batch, self._generate([requests[i] for i in batch])):
+                out[i] = result
+        return out
+
+    def _request(self, req) -> dict[str, Any]:
+        """What one request asks: its images, question, document and generation settings."""
+        from lmms_eval.protocol import ChatMessages
+
+        _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        messages = ChatMessages(messages=doc_to_messages(doc))
+        images, videos, audios = messages.extract_media()
+        if videos or audios:
+            raise ValueError(f"visroute runs image tasks; {task} sends videos or audio")
+        text = "\n".join(c.text for m in messages.messages if m.role != "system" for c in m.content
+                         if c.type == "text")
+        box = self._is_box_task(task)
+        if box and self.box_prompt == "family":
+            text = self.adapter.grounding_prompt(doc["answer"])
+        images = [im.convert("RGB") for im in images] if not self.blind else []
+        return {"task": task, "split": split, "doc_id": doc_id, "doc": doc, "images": images, "text": text,
+                "gen": dict(gen_kwargs or {}), "box": box,
+                "padding": bool(getattr(req, "metadata", {}).get("__padding_only__"))}
+
+    def _generate(self, reqs) -> list[GenerationResult]:
+        items = [self._request(r) for r in reqs]
+        prompts = [self.adapter.prompt(it["text"], len(it["images"]), self.processor) for it in items]
+        images = [im for it in items for im in it["images"]]
+        kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        inputs = dict(self.processor(**kwargs))
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        frames = self.adapter.image_frames(self.processor, images, inputs, self.box_frame) if images else []
+        frame_of, at = [], 0  # each item's first image frame (box tasks ask about one image)
+        for it in items:
+            frame_of.append(frames[at] if it["images"] else None)
+            at += len(it["images"])
+        gen = self._generation_settings(items[0]["gen"])
+        call: dict[str, Any] = {}
+        if self.router is not None and "relevance" in self.router.call_inputs:
+            call["relevance"] = [self._relevance(it, frame) for it, frame in zip(items, frame_of)]
+        with torch.no_grad():
+            if self.router is not None:
+                with self.router.call_options(**call):
+                    ids = self._model.generate(**inputs, **gen)
+            else:
+                ids = self._model.generate(**inputs, **gen)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        record = self.router.last_record if self.router is not None else None
+        results, rows = [], []
+        pad = getattr(getattr(self.processor, "tokenizer", self.processor), "pad_token_id", None)
+        for b, (it, text) in enumerate(zip(items, texts)):
+            for stop in items[0]["gen"].get("until") or []:
+                if isinstance(stop, str) and stop and stop in text:
+                    text = text.split(stop)[0]
+            raw = text
+            if it["box"] and self.box_convert and frame_of[b] is not None:
+                box = parse_answer_box(text)
+                if box is not None:
+                    x1, y1, x2, y2 = frame_of[b].from_answer(box)
+                    text = f"[{x1:.3f}, {y1:.3f}, {x2:.3f}, {y2:.3f}]"
+            produced = int((new[b] != pad).sum()) if pad is not None else int(new.shape[1])
+            results.append(GenerationResult(text=text, token_counts=TokenCounts(
+                input_tokens=int(inputs["attention_mask"][b].sum()), output_tokens=produced)))
+            if not it["padding"]:
+                rows.append(self._side_row(it, b, raw, text, record, inputs, frame_of[b]))
+        with self.side_log.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        return results
+
+    def _generation_settings(self, gen: dict[str, Any]) -> dict[str, Any]:
+        out = {"max_new_tokens": int(gen.get("max_new_tokens", 128)), "num_beams": int(gen.get("num_beams", 1) or 1)}
+        temperature = float(gen.get("temperature", 0) or 0)
+        if temperature > 0:
+            out.update(do_sample=True, temperature=temperature)
+            if gen.get("top_p") is not None:
+                out["top_p"] = float(gen["top_p"])
+        else:
+            out["do_sample"] = False
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        if getattr(tok, "pad_token_id", None) is not None:
+            out["pad_token_id"] = tok.pad_token_id
+        return out
+
+    def _relevant_tokens(self, item: dict[str, Any], frame) -> list[int] | None:
+        """The visual tokens an item's question is about: a box task's ground-truth box (lmms-eval's RefCOCO
+        docs hold it normalised, x1 y1 x2 y2) through the family's frame, or the testbed task's own list."""
+        doc = item["doc"]
+        if "relevant_tokens" in doc and doc["relevant_tokens"] is not None:
+            return [int(t) for t in doc["relevant_tokens"]]
+        if item["box"] and frame is not None and doc.get("bbox") is not None:
+            return frame.tokens_of([float(v) for v in doc["bbox"]])
+        return None
+
+    def _relevance(self, item: dict[str, Any], frame) -> torch.Tensor:
+        tokens = self._relevant_tokens(item, frame)
+        if tokens is None:
+            raise ValueError(f"The oracle scorer needs each item's relevant visual tokens; task {item['task']} "
+                             "carries neither boxes nor a relevant_tokens column")
+        n = frame.rows * frame.cols if frame is not None else len(tokens)
+        r = torch.zeros(n)
+        r[tokens] = 1.0
+        return r
+
+    def _side_row(self, item, b, raw, text, record, inputs, frame) -> dict[str, Any]:
+        row: dict[str, Any] = {"task": item["task"], "split": item["split"], "doc_id": int(item["doc_id"]),
+                               "rank": self._rank, "prediction": text, "raw_prediction": raw, "blind": self.blind,
+                               "routing": None if self.config is None else self.config.to_dict()}
+        layers = self.adapter.num_layers
+        seq = int(inputs["attention_mask"][b].sum())
+        row["kv_entries_unrouted"] = layers * seq
+        if record is None:
+            visual = int((inputs["input_ids"][b] == self.adapter.image_token_id).sum()) if not self.blind else 0
+            row.update(avg_T=float(visual), num_visual=visual, kv_entries=layers * seq, recall=None)
+            return row
+        row.update(avg_T=float(record.avg_visual_tokens[b]), num_visual=int(record.num_visual[b]),
+                   kv_entries=int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None)
+        tokens = self._relevant_tokens(item, frame)
+        row["recall"] = ([float(st.active[b][tokens].float().mean()) for st in record.stages]
+                         if tokens else None)
+        return row
