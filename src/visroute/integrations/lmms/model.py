@@ -109,9 +109,12 @@ class VisrouteLMM(lmms):
         from visroute.families import adapter_for
 
         self.accelerator = Accelerator()
-        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        if self._world_size > 1:  # data parallel: one model per process, on its own device
-            device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+        # data parallel (`accelerate launch -m lmms_eval`): the launcher's environment says who this process is
+        # (lmms-eval sets the same on the model once built); one model per process, on its own device
+        self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self._world_size > 1:
+            local = int(os.environ.get("LOCAL_RANK", self._rank))
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
             device_map = None
         self.pretrained = str(pretrained)
         self.blind = _flag(blind, "blind")
@@ -139,8 +142,23 @@ class VisrouteLMM(lmms):
         if blind is not None:
             self.blind = bool(blind)
         if side_log is not None:
-            self.side_log = Path(side_log) / f"side_log.rank{self._rank}.jsonl"
-            self.side_log.parent.mkdir(parents=True, exist_ok=True)
+            self._side_log_dir = Path(side_log)
+            self._side_log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def side_log(self) -> Path:
+        """This process's side log (its rank is read when written: lmms-eval sets it after construction)."""
+        return self._side_log_dir / f"side_log.rank{self._rank}.jsonl"
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VisrouteLMM":
+        """As lmms-eval's, except that a setting given in model_args (batch_size=8) wins over the command
+        line's default (`--batch_size` is always passed, 1 unless given), instead of colliding with it."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     def _load(self, dtype, device, device_map):
         from visroute.loading import dtype_of, load_model
