@@ -190,3 +190,52 @@ def dart_reference(key_l1, states, vis, instr, keep, n_visual, n_text):
         kept += ranked[:block]
         pool = [j for j in pool if j not in ranked[:block]]
     return sorted(vis.index(p) for p in kept[:keep])
+
+
+# ---- LLaVA-NeXT / OneVision tiles --------------------------------------------------------------------------------
+def _image_args(inputs):
+    return {k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images") if k in inputs}
+
+
+def tiled_layout(model, inputs, per_tile):
+    """LLaVA-NeXT / OneVision: one value per patch of every tile the tower encodes for `inputs` (per_tile (tiles,
+    patches), the tiles in the order the model encodes them) laid out as the model lays out its image features:
+    through its own `get_image_features`, with the projector replaced by one that outputs each patch's value and
+    the newline vector by 0. Returns one tensor per image."""
+    inner = model.model
+    hidden = model.config.text_config.hidden_size
+    projector = inner.multi_modal_projector
+
+    def project(x):
+        out = x.new_zeros(*x.shape[:-1], hidden)
+        out[..., 0] = per_tile.to(x.dtype)
+        return out
+
+    saved = inner.image_newline.detach().clone()
+    projector.forward = project
+    try:
+        with torch.no_grad():
+            inner.image_newline.zero_()
+            features = inner.get_image_features(**_image_args(inputs)).pooler_output
+    finally:
+        del projector.forward
+        with torch.no_grad():
+            inner.image_newline.copy_(saved)
+    return [f[:, 0].float() for f in features]
+
+
+def tiled_vision_reference(model, inputs, layer):
+    """LLaVA-NeXT / OneVision (an eager-attention model): the tower's own attention weights at `layer` for every
+    tile ([CLS] row summed over heads, [CLS] dropped; without [CLS], the attention each patch receives, summed over
+    heads and averaged over its tile's queries), laid out by `tiled_layout`. One tensor per span of the routing
+    record: each image's base tile, then the rest of its tokens."""
+    inner = model.model
+    with torch.no_grad():
+        attn = inner.get_image_features(**_image_args(inputs), output_attentions=True).attentions[layer]
+    tower = getattr(inner.vision_tower, "vision_model", inner.vision_tower)
+    if hasattr(tower.embeddings, "class_embedding"):
+        per_tile = attn[:, :, 0, 1:].sum(1)
+    else:
+        per_tile = attn.sum(1).mean(1)
+    base = per_tile.shape[1]
+    return [piece for image in tiled_layout(model, inputs, per_tile) for piece in (image[:base], image[base:])]

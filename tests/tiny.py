@@ -223,6 +223,80 @@ def tiny_qwen3_vl(moe: bool = False, layers: int = 6, attn: str = "sdpa", seed: 
     return model
 
 
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]  # 32 px tiles of 4 x 4 patches
+
+
+def tiny_llava_next(version: str = "next", layers: int = 6, attn: str = "sdpa", seed: int = 0,
+                    decoder: str = "llama", sliding_window: int | None = None):
+    """A tiny LLaVA-NeXT (CLIP tower with [CLS], Llama or Mistral decoder) or, `version="onevision"`, a tiny
+    LLaVA-OneVision (SigLIP tower without [CLS], Qwen2 decoder, `anyres_max_2`: high-resolution maps beyond
+    about two tiles' worth are bilinearly downsampled). Tiles of 32 x 32 pixels, 4 x 4 patches."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, MistralConfig,
+                              Qwen2Config, SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    if version == "next":
+        decoder_config = MistralConfig(**text, sliding_window=sliding_window) if decoder == "mistral" else LlamaConfig(**text)
+        cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=decoder_config,
+                              image_token_id=IMAGE_TOKEN, image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-1)
+        cls = LlavaNextForConditionalGeneration
+    else:
+        cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
+                                   text_config=Qwen2Config(**text), image_token_id=IMAGE_TOKEN, video_token_id=101,
+                                   image_grid_pinpoints=NEXT_PINPOINTS + [[64, 96], [96, 64], [96, 96]],
+                                   vision_aspect_ratio="anyres_max_2", vision_feature_layer=-1)
+        cls = LlavaOnevisionForConditionalGeneration
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    model = cls(cfg).eval()
+    _spread_weights(model)
+    return model
+
+
+def llava_next_batch(model, prompts: list[list[int]], images: list[list[tuple[int, int]]], seed: int = 0):
+    """Left-padded batch; sample i holds images of (height, width) pixels images[i], their placeholders after the
+    prompt's first token. As the processors do: each image's tiles (transformers' own count; on OneVision an image
+    is tiled only when it is its sample's only one), zero-padded to the batch's most tiles, and as many
+    placeholders as the model's own `get_image_features` gives features."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    tile = cfg.vision_config.image_size
+    onevision = cfg.model_type == "llava_onevision"
+    sizes = [list(hw) for sample in images for hw in sample]
+    per_sample = [len(sample) for sample in images]
+    tiles = [image_size_to_num_patches(hw, cfg.image_grid_pinpoints, tile) if not onevision or n == 1 else 1
+             for n, sample in zip(per_sample, images) for hw in sample]
+    out: dict = {}
+    counts: list[int] = []
+    if sizes:
+        most = max(tiles)
+        pixels = torch.zeros(len(sizes), most, 3, tile, tile)
+        for i, t in enumerate(tiles):
+            pixels[i, :t] = torch.randn(t, 3, tile, tile, generator=g)
+        out = {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+        if onevision:
+            out["batch_num_images"] = torch.tensor(per_sample)
+        with torch.no_grad():
+            feats = model.model.get_image_features(**out).pooler_output
+        counts = [int(f.shape[0]) for f in feats]
+    it = iter(counts)
+    seqs = [ids[:1] + [IMAGE_TOKEN] * sum(next(it) for _ in sample) + ids[1:] for ids, sample in zip(prompts, images)]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), PAD)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, length - len(s):] = torch.tensor(s)
+        mask[i, length - len(s):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, **out}
+
+
 # ---- the family table ---------------------------------------------------------------------------------------
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, L) per-token inputs
 
@@ -300,6 +374,29 @@ def _llava_batch(model, prompts, images, seed):
 
 def _draw_qwen_image(rng: random.Random) -> tuple[int, int]:
     return rng.choice((4, 6, 8)), rng.choice((4, 6, 8, 12))
+
+
+@dataclass(frozen=True)
+class TinyTiledFamily(TinyFamily):
+    """A row whose images also come with per-image `image_sizes` and, on OneVision, per-sample
+    `batch_num_images` (LLaVA-NeXT, OneVision): `select` takes them along."""
+
+    def select(self, inputs: dict, images, rows: list[int], strip_padding: bool = False) -> dict:
+        out = super().select(inputs, images, rows, strip_padding)
+        if not any(images[r] for r in rows):
+            for k in ("pixel_values", "image_sizes", "batch_num_images"):
+                out.pop(k, None)
+            return out
+        if "image_sizes" in inputs:
+            first = [sum(len(s) for s in images[:r]) for r in rows]
+            out["image_sizes"] = torch.cat([inputs["image_sizes"][f : f + len(images[r])] for f, r in zip(first, rows)])
+        if "batch_num_images" in inputs:
+            out["batch_num_images"] = inputs["batch_num_images"][rows]
+        return out
+
+
+def _draw_tiled_image(rng: random.Random) -> tuple[int, int]:
+    return rng.choice((16, 20, 32, 40, 64, 90)), rng.choice((16, 24, 32, 48, 64, 90))
 
 
 FAMILIES: dict[str, TinyFamily] = {

@@ -137,11 +137,12 @@ def get_shape(name: str) -> ModelShape:
 # Importing the built-in families registers them.
 from visroute.families.llava import LlavaAdapter  # noqa: E402
 from visroute.families.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter  # noqa: E402
+from visroute.families.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter  # noqa: E402
 from visroute.families.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter  # noqa: E402
 
 for _cls in (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter):
     register_family(_cls)
-for _cls in (Qwen3VLAdapter, Qwen3VLMoeAdapter):
+for _cls in (Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaNextAdapter, LlavaOnevisionAdapter):
     register_family(_cls)
 
 __all__ = [

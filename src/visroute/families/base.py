@@ -133,6 +133,67 @@ class ImageFrame:
         rows = [r for r in range(self.rows) if r < r1 - _EDGE and r + 1 > r0 + _EDGE]
         return [r * self.cols + c for r in rows for c in cols]
 
+    @property
+    def num_tokens(self) -> int:
+        """The image's visual tokens."""
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """One grid of an image's visual tokens (for `TiledImageFrame`): `rows` x `cols` cells over `view` (x0, y0,
+    x1, y1 in original pixels). Its tokens start at `offset` (within the image's visual tokens) and run row-major,
+    `stride` tokens a row: more than `cols` where each row ends in tokens that cover no cell (LLaVA-NeXT's
+    newline tokens)."""
+
+    offset: int
+    rows: int
+    cols: int
+    view: tuple[float, float, float, float]
+    stride: int
+
+    @property
+    def length(self) -> int:
+        return self.rows * self.stride
+
+
+@dataclass(frozen=True)
+class TiledImageFrame(ImageFrame):
+    """An `ImageFrame` for an image whose visual tokens form several grids, one after the other (LLaVA-NeXT and
+    LLaVA-OneVision: the base tile, the whole image squashed to one tile, then the unpadded high-resolution map
+    with a newline token at the end of each row). `view`, `canvas` and `box_frame` give the answer frame as
+    for any frame; `rows` x `cols` are the high-resolution map's grid (the finest one); `grids` holds every grid
+    and `tokens_of` maps a box onto the tokens of all of them (newline tokens never: they cover no cell).
+    `num_tokens` counts every visual token of the image, newline tokens included."""
+
+    grids: tuple[TokenGrid, ...] = ()
+    tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens
+
+    def tokens_of(self, box: tuple[float, ...] | list[float]) -> list[int]:
+        """Indices (within this image's visual tokens, ascending) of the tokens of every grid whose cell overlaps
+        the box (a normalised box of the original image) with positive area."""
+        out = []
+        for g in self.grids:
+            cells = ImageFrame(self.width, self.height, g.view, g.rows, g.cols, self.canvas, self.box_frame).tokens_of(box)
+            out += [g.offset + (c // g.cols) * g.stride + c % g.cols for c in cells]
+        return sorted(out)
+
+
+@dataclass(frozen=True)
+class TiledImageSpan(ImageSpan):
+    """One part of a tiled image's visual tokens (LLaVA-NeXT / OneVision: the base tile, or the high-resolution
+    map, or a lone newline token), with its own grid. `tiles` is how many tiles the vision tower ran for the
+    image this part begins (0 on the image's later parts: an image's parts are the span with `tiles` > 0 and
+    those after it), which its vision FLOPs are counted from; `newline_column` says the grid's last column holds
+    newline tokens, which cover no part of the image."""
+
+    tiles: int = 0
+    newline_column: bool = False
+
 
 def _setting(size: Any, key: str):
     if size is None:
@@ -471,5 +532,6 @@ def bidirectional_attention_flops(n: int, dim: int) -> int:
     return 4 * n * n * dim
 
 
-__all__ = ["BOX_FRAMES", "CallInputs", "FamilyAdapter", "ImageFrame", "ModelShape", "processor_view_box",
+__all__ = ["BOX_FRAMES", "CallInputs", "FamilyAdapter", "ImageFrame", "ModelShape", "TiledImageFrame", "TiledImageSpan",
+           "TokenGrid", "processor_view_box",
            "cls_attention", "mean_attention_received", "bidirectional_attention_flops"]
