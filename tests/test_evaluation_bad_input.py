@@ -60,7 +60,8 @@ def test_missing_columns(tmp_path):
     import datasets
 
     path = tmp_path / "pope.parquet"
-    datasets.Dataset.from_list([{"question_id": 1, "question": "is there a dog?", "label": "yes"}]).to_parquet(str(path))
+    rows = [{"question_id": 1, "question": "is there a dog?", "label": "yes"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
     with pytest.raises(ValueError, match=r"task 'pope': .*pope.parquet lacks the column\(s\) answer, image, category"):
         build_task("pope", data=str(path)).items()
 

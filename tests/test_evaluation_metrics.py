@@ -94,9 +94,10 @@ def test_qwen_pixel_box_is_scored_in_the_original_frame():
     answer = f"({truth[0] * w:.0f},{truth[1] * h:.0f}),({truth[2] * w:.0f},{truth[3] * h:.0f})"
     task = build_task("refcoco")
     item = TaskItem("1", "the dog", [], kind="box", box=truth)
-    scored = task.score(item, "[" + answer.replace("(", "").replace(")", "") + "]", frame)
+    text = "[" + answer.replace("(", "").replace(")", "") + "]"
+    scored = task.score(item, text, frame)
     assert scored["iou"] > 0.99 and scored["correct"]
-    naive = [v / s for v, s in zip(parse_box("[" + answer.replace("(", "").replace(")", "") + "]"), (640, 480, 640, 480))]
+    naive = [v / s for v, s in zip(parse_box(text), (640, 480, 640, 480))]
     assert box_iou(naive, truth) < scored["iou"]
     # the same region in LLaVA-1.5's normalised frame
     assert task.score(item, "[0.25, 0.25, 0.5, 0.75]", frame.__class__(

@@ -64,7 +64,8 @@ def write_layouts(root: Path) -> dict[str, dict]:
                     (y2 - y1) * patch], "answer": [it.question]})
     features = Features({"question_id": Value("string"), "image": Image(), "bbox": Sequence(Value("float32")),
                          "answer": Sequence(Value("string"))})
-    datasets.DatasetDict({"val": datasets.Dataset.from_list(ref, features=features)}).save_to_disk(str(root / "refcoco"))
+    splits = datasets.DatasetDict({"val": datasets.Dataset.from_list(ref, features=features)})
+    splits.save_to_disk(str(root / "refcoco"))
     tasks["refcoco"] = {"name": "refcoco", "data": str(root / "refcoco"), "options": {"prompt": "{expression}"}}
 
     # DatBench rows: grounding (metadata.bbox normalised), counting, short answers

@@ -31,8 +31,8 @@ def test_two_processes_give_the_rows_of_one(tmp_path):
             "tasks": [{"name": "testbed", "limit": 18}],
             "configs": [{"name": "fastv", "config": {"action": "prune", "scorer": "last_token_attention",
                                                        "stages": [{"layer": 2, "keep": 16}]}},
-                        {"name": "oracle", "config": {"action": "reroute", "scorer": "oracle",
-                                                        "stages": [{"layer": 1, "keep": 16}, {"layer": 4, "keep": 8}]}}]}
+                        {"name": "oracle", "config": {"action": "reroute", "scorer": "oracle", "stages": [
+                            {"layer": 1, "keep": 16}, {"layer": 4, "keep": 8}]}}]}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")

@@ -66,7 +66,8 @@ def grid_path(spec: str | Path) -> Path:
     shipped = shipped_grids()
     if str(spec) in shipped:
         return shipped[str(spec)]
-    raise FileNotFoundError(f"no grid file {spec} (and no shipped grid of that name; shipped: {', '.join(sorted(shipped))})")
+    raise FileNotFoundError(f"no grid file {spec} (and no shipped grid of that name; shipped: "
+                            f"{', '.join(sorted(shipped))})")
 
 
 @dataclass
@@ -156,7 +157,8 @@ def resolve_layer(layer: int | float, num_layers: int) -> int:
             raise ValueError(f"a relative stage layer must lie in [0, 1), got {layer}")
         return min(num_layers - 1, int(layer * num_layers + 0.5))
     if not 0 <= layer < num_layers:
-        raise ValueError(f"stage layer {layer} lies outside the model's {num_layers} decoder layers (0..{num_layers - 1})")
+        raise ValueError(f"stage layer {layer} lies outside the model's {num_layers} decoder layers "
+                         f"(0..{num_layers - 1})")
     return layer
 
 

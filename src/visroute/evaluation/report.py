@@ -134,8 +134,9 @@ def summarize(store: Store, seed: int = 0, samples: int = M.BOOTSTRAP_SAMPLES) -
             common = [i for i in ids if i in base_rows and i in blind_rows]
             if common:
                 acc = np.mean([rr[i].correct for i in common])
-                s.gain_retained = M.visual_gain_retained(
-                    acc, np.mean([base_rows[i].correct for i in common]), np.mean([blind_rows[i].correct for i in common]))
+                acc_base = np.mean([base_rows[i].correct for i in common])
+                acc_blind = np.mean([blind_rows[i].correct for i in common])
+                s.gain_retained = M.visual_gain_retained(acc, acc_base, acc_blind)
             s.avg_T = _mean([rr[i].avg_T for i in ids])
             s.flops = _ratio([rr[i].flops for i in ids], [rr[i].flops_unrouted for i in ids])
             s.kv = _ratio([rr[i].kv_entries for i in ids], [rr[i].kv_unrouted for i in ids])
@@ -349,6 +350,11 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def _metric_format(name: str) -> str:
+    """Scores (MME's perception, cognition) with one decimal, shares with three."""
+    return ".1f" if name in ("perception", "cognition") else ".3f"
+
+
 def _table(summaries: list[RunSummary], expected: int) -> list[str]:
     extra: list[str] = []
     for s in summaries:
@@ -360,8 +366,7 @@ def _table(summaries: list[RunSummary], expected: int) -> list[str]:
     for s in summaries:
         n = f"{len(s.rows)}" + ("" if len(s.rows) >= expected else f" of {expected}")
         cells = [s.name, n, f"{s.accuracy:.3f} [{s.ci[0]:.3f}, {s.ci[1]:.3f}]", _f(s.vision_required),
-                 _f(s.gain_retained), *[_f(s.task_metrics.get(m), ".3f" if "ratio" in m or m in ("f1", "iou", "center_acc")
-                                          else ".1f") for m in extra],
+                 _f(s.gain_retained), *[_f(s.task_metrics.get(m), _metric_format(m)) for m in extra],
                  _f(s.avg_T, ".1f"), _f(s.flops, ".2f"), _f(s.kv, ".2f"), _f(s.seconds, ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

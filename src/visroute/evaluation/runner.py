@@ -177,7 +177,8 @@ class Session:
                 with apply_routing(self.model, config) as router:
                     options = {}
                     if "relevance" in router.call_inputs:
-                        options["relevance"] = [_relevance(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)]
+                        options["relevance"] = [_relevance(nv, rel)
+                                                for nv, rel in zip(batch.num_visual, batch.relevant)]
                     with router.call_options(**options):
                         out = self.model.generate(**inputs, **gen)
                     record = router.last_record
@@ -191,8 +192,9 @@ class Session:
             prediction = text.strip()
             frame = batch.frames[b][0] if batch.frames[b] else None
             metrics = task.score(it, prediction, frame)
+            n_full = int(full_seq[b])  # the prompt with the image: the unrouted reference
             row = Row(item_id=it.id, prediction=prediction, correct=bool(metrics["correct"]), metrics=metrics,
-                      kv_unrouted=int(full_seq[b]) * layers, flops_unrouted=float(layers * self.flops(int(full_seq[b]))),
+                      kv_unrouted=n_full * layers, flops_unrouted=float(layers * self.flops(n_full)),
                       seconds=seconds, rank=self.rank)
             if record is not None:
                 row.avg_T = float(record.avg_visual_tokens[b])

@@ -29,7 +29,8 @@ class PopeTask(Task):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.opts["normalization"] not in ("llava", "lmms"):
-            raise ValueError(f"task 'pope': normalization must be 'llava' or 'lmms', not {self.opts['normalization']!r}")
+            raise ValueError(f"task 'pope': normalization must be 'llava' or 'lmms', "
+                             f"not {self.opts['normalization']!r}")
 
     def load(self, limit: int | None) -> list[TaskItem]:
         path = self.path()

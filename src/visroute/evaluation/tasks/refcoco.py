@@ -11,7 +11,7 @@ from typing import Any
 from visroute.evaluation import metrics as M
 from visroute.evaluation.boxes import xywh_to_xyxy
 from visroute.evaluation.tasks import register_task
-from visroute.evaluation.tasks.base import Task, TaskItem, plain_rows, read_table, to_image
+from visroute.evaluation.tasks.base import Task, TaskItem, plain_rows, read_table, row_images, to_image
 
 COLUMNS = ("question_id", "image", "bbox", "answer")
 FULL_PROMPT = ("Bounding box coordinates are specified in the format (top-left x, top-left y, bottom-right x, "
@@ -38,10 +38,10 @@ class RefcocoTask(Task):
             image = to_image(ds[i]["image"], path.parent)  # the image size converts the pixel box
             box = xywh_to_xyxy(r["bbox"], *image.size)
             expressions = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
+            images = row_images(ds, i, "image", path.parent)
             for k, expr in enumerate(expressions):
-                out.append(TaskItem(
-                    id=f"{r['question_id']}#{k}", question=self.opts["prompt"].format(expression=expr), answers=[],
-                    kind="box", box=box, meta={}, images=lambda i=i, root=path.parent: [to_image(ds[i]["image"], root)]))
+                out.append(TaskItem(id=f"{r['question_id']}#{k}", question=self.opts["prompt"].format(expression=expr),
+                                    answers=[], kind="box", box=box, images=images))
         return out
 
     def score(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:
