@@ -1,0 +1,50 @@
+"""Grid configs resolved against a model: relative layers, avg_T budgets solved by visroute.budget, method
+presets, listed configs from YAML files."""
+
+import pytest
+import yaml
+
+from visroute.budget import schedule_avg_T
+from visroute.evaluation import parse_grid
+from visroute.evaluation.grid import resolve_layer
+
+
+def test_relative_and_absolute_layers():
+    assert [resolve_layer(x, 32) for x in (0.0, 0.125, 0.25, 0.5, 0.75)] == [0, 4, 8, 16, 24]
+    assert [resolve_layer(x, 8) for x in (0.0, 0.125, 0.25, 0.5, 0.75)] == [0, 1, 2, 4, 6]
+    assert resolve_layer(3, 8) == 3
+    with pytest.raises(ValueError, match="outside the model's 8 decoder layers"):
+        resolve_layer(8, 8)
+
+
+def test_sweep_product_and_avg_T_budgets():
+    g = parse_grid({"name": "g", "tasks": ["testbed"], "sweep": [
+        {"action": ["prune", "reroute"], "scorer": ["random", "uniform"], "layers": [0.25, [0.25, 0.5]],
+         "avg_T": [0.3, 200]}]})
+    assert len(g.configs) == 2 * 2 * 2 * 2
+    for spec in g.configs:
+        cfg = spec.resolve(num_layers=32, num_visual=576)
+        target = spec.avg_T * 576 if spec.avg_T <= 1 else spec.avg_T
+        # integer keeps solved to the closest avg_T: within one token per layer of the target
+        assert abs(schedule_avg_T(cfg, 32, 576) - target) < 1.0
+        assert [s.layer for s in cfg.stages] in ([8], [8, 16])
+    unreachable = parse_grid({"name": "g", "tasks": ["testbed"], "sweep": [
+        {"scorer": "random", "layers": [0.5], "avg_T": [60]}]}).configs[0]
+    with pytest.raises(ValueError, match=r"config 'prune/random/L0.5/T60': Target avg_T 60.0 is out of reach"):
+        unreachable.resolve(num_layers=32, num_visual=576)
+
+
+def test_method_preset_and_yaml_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(
+        {"action": "reroute", "scorer": "random", "stages": [{"layer": 1, "keep": 0.5}, {"layer": 3, "keep": 0.25}]}))
+    g = parse_grid({"name": "g", "tasks": ["testbed"], "configs": [
+        {"name": "pdrop", "method": "pdrop@128", "scorer": "random"}, {"name": "mine", "config": "mine.yaml"}]},
+        source=tmp_path / "grid.yaml")
+    pdrop = g.configs[0].resolve(num_layers=32, num_visual=576)
+    assert pdrop.scorer == "random" and [s.layer for s in pdrop.stages] == [2, 7, 15, 23]
+    assert schedule_avg_T(pdrop, 32, 576) == pytest.approx(128, abs=0.5)
+    mine = g.configs[1].resolve(num_layers=8, num_visual=144)
+    assert mine.action == "reroute" and [(s.layer, s.keep) for s in mine.stages] == [(1, 0.5), (3, 0.25)]
+    with pytest.raises(ValueError, match=r"config 'pdrop': .*Unknown preset 'pdorp'"):
+        parse_grid({"name": "g", "tasks": ["testbed"],
+                    "configs": [{"name": "pdrop", "method": "pdorp@128"}]}).configs[0].resolve(32, 576)
