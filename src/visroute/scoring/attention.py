@@ -96,14 +96,43 @@ class LastTokenAttention(Scorer):
 
         s_j = 1/H * sum_h softmax_k(q_h(last) . k_h(k) / sqrt(d))[j]
 
-    with q, k from that layer's own projections after RoPE, keys = text tokens + candidate visual tokens."""
+    with q, k from that layer's own projections after RoPE, keys = text tokens + candidate visual tokens.
+
+    Options for Nüwa's Qwen2.5-VL stage 2 (`queries=3, heads="max"`): the queries may be the last `queries` text
+    tokens of the prompt (each attends causally), their probabilities averaged over those queries and then
+    reduced over heads by `heads`, mean or max:
+
+        s_j = reduce_h  1/Q * sum_{q in last Q} softmax_k(q_h(q) . k_h(k) / sqrt(d))[j]
+
+    (the released Qwen code takes the last 3 positions of the sequence, `attn[:, :, -3:].mean(queries)
+    .max(heads)`; here the last 3 text tokens, which are the same unless an image sits among the prompt's last
+    tokens). The defaults are FastV's rule."""
 
     name = "last_token_attention"
     description = "attention from the last prompt token to each visual token, mean over heads (FastV, PyramidDrop)"
 
+    @dataclass(frozen=True)
+    class Options:
+        queries: int = option(1, "the last n text tokens of the prompt that query; their attention is averaged")
+        heads: str = option("mean", "reduce over heads: mean (FastV) or max (Nüwa's Qwen2.5-VL stage 2)",
+                            choices=("mean", "max"))
+
+        def __post_init__(self):
+            if self.queries < 1:
+                raise ValueError(f"queries must be at least 1, got {self.queries}")
+
     def score(self, ctx: StageContext) -> torch.Tensor:
-        probs, _, key_index = query_attention(ctx, ctx.position_mask(ctx.last_index))
-        return ctx.to_visual(probs.mean(1)[:, 0], key_index)
+        if self.options.queries == 1 and self.options.heads == "mean":
+            probs, _, key_index = query_attention(ctx, ctx.position_mask(ctx.last_index))
+            return ctx.to_visual(probs.mean(1)[:, 0], key_index)
+        text = ctx.text & ctx.valid
+        from_end = text.flip(1).long().cumsum(1).flip(1)  # text tokens at or after each position
+        queries = text & (from_end <= self.options.queries)
+        probs, q_valid, key_index = query_attention(ctx, queries)  # (B, H, Q, K)
+        q_valid = q_valid.to(probs.device)
+        mean = (probs * q_valid[:, None, :, None]).sum(2) / q_valid.sum(1).clamp(min=1)[:, None, None]  # (B, H, K)
+        reduced = mean.mean(1) if self.options.heads == "mean" else mean.amax(1)
+        return ctx.to_visual(reduced, key_index)
 
 
 def rater_mask(ctx: StageContext, query_mask: torch.Tensor) -> torch.Tensor:
