@@ -33,6 +33,12 @@ class LlavaAdapter(FamilyAdapter):
                         max_position_embeddings=4096),
                    _CLIP_L_336, "LLaVA-1.5-7B: CLIP ViT-L/14-336, 2-layer MLP projector, Vicuna-7B decoder",
                    aliases=("llava-1.5",)),
+        ModelShape("llava-1.5-1b", "llava",
+                   dict(vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                        num_attention_heads=16, num_key_value_heads=16, rms_norm_eps=1e-5,
+                        max_position_embeddings=4096),
+                   _CLIP_L_336, "LLaVA-1.5 layout with a 1.1B decoder (TinyLlama widths, 16 full K/V heads): CLIP "
+                   "ViT-L/14-336, 22 layers, 576 visual tokens"),
         # Scaled down: the real layer and visual-token counts (so presets apply unchanged), small widths.
         ModelShape("llava-1.5-mini", "llava",
                    dict(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_hidden_layers=32,
@@ -191,5 +197,67 @@ class LlavaAdapter(FamilyAdapter):
             if drop_first:
                 scores = scores[:, 1:]
             sink(scores.reshape(-1).detach())
+
+        return [attn.register_forward_pre_hook(hook, with_kwargs=True)]
+
+    # ---- vision-tower features (merges) ------------------------------------------------------------------------
+    def hook_vision_features(self, first: int, last: int, sink):
+        """Hook tower layers `first`..`last` (0-based, inclusive) so that, whenever the tower runs, the mean of
+        their outputs (the tower's `hidden_states[first + 1 : last + 2]`) at each visual token of every image
+        of that call is passed to `sink` as one flat (tokens, tower width) fp32 tensor, in the order the images'
+        tokens fill the batch's visual tokens (Nüwa's similarity features). Returns the hook handles."""
+        layers = self._vision_model().encoder.layers
+        n = len(layers)
+        if not 0 <= first <= last < n:
+            raise ValueError(f"Vision feature layers {first}..{last} are outside the tower's layers 0..{n - 1}")
+        drop_first = self.model.config.vision_feature_select_strategy == "default"
+        total: dict[str, torch.Tensor] = {}
+
+        def add(index: int):
+            def hook(module, args, output):
+                h = (output[0] if isinstance(output, tuple) else output).float()
+                total["sum"] = h if index == first else total["sum"] + h
+                if index == last:
+                    mean = total.pop("sum") / (last - first + 1)
+                    if drop_first:
+                        mean = mean[:, 1:]
+                    sink(mean.reshape(-1, mean.shape[-1]).detach())
+            return hook
+
+        return [layers[i].register_forward_hook(add(i)) for i in range(first, last + 1)]
+
+    def hook_projector_input(self, sink):
+        """Hook the projector so that, whenever it runs, its input at each visual token (the tower features of the
+        feature layer, [CLS] dropped by the "default" strategy) is passed to `sink` as one flat (tokens, width)
+        tensor in the batch's visual-token order: merges that work in the tower's space before the projector
+        (Nüwa) read it here and send their result through `project_visual`. Returns the hook handles."""
+
+        def hook(module, args, kwargs):
+            x = kwargs["image_features"] if "image_features" in kwargs else args[0]
+            sink(x.reshape(-1, x.shape[-1]).detach())
+
+        return [self.inner.multi_modal_projector.register_forward_pre_hook(hook, with_kwargs=True)]
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector applied to tower features (..., tower width) -> decoder input embeddings (..., D)."""
+        projector = self.inner.multi_modal_projector
+        weight = next(projector.parameters())
+        return projector(features.to(device=weight.device, dtype=weight.dtype))
+
+    def hook_vision_keys(self, layer, sink):
+        """Hook tower layer `layer` (None: the default vision layer) so that, whenever the tower runs, each visual
+        token's key at that layer, averaged over heads (VisionZip's `metric`, before any position encoding: CLIP
+        has none inside its layers), is passed to `sink` as one flat (tokens, head_dim) fp32 tensor in the
+        batch's visual-token order. Returns the hook handles."""
+        attn = self.vision_attention_modules()[self.vision_layer_index(layer)]
+        drop_first = self.model.config.vision_feature_select_strategy == "default"
+
+        def hook(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            n, t, _ = x.shape
+            keys = module.k_proj(x).float().view(n, t, module.num_heads, -1).mean(2)  # (N, T, hd)
+            if drop_first:
+                keys = keys[:, 1:]
+            sink(keys.reshape(-1, keys.shape[-1]).detach())
 
         return [attn.register_forward_pre_hook(hook, with_kwargs=True)]

@@ -259,6 +259,69 @@ class Qwen2VLAdapter(FamilyAdapter):
         return [attn.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
+    # ---- vision-tower features (merges) ------------------------------------------------------------------------
+    def _units_in_token_order(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """Rows per merge unit in the order the blocks run them (by window for Qwen2.5-VL) -> token order, as the
+        tower puts its output back (the grid of the latest tower call, remembered by `install`'s hook)."""
+        tower = self.inner.visual
+        if getattr(tower, "window_size", None) is None:
+            return per_unit
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(self._last_grid_thw, tower.spatial_merge_size, tower.window_size,
+                                                  tower.patch_size)
+        return torch.empty_like(per_unit).index_copy_(0, window_index.to(per_unit.device), per_unit)
+
+    def hook_vision_features(self, first: int, last: int, sink):
+        """Hook ViT blocks `first`..`last` (0-based, inclusive) so that, whenever the tower runs, the patch merger
+        applied to the mean of their outputs (Nüwa's Qwen2.5-VL similarity features, in the decoder's space) is
+        passed to `sink` as one flat (visual tokens, D) fp32 tensor in token order. Returns the hook handles."""
+        tower = self.inner.visual
+        n = len(tower.blocks)
+        if not 0 <= first <= last < n:
+            raise ValueError(f"Vision feature layers {first}..{last} are outside the tower's blocks 0..{n - 1}")
+        total: dict[str, torch.Tensor] = {}
+
+        def add(index: int):
+            def hook(module, args, output):
+                h = (output[0] if isinstance(output, tuple) else output).float()
+                total["sum"] = h if index == first else total["sum"] + h
+                if index == last:
+                    mean = total.pop("sum") / (last - first + 1)
+                    merger = tower.merger
+                    weight = next(merger.parameters())
+                    merged = merger(mean.to(weight.dtype)).float()  # (units, D), in the blocks' order
+                    sink(self._units_in_token_order(merged).detach())
+            return hook
+
+        return [tower.blocks[i].register_forward_hook(add(i)) for i in range(first, last + 1)]
+
+    def hook_projector_input(self, sink):
+        """Qwen's patch merger is its projector and merges act on its output, the decoder input embeddings: there
+        is nothing to hook before it (None)."""
+        return None
+
+    def hook_vision_keys(self, layer, sink):
+        """Hook ViT block `layer` (None: the default vision layer) so that, whenever the tower runs, each visual
+        token's key at that block (after its rotary embedding, as the block attends with it), averaged over heads
+        and over the 2x2 patches the token merges, is passed to `sink` as one flat (visual tokens, head_dim) fp32
+        tensor in token order. Returns the hook handles."""
+        attn = self.vision_attention_modules()[self.vision_layer_index(layer)]
+        unit = self.inner.visual.spatial_merge_size ** 2
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+
+        def hook(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            s = x.shape[0]
+            q, k, _ = module.qkv(x).float().reshape(s, 3, module.num_heads, -1).unbind(1)  # (S, H, hd)
+            cos, sin = kwargs["position_embeddings"]
+            _, k = rope(q, k, cos, sin)
+            per_unit = k.float().mean(1).view(-1, unit, k.shape[-1]).mean(1)  # (units, hd)
+            sink(self._units_in_token_order(per_unit).detach())
+
+        return [attn.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
