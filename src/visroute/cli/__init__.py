@@ -10,7 +10,7 @@ import sys
 
 from visroute.families import UnsupportedModelError
 
-COMMANDS = ("generate", "scorers", "bench", "demo", "testbed", "study", "lmms", "paper-table")
+COMMANDS = ("generate", "scorers", "bench", "demo", "testbed", "study", "methods", "lmms", "paper-table")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,9 @@ def add_routing(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
     p.add_argument("--scorer", default="last_token_attention", help="scorer for --stages (`visroute scorers`)")
     p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a scorer option for --stages, the value read as YAML (repeatable), e.g. reduce=max")
+    p.add_argument("--method", metavar="NAME@TIER", help="a named method at an avg_T tier, solved for the model's "
+                   "layers and the image's visual tokens, e.g. nuwa@64 (`visroute methods` lists them)"
+                   + (" (repeatable)" if repeatable else ""), **(dict(action="append", default=[]) if repeatable else {}))
 
 
 def parse_scorer_options(items: list[str]) -> dict[str, Any]:
@@ -73,19 +76,69 @@ def routing_from_args(args: argparse.Namespace):
     def inline(spec: str) -> RoutingConfig:
         return RoutingConfig(action=args.action, scorer=args.scorer, stages=parse_stages(spec), scorer_options=options)
 
+    specs = getattr(args, "method", None) or []
+    specs = [specs] if isinstance(specs, str) else list(specs)
     if isinstance(args.config, list) or isinstance(args.stages, list):
         configs = [(Path(path).stem, RoutingConfig.from_yaml(path)) for path in args.config]
         configs += [(f"{args.action} {spec}", inline(spec)) for spec in args.stages]
+        configs += [(spec, method_from_args(spec, args)) for spec in specs]
         return configs
-    if args.config and args.stages:
-        raise ValueError("give either --config or --stages, not both")
+    if sum(bool(x) for x in (args.config, args.stages, specs)) > 1:
+        raise ValueError("give one of --config, --stages or --method")
     if args.config:
         return RoutingConfig.from_yaml(args.config)
     if args.stages:
         return inline(args.stages)
+    if specs:
+        return method_from_args(specs[0], args)
     if options:
         raise ValueError("--scorer-option needs --stages")
     return None
+
+
+def method_budget(args: argparse.Namespace) -> tuple[int, int, str]:
+    """(decoder layers, visual tokens of one image, family name) for a `--method`, from what the command names,
+    without building a model: a bench `--shape` (and its `--image-size`), or the `--model` folder's config file
+    (the shipped testbed model without one) and the `--image` file's size."""
+    if getattr(args, "shape", None):
+        from visroute.bench.shapes import get_shape, parse_image_size, visual_count
+
+        shape = get_shape(args.shape)
+        size = parse_image_size(getattr(args, "image_size", None) or "672x672")
+        return shape.num_layers, visual_count(shape.name, size), shape.family
+    if getattr(args, "image", None) is None:
+        raise ValueError("--method needs the model's layer count and the image's visual tokens (a --shape, or "
+                         "--model and --image)")
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from visroute.families import family_for_config
+
+    path = getattr(args, "model", None)
+    if path is None:
+        from visroute.testbed import checkpoint_path
+
+        path = str(checkpoint_path())
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise ValueError(f"--method cannot read the config of model {path!r}: {e}") from None
+    family = family_for_config(config)
+    with Image.open(existing_file(args.image, "image")) as im:
+        width, height = im.size
+    visual = family.visual_tokens(config, height, width)
+    if visual is None:
+        raise ValueError(f"The {family.name} family cannot say how many visual tokens the image gives")
+    return int(config.get_text_config().num_hidden_layers), int(visual), family.name
+
+
+def method_from_args(spec: str, args: argparse.Namespace):
+    """The RoutingConfig of a `--method NAME@TIER` for the model and image the command names."""
+    from visroute.methods import method_config, parse_method
+
+    parse_method(spec)  # a bad name or tier fails before anything is read
+    layers, visual, family = method_budget(args)
+    return method_config(spec, layers, visual, family)
 
 
 # ---- flags from dataclass fields -------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""`visroute methods`: the named methods, their schedules at each tier for one model shape, and their avg_T."""
+
+from __future__ import annotations
+
+import textwrap
+
+from visroute.cli.common import add_debug
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("methods", help="list the named methods (NAME@TIER for --method) and their schedules",
+                       description="The named methods with their schedules solved at each tier for one model "
+                                   "shape (`visroute bench` shapes) and image size, and the avg_T they reach.")
+    p.add_argument("--shape", default="llava-1.5-7b", help="model shape (default llava-1.5-7b)")
+    p.add_argument("--image-size", default="672x672", help="HxW of the image (Qwen shapes; default 672x672)")
+    p.add_argument("--tier", action="append", type=float, default=[], metavar="AVG_T",
+                   help="tiers to solve (repeatable; default: the shape's tiers)")
+    add_debug(p)
+    p.set_defaults(func=run)
+
+
+def schedule_text(cfg) -> str:
+    """One line per config: the action, then each stage as layer:keep with what differs from the config's scorer."""
+    parts = []
+    for s in cfg.stages:
+        extra = []
+        if s.scorer:
+            opts = "".join(f" {k}={v}" for k, v in s.scorer_options.items())
+            extra.append(f"{s.scorer}{opts}")
+        if s.score_layer is not None:
+            extra.append(f"scored at {s.score_layer}")
+        if s.merge:
+            extra.append(f"merge {s.merge}")
+        parts.append(f"{s.layer}:{s.keep}" + (f" ({', '.join(extra)})" if extra else ""))
+    opts = "".join(f" {k}={v}" for k, v in cfg.scorer_options.items())
+    return f"{cfg.action}, {cfg.scorer}{opts}: " + ", ".join(parts)
+
+
+def run(args) -> int:
+    from visroute.bench.shapes import get_shape, parse_image_size, visual_count
+    from visroute.methods import listing
+
+    shape = get_shape(args.shape)
+    visual = visual_count(shape.name, parse_image_size(args.image_size))
+    tiers = tuple(args.tier) or shape.tiers
+    print(f"{shape.name}: {shape.num_layers} decoder layers, {visual} visual tokens per image")
+    rows = listing(shape.num_layers, visual, shape.family, tiers)
+    seen = set()
+    for row in rows:
+        if row["method"] not in seen:
+            seen.add(row["method"])
+            print()
+            print(row["method"])
+            print(textwrap.fill(row["description"], 110, initial_indent="    ", subsequent_indent="    "))
+        tier = f"{row['tier']:g}"
+        if row["config"] is None:
+            print(f"  @{tier:<4} out of reach: {row['error']}")
+        else:
+            print(f"  @{tier:<4} avg_T {row['avg_T']:7.2f}  {schedule_text(row['config'])}")
+    return 0
