@@ -38,16 +38,28 @@ def _correct(db, name):
 
 
 def test_blind_pass_is_the_question_without_the_image(study):
-    """The blind rows are what the testbed's own blind control (its `USER: {question} ASSISTANT:` prompt, no
-    pixels) answers."""
-    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    """The blind rows are what the model answers to the testbed's blind prompt (`USER: {question} ASSISTANT:`,
+    no pixels), generated here directly, one question at a time."""
+    import torch
+
+    from visroute.testbed import HELDOUT_SEED, load_model, make_items
+    from visroute.testbed.modeling import prompt
 
     _, db = study
     model, processor = load_model()
-    items = make_items(N, HELDOUT_SEED)
-    ref = Evaluator(model, processor, items, batch_size=7, progress=False).run(None, blind=True)
+    expected = {}
+    for it in make_items(N, HELDOUT_SEED):
+        inputs = processor(text=[prompt(it.question, image=False)], return_tensors="pt")
+        assert "pixel_values" not in inputs
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        text = " ".join(answer.split())
+        correct = text == it.answer if it.box is None else None
+        expected[it.id] = (correct, text)
     blind = _correct(db, "blind")
-    assert {r.id: (r.correct, r.prediction) for r in ref.results} == blind
+    assert {k: p for k, (_, p) in blind.items()} == {k: p for k, (_, p) in expected.items()}
+    assert all(blind[k][0] == c for k, (c, _) in expected.items() if c is not None)
 
 
 def test_blind_solvable_vision_required_and_gain_retained(study):
