@@ -3,7 +3,7 @@ and reports with intervals and plots (visroute.evaluation).
 
     visroute study run where-to-prune --db results.sqlite            # a shipped grid, on the testbed model
     visroute study run grid.yaml --db results.sqlite --data pope=data/pope.parquet --limit 200
-    accelerate launch --num_processes 4 -m visroute study run grid.yaml --db results.sqlite
+    accelerate launch --multi_gpu --num_processes 4 -m visroute study run grid.yaml --db results.sqlite
     visroute study list --db results.sqlite
     visroute study report --db results.sqlite --out report/
 """

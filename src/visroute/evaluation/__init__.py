@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from visroute.evaluation.grid import ConfigSpec, Grid, ModelSpec, TaskSpec, load_grid, parse_grid, shipped_grids
 from visroute.evaluation.runner import Runner, load_model, run_grid
+from visroute.evaluation.report import summarize, write_report
 from visroute.evaluation.store import Row, Run, Store
 from visroute.evaluation.tasks import Task, TaskItem, available_tasks, build_task, get_task_class, register_task
 
 __all__ = [
     "ConfigSpec", "Grid", "ModelSpec", "TaskSpec", "load_grid", "parse_grid", "shipped_grids",
-    "Runner", "load_model", "run_grid", "Row", "Run", "Store",
+    "Runner", "load_model", "run_grid", "summarize", "write_report", "Row", "Run", "Store",
     "Task", "TaskItem", "available_tasks", "build_task", "get_task_class", "register_task",
 ]
