@@ -123,3 +123,14 @@ def test_shipped_grid_by_name():
     assert scorers == {"last_token_attention", "text_attention", "vision_cls_attention", "embedding_similarity",
                        "hidden_similarity", "duplication", "diversity", "random", "uniform", "oracle"}
     assert {c.routing["stages"][0]["keep"] for c in g.configs} == {0.25, 0.111, 0.0556}
+
+
+def test_task_registry_refuses_a_taken_name():
+    from visroute.evaluation.tasks import Task, get_task_class, register_task
+
+    class Other(Task):
+        name = "pope"
+
+    with pytest.raises(ValueError, match="task name 'pope' is already registered by PopeTask"):
+        register_task(Other)
+    assert get_task_class("pope").__name__ == "PopeTask"

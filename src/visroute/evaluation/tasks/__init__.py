@@ -11,6 +11,7 @@ from importlib import metadata
 
 from visroute.evaluation.tasks.base import Task, TaskItem
 
+ENTRY_POINT_GROUP = "visroute.tasks"
 _REGISTRY: dict[str, type[Task]] = {}
 _LOADED = False
 
@@ -33,10 +34,13 @@ def _load() -> None:
     _LOADED = True
     from visroute.evaluation.tasks import datbench, gqa, jsonl, mme, pope, refcoco, testbed  # noqa: F401
 
-    for ep in metadata.entry_points(group="visroute.tasks"):
-        obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, Task) and obj.name not in _REGISTRY:
-            register_task(obj)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plug-in says which one it is
+            raise ImportError(f"The task entry point {ep.name!r} ({ep.value}) failed to load: {e}") from e
+        if isinstance(obj, type) and issubclass(obj, Task):
+            register_task(obj)  # a name another class holds is an error
 
 
 def get_task_class(name: str) -> type[Task]:
