@@ -10,14 +10,21 @@ which owns the layer loop:
   mask over the compact order is the causal mask of the original sequence. After the segment the outputs are
   written back into a full-length buffer: tokens that did not run keep the state they had (the reroute bypass;
   under prune they are never selected again).
-* K/V. Each layer caches only the tokens that ran in it (`RoutedCache`), with a per-layer validity mask; the
-  cache reports the logical (unrouted) sequence length so that `generate()` and M-RoPE continue from it.
+* K/V. Each layer caches only the tokens that ran in it (`RoutedLayer`): a buffer preallocated at the prefill
+  with the compact prompt entries and room for the tokens `generate` will decode, filled in place, with its
+  validity mask. The cache reports the logical (unrouted) sequence length so that `generate()` and M-RoPE
+  continue from it. An empty `DynamicCache` or `StaticCache` handed to the prefill is filled in place (a static
+  cache keeps its capacity); caches that cannot hold routed layers (quantized, offloaded) and assisted decoding
+  (which crops the cache) are refused by name.
 * Decode. New tokens are text: they run through every layer and attend to that layer's valid cache entries.
+  The step syncs nothing with the host; `Router.compile_decode` runs it compiled, with fixed shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +32,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import BaseQuantizedLayer, CacheLayerMixin, DynamicLayer, StaticLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from visroute.config import RoutingConfig
@@ -36,39 +44,201 @@ from visroute.scoring.base import Scorer, StageContext
 from visroute.tensors import compact_index, gather_rows, scatter_rows_
 
 
-class RoutedCache(DynamicCache):
-    """The K/V cache of a routed prefill. Layer l holds only the tokens that ran in layer l (compact,
-    right-padded per sample); `kv_valid[l]` (B, entries) marks the real entries. `get_seq_length` reports the
-    logical sequence length (prompt + generated tokens, as if nothing had been routed)."""
+class _Progress:
+    """What the layers of one routed cache share: the prompt's (logical) length and how many decode entries each
+    layer holds, on the host (shapes of the eager step) and on the device (positions of the fixed-shape step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_length: int, device: torch.device, static_length: int | None):
+        self.prompt_length = prompt_length
+        self.written = 0
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        _static_address(self.step)
+        self.static_length = static_length  # a static cache's max_cache_len: the capacity never grows
+        self.fixed_shapes = False  # set while the fixed-shape (compilable) decode step runs
+
+    def advance(self, q: int) -> None:
+        self.written += q
+        self.step.add_(q)
+
+
+def _static_address(*tensors: torch.Tensor) -> None:
+    # Buffers that decode writes in place keep their address, so CUDA graphs of a compiled step can replay.
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+class RoutedLayer(CacheLayerMixin):
+    """One layer of a routed K/V cache: a preallocated compact buffer (B, kv heads, C + room, hd) holding the C
+    prompt entries that ran in this layer (right-padded per sample), then room for decode entries, filled in
+    place; `valid` (B, C + room) marks the real entries. The eager decode step attends over the entries written
+    so far; the fixed-shape step (`Router.compile_decode`) over the whole capacity, invalid entries masked."""
+
+    is_compileable = False  # generate compiles no routed forward itself (see Router.compile_decode)
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, prompt_valid: torch.Tensor, room: int, progress: _Progress):
         super().__init__()
-        self.logical_length = 0
-        self.kv_valid: list[torch.Tensor] = []
-        self.kv_dense: list[bool] = []  # per layer: no invalid entry (decode can then skip the mask)
+        self.prompt_valid: torch.Tensor | None = prompt_valid  # (B, C) until the prefill writes the layer
+        self.offset = prompt_valid.shape[1]  # where decode entries start
+        self.room = room
+        self.progress = progress
+        self.valid: torch.Tensor | None = None
+        if progress.static_length is not None:
+            self.max_cache_len = progress.static_length
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.logical_length
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, heads, c, _ = key_states.shape
+        if c != self.offset:
+            raise RuntimeError(f"A routed layer expected {self.offset} prefill entries, got {c}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros(b, heads, c + self.room, key_states.shape[-1])
+        self.values = value_states.new_zeros(b, heads, c + self.room, value_states.shape[-1])
+        self.keys[:, :, :c] = key_states
+        self.values[:, :, :c] = value_states
+        self.valid = torch.zeros(b, c + self.room, dtype=torch.bool, device=key_states.device)
+        self.valid[:, :c] = self.prompt_valid.to(key_states.device)
+        self.prompt_valid = None
+        _static_address(self.keys, self.values, self.valid)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:  # the prefill: the compact entries of the tokens that ran in this layer
+            self.lazy_initialization(key_states, value_states)
+            return key_states, value_states
+        p, q = self.progress, key_states.shape[-2]
+        if p.fixed_shapes:
+            at = torch.arange(q, device=self.device) + (p.step + self.offset)
+            self.keys.index_copy_(2, at, key_states)
+            self.values.index_copy_(2, at, value_states)
+            return self.keys, self.values
+        end = self.offset + p.written + q
+        self.keys[:, :, end - q:end] = key_states
+        self.values[:, :, end - q:end] = value_states
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def decode_mask(self, new_valid: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Marks the validity of the q entries this decode step writes and returns the step's (B, 1, q, K) mask
+        over this layer's keys: the valid entries, causal among the new ones. Bool for SDPA, additive for eager."""
+        p, q = self.progress, new_valid.shape[1]
+        if p.fixed_shapes:
+            first = p.step + self.offset
+            self.valid.index_copy_(1, torch.arange(q, device=self.device) + first, new_valid)
+            keys = self.valid
+        else:
+            first = self.offset + p.written
+            self.valid[:, first:first + q] = new_valid
+            keys = self.valid[:, :first + q]
+        allowed = keys[:, None, None, :]
+        if q > 1:
+            k_index = torch.arange(keys.shape[1], device=self.device)
+            q_index = torch.arange(q, device=self.device) + first
+            allowed = allowed & (k_index[None, :] <= q_index[:, None])[None, None]
+        if eager:
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        return allowed
+
+    def grow(self, room: int) -> None:
+        """Reallocate with room for `room` decode entries (a cache without a fixed capacity)."""
+        extra = room - self.room
+        if extra <= 0:
+            return
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], 2)  # noqa: E731
+        self.keys, self.values = pad(self.keys), pad(self.values)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], 1)
+        self.room = room
+        _static_address(self.keys, self.values, self.valid)
+
+    @property
+    def capacity(self) -> int:
+        return self.offset + self.room
+
+    def get_seq_length(self) -> int:
+        return self.progress.prompt_length + self.progress.written
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        s = self.progress.static_length
+        return -1 if s is None else s
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = None
+        self.is_initialized = False
+        self.progress.prompt_length = self.progress.written = 0
+        self.progress.step.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "A routed K/V cache cannot be cropped: assisted / speculative decoding is not supported under routing")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        for t in (self.keys, self.values, self.valid):  # in place: the buffers keep their address
+            t.copy_(t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.valid = (t.repeat_interleave(repeats, dim=0)
+                                                  for t in (self.keys, self.values, self.valid))
+            _static_address(self.keys, self.values, self.valid)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.valid = (t[indices] for t in (self.keys, self.values, self.valid))
+            _static_address(self.keys, self.values, self.valid)
+
+
+def routed_layers(cache) -> list[RoutedLayer] | None:
+    """The layers of a cache a routed prefill filled, or None."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(isinstance(layer, RoutedLayer) for layer in layers):
+        return layers
+    return None
+
+
+class RoutedCache(DynamicCache):
+    """The K/V cache of a routed prefill: every layer a `RoutedLayer`, holding only the tokens that ran in that
+    layer (compact, right-padded per sample) and room for decode entries, with its validity mask `kv_valid[l]`
+    (B, capacity). `get_seq_length` reports the logical sequence length (prompt + generated tokens, as if nothing
+    had been routed). A prefill given another empty cache (a `DynamicCache`, a `StaticCache`) fills that object's
+    layers the same way."""
+
+    @property
+    def kv_valid(self) -> list[torch.Tensor]:
+        return [layer.valid for layer in self.layers]
+
+    @property
+    def logical_length(self) -> int:
+        return self.get_seq_length()
 
     def kv_bytes(self) -> int:
-        """Bytes held by the cached key and value tensors (padding included)."""
+        """Bytes held by the cached key and value tensors (padding and decode room included)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
                    if t is not None)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self.kv_valid = [v.index_select(0, beam_idx.to(v.device)) for v in self.kv_valid]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self.kv_valid = [v.repeat_interleave(repeats, dim=0) for v in self.kv_valid]
+_UNSUPPORTED_CACHES = {
+    "quantized": "a quantized cache", "offloaded": "an offloaded cache", "offloaded_static": "an offloaded static cache",
+}
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.kv_valid = [v[indices] for v in self.kv_valid]
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("A routed K/V cache cannot be cropped (assisted decoding is not supported)")
+def _check_cache(cache) -> None:
+    """A routed prefill fills an empty dynamic or static cache with its own layers; any other kind of cache
+    would silently lose what makes it that kind, so it is refused by name."""
+    kind = type(cache).__name__
+    if getattr(cache, "offloading", False):
+        raise ValueError(f"Routing cannot fill an offloaded {kind}: its compact per-layer K/V stays on the model's "
+                         "device (use the default cache or cache_implementation='static')")
+    for layer in cache.layers:
+        if isinstance(layer, BaseQuantizedLayer) or not isinstance(layer, (DynamicLayer, StaticLayer, RoutedLayer)):
+            raise ValueError(f"Routing cannot fill a {kind} with {type(layer).__name__} layers: it keeps its own "
+                             "compact K/V per layer (use the default cache or cache_implementation='static')")
 
 
 def _causal_mask(key_valid: torch.Tensor, n_query: int, eager: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -147,6 +317,8 @@ class Router:
         self._pending: CallInputs | None = None
         self._replay: RoutingRecord | None = None
         self._extras: dict[str, Any] = {}
+        self._generation_length: int | None = None  # generate's cache length for the next prefill (decode room)
+        self._compiled_step = None
 
         lm = self.adapter.language_model
         self._lm = lm
@@ -155,6 +327,11 @@ class Router:
         self._original_forward = lm.forward
         lm.forward = self._decoder_forward
         self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._had_prepare = "_prepare_cache_for_generation" in model.__dict__
+        self._prev_prepare = model.__dict__.get("_prepare_cache_for_generation")
+        self._original_prepare = getattr(model, "_prepare_cache_for_generation", None)
+        if self._original_prepare is not None:
+            model._prepare_cache_for_generation = self._prepare_cache_for_generation
         self.adapter.install()
         for part in self._parts():
             part.attach(self.adapter)
@@ -175,6 +352,11 @@ class Router:
         if getattr(self.model, "_visroute_router", None) is not self:
             return
         self._hook.remove()
+        if self._original_prepare is not None:
+            if self._had_prepare:
+                self.model._prepare_cache_for_generation = self._prev_prepare
+            else:
+                del self.model._prepare_cache_for_generation
         self.adapter.uninstall()
         if self._lm_had_forward:
             self._lm.forward = self._lm_prev_forward
@@ -190,6 +372,35 @@ class Router:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+        """`generate`'s cache set-up, seen first: refuses what a routed cache cannot do, and notes the cache length
+        `generate` will reach (prompt + max_new_tokens - 1) so that the prefill preallocates that much room."""
+        from transformers.generation import GenerationMode
+
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "Assisted / speculative decoding (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) "
+                "is not supported under routing: it rolls the K/V cache back after rejected draft tokens (crop), and "
+                "a routed cache cannot be cropped. Generate without an assistant, or router.remove() first.")
+        implementation = generation_config.cache_implementation
+        if implementation in _UNSUPPORTED_CACHES:
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported under routing: routing keeps its own "
+                f"compact K/V per layer and cannot fill {_UNSUPPORTED_CACHES[implementation]}. Use the default "
+                "dynamic cache or cache_implementation='static'.")
+        if model_kwargs.get("past_key_values") is not None:
+            _check_cache(model_kwargs["past_key_values"])
+        # generate would compile the whole routed forward, hooks and all; the decode step compiles on its own
+        if generation_config.compile_config is not None and not generation_config.disable_compile:
+            warnings.warn("generate's compile_config does not apply under routing; router.compile_decode() "
+                          "compiles the routed decode step", stacklevel=3)
+        generation_config.disable_compile = True
+        out = self._original_prepare(generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        bound = inspect.signature(self._original_prepare).bind(generation_config, model_kwargs, generation_mode,
+                                                               *args, **kwargs)
+        self._generation_length = bound.arguments.get("max_cache_length")
+        return out
+
     @contextlib.contextmanager
     def replaying(self, record: RoutingRecord) -> Iterator[None]:
         """Within the block, prefills take the stage selections of `record` instead of scoring (the replay of
@@ -199,6 +410,20 @@ class Router:
             yield
         finally:
             self._replay = None
+
+    def compile_decode(self, enable: bool = True, **compile_options: Any) -> None:
+        """Decode through a `torch.compile`d step (`compile_options` go to `torch.compile`; `fullgraph=True` unless
+        given; on a GPU, `mode="reduce-overhead"` captures it in a CUDA graph). The compiled step has fixed shapes
+        and no host synchronisation: every layer attends over its cache's whole capacity, the entries not yet
+        written masked, and writes in place at positions held on the device. A cache sized by `generate`
+        (`max_new_tokens`, or `cache_implementation="static"`) keeps its capacity for the whole generation; one
+        that grows (a plain forward, then decode calls beyond its room) recompiles when it does. The prefill
+        stays eager. `compile_decode(False)` goes back to the eager step."""
+        if not enable:
+            self._compiled_step = None
+            return
+        options = {"fullgraph": True, **compile_options}
+        self._compiled_step = torch.compile(self._decode_layers, **options)
 
     @property
     def call_inputs(self) -> set[str]:
@@ -235,25 +460,28 @@ class Router:
     ):
         call, self._pending = self._pending, None
         family_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in self.adapter.decoder_inputs}
-        if isinstance(past_key_values, RoutedCache) and past_key_values.logical_length > 0:
-            self._check_kwargs(kwargs, attention_mask)
-            return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
+        layers = routed_layers(past_key_values)
+        if layers is not None and layers[0].get_seq_length() > 0:
+            self._check_kwargs(kwargs)
+            return self._decode(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, layers)
         if call is None or call.visual_mask is None:
             self.last_record = None
+            self._generation_length = None
             return self._original_forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
                 **family_kwargs,
             )
-        self._check_kwargs(kwargs, attention_mask)
+        self._check_kwargs(kwargs)
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("Routing needs the image prompt in one prefill that starts from an empty cache")
         if use_cache is None:
             use_cache = bool(getattr(self.adapter.text_config, "use_cache", True))
-        return self._prefill(call, input_ids, inputs_embeds, attention_mask, position_ids, use_cache, family_kwargs)
+        return self._prefill(call, input_ids, inputs_embeds, attention_mask, position_ids, use_cache, family_kwargs,
+                             past_key_values)
 
     @staticmethod
-    def _check_kwargs(kwargs: dict, attention_mask) -> None:
+    def _check_kwargs(kwargs: dict) -> None:
         # the family's own decoder inputs were taken out before this check
         unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_DECODER_KWARGS and v is not None)
         if unknown:
@@ -268,11 +496,32 @@ class Router:
                 "output_attentions / output_hidden_states are not available while routing; "
                 "use router.last_record, or router.remove() for an unrouted forward"
             )
-        if attention_mask is not None and (isinstance(attention_mask, dict) or attention_mask.dim() != 2):
-            raise ValueError("Routing takes a 2-D padding attention mask (batch, sequence); it builds its own masks")
+
+    @staticmethod
+    def _padding_mask(attention_mask, cache, b: int, length: int, dev) -> torch.Tensor:
+        """(B, L) the real tokens of the prompt. Routing builds its own masks, so it takes a 2-D padding mask, or
+        the 4-D causal padding mask `generate` builds for a static cache (read back, and checked to be exactly
+        that)."""
+        if isinstance(attention_mask, dict) and set(attention_mask) == {"full_attention"}:
+            attention_mask = attention_mask["full_attention"]
+        if attention_mask is None:
+            return torch.ones(b, length, dtype=torch.bool, device=dev)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            return attention_mask.to(dev).bool()
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None
+                and cache.is_compileable and attention_mask.shape[2] == length and attention_mask.shape[3] >= length):
+            m = attention_mask[:, 0].to(dev)
+            allowed = m if m.dtype == torch.bool else m == 0  # (B, L, K)
+            valid = allowed[:, -1, :length]  # the last query sees every real token before it
+            causal = torch.ones(length, length, dtype=torch.bool, device=dev).tril()
+            rows = valid[:, :, None]  # padding queries' rows are not read
+            if (bool(((allowed[:, :, :length] == (causal[None] & valid[:, None, :])) | ~rows).all())
+                    and not bool((allowed[:, :, length:] & rows).any())):
+                return valid
+        raise ValueError("Routing takes a 2-D padding attention mask (batch, sequence); it builds its own masks")
 
     # ---- prefill --------------------------------------------------------------------------------------------
-    def _prefill(self, call, input_ids, embeds, attention_mask, position_ids, use_cache, family_kwargs):
+    def _prefill(self, call, input_ids, embeds, attention_mask, position_ids, use_cache, family_kwargs, given_cache):
         lm, adapter, cfg = self._lm, self.adapter, self.config
         if embeds is None:
             embeds = lm.embed_tokens(input_ids)
@@ -281,7 +530,7 @@ class Router:
         eager = adapter.text_config._attn_implementation == "eager"
         dummy_col = torch.zeros(b, 1, dtype=torch.bool, device=dev)
 
-        valid = attention_mask.to(dev).bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
+        valid = self._padding_mask(attention_mask, given_cache, b, length, dev)
         layout = adapter.layout(call, valid)
         visual = torch.zeros(b, length + 1, dtype=torch.bool, device=dev).scatter_(1, layout.positions, layout.valid)
         visual[:, length] = False  # (B, L+1)
@@ -306,7 +555,8 @@ class Router:
         record, full = state.record, state.full
         for part in self._parts():
             part.begin_prefill()
-        cache = RoutedCache() if use_cache else None
+        cache, room, progress = self._prefill_cache(given_cache, use_cache, length, dev)
+        kv_valid: list[torch.Tensor] = []
         stage_at = {s.layer: i for i, s in enumerate(cfg.stages)}
         scores_at: dict[int, list[int]] = {}  # layer -> stages that take their scores there, before acting later
         for i, st in enumerate(cfg.stages):
@@ -329,23 +579,45 @@ class Router:
             mask = None if bool(cvalid.all()) else _causal_mask(cvalid, cvalid.shape[1], eager, embeds.dtype)
             ran, ran_visual = cvalid.sum(1).cpu(), active.sum(1).cpu()
             for li in range(start, end):
+                if cache is not None:
+                    cache.layers[li] = RoutedLayer(cvalid, room, progress)
+                    kv_valid.append(cvalid)
                 out = adapter.layers[li](h, attention_mask=mask, position_embeddings=rotary,
                                          past_key_values=cache, use_cache=use_cache)
                 h = out[0] if isinstance(out, tuple) else out
                 if hook_layers:
                     h = adapter.after_layer(li, h, idx, cvalid, state)
                 record.active_tokens[li], record.active_visual[li] = ran, ran_visual
-                if cache is not None:
-                    cache.kv_valid.append(cvalid)
-                    cache.kv_dense.append(mask is None)
             scatter_rows_(full, idx, h)
 
         hidden = lm.norm(full[:, :length])
         if cache is not None:
-            cache.logical_length = length
-            record.kv_tokens = torch.stack([v.sum(1) for v in cache.kv_valid]).cpu()
+            progress.prompt_length = length
+            record.kv_tokens = torch.stack([v.sum(1) for v in kv_valid]).cpu()
         self.last_record = record
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+    def _prefill_cache(self, given, use_cache: bool, length: int, dev):
+        """The cache a prefill fills, the room each layer keeps for decode entries, and the progress its layers
+        share. An empty cache passed in (by `generate` or the caller) is filled in place, its layers replaced by
+        routed ones: a static cache keeps its capacity (max_cache_len, prompt included); otherwise the room is
+        what `generate` said it will decode (none for a plain forward: decoding then grows it)."""
+        wanted, self._generation_length = self._generation_length, None
+        if given is None and not use_cache:
+            return None, 0, None
+        cache = RoutedCache() if given is None else given
+        _check_cache(cache)
+        static = next((getattr(layer, "max_cache_len", None) for layer in cache.layers
+                       if isinstance(layer, (StaticLayer, RoutedLayer))), None)
+        if static is not None:
+            if static < length:
+                raise ValueError(f"The static cache holds {static} tokens (max_cache_len), fewer than the "
+                                 f"{length}-token prompt")
+            room = static - length
+        else:
+            room = max(0, (wanted or 0) - length)
+        cache.layers = [None] * self.adapter.num_layers  # each filled by the prefill before its layer runs
+        return cache, room, _Progress(0, dev, static)
 
     def _candidates(self, state: _Prefill) -> torch.Tensor:
         """(B, Nv) the visual tokens a stage may choose among: prune, the ones active so far; reroute, all. Pinned
@@ -417,28 +689,48 @@ class Router:
         return new
 
     # ---- decode ---------------------------------------------------------------------------------------------
-    def _decode(self, input_ids, embeds, attention_mask, position_ids, cache: RoutedCache):
+    def _decode(self, input_ids, embeds, attention_mask, position_ids, cache, layers: list[RoutedLayer]):
         lm, adapter = self._lm, self.adapter
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            raise ValueError("Routing takes a 2-D padding attention mask (batch, sequence); it builds its own masks")
         if embeds is None:
             embeds = lm.embed_tokens(input_ids)
         b, q, _ = embeds.shape
         dev = embeds.device
-        eager = adapter.text_config._attn_implementation == "eager"
+        progress = layers[0].progress
         new_valid = (attention_mask[:, -q:].to(dev).bool() if attention_mask is not None
                      else torch.ones(b, q, dtype=torch.bool, device=dev))
-        pos = adapter.rope_position_ids(position_ids, b, q, cache.logical_length, dev)
-        rotary = adapter.rotary(embeds, pos)
-        new_dense = bool(new_valid.all())  # one host sync per step, not one per layer
-        h = embeds
-        for li, layer in enumerate(adapter.layers):
-            key_valid = torch.cat([cache.kv_valid[li].to(dev), new_valid], 1)
-            dense = cache.kv_dense[li] and new_dense
-            mask = None if (q == 1 and dense) else _causal_mask(key_valid, q, eager, embeds.dtype)
-            out = layer(h, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, use_cache=True)
+        pos = adapter.rope_position_ids(position_ids, b, q, layers[0].get_seq_length(), dev)
+        cos, sin = adapter.rotary(embeds, pos)
+        need = progress.written + q
+        if need > layers[0].room:
+            if progress.static_length is not None:
+                raise ValueError(f"The static cache is full: it holds {progress.static_length} tokens (max_cache_len); "
+                                 "give it room for every token to decode")
+            room = max(need, 2 * layers[0].room, 16)
+            for layer in layers:
+                layer.grow(room)
+        step = self._compiled_step or self._decode_layers
+        progress.fixed_shapes = self._compiled_step is not None
+        try:
+            hidden = step(embeds, cos, sin, new_valid, cache)
+        finally:
+            progress.fixed_shapes = False
+        progress.advance(q)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+    def _decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, new_valid: torch.Tensor,
+                       cache) -> torch.Tensor:
+        """One decode step of q new (text) tokens through every layer, each attending to that layer's valid cache
+        entries and itself; returns the normed hidden states. No host synchronisation: the eager step reads
+        shapes the host already knows (the entries written so far), the fixed-shape step (compiled) every layer's
+        whole capacity, with positions held on the device."""
+        eager = self.adapter.text_config._attn_implementation == "eager"
+        for li, layer in enumerate(self.adapter.layers):
+            mask = cache.layers[li].decode_mask(new_valid, eager, h.dtype)
+            out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
             h = out[0] if isinstance(out, tuple) else out
-            cache.kv_valid[li], cache.kv_dense[li] = key_valid, dense
-        cache.logical_length += q
-        return BaseModelOutputWithPast(last_hidden_state=lm.norm(h), past_key_values=cache)
+        return self._lm.norm(h)
 
 
 def as_config(config: RoutingConfig | dict | str | Path) -> RoutingConfig:
