@@ -343,7 +343,9 @@ class NuwaMerge(TowerMerge):
     * "llava" (`clip_encoder.py`): X = the tower features the projector reads (CLIP space, before the
       projector; the merged features then go through the projector), F = the mean of the outputs of tower
       layers 15..23 of 24 (`hidden_states[16:25]`, the last included), r = sqrt(280) grid units, q = 0.55,
-      self weight 1 (so a collector's weights sum to 2 - 1/sum_k W_ik: not a convex combination);
+      self weight 1 (so a collector's weights sum to 2 - 1/sum_k W_ik: not a convex combination). The paper's
+      threshold, "26% of the maximum distance", is 280 / 1058 of the squared 24 x 24 diagonal (about 51% of
+      the linear one); the code's sqrt(280) is what runs here;
     * "qwen" (`qwen2_5vl_nuwa.py`): X = the merger's output (the decoder input embeddings), F = the merger
       applied to the mean of ViT block outputs 7..23 of 32, r = 0.8 x the diagonal of the grid padded to even
       sides, q = 0.1, convex weights.
