@@ -419,8 +419,9 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
         horizon = information_horizon(summaries)
         if horizon:
             lines += ["Information horizon (first stage layer from which random stays within 2 points of the best "
-                      "signal): " + "; ".join(f"{b}: {'-' if h is None else f'layer {h}'}"
-                                              for b, h in sorted(horizon.items())), ""]
+                      "signal): " + "; ".join(f"{b}: {'not reached' if h is None else f'layer {h}'}"
+                                              for b, h in sorted(horizon.items(), key=lambda kv: _budget_order(kv[0]))),
+                      ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
