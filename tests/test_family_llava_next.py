@@ -136,11 +136,10 @@ def test_the_layout_is_the_models_own(name):
         for base, rest in zip(spans[::2], spans[1::2]):
             assert base.tiles > 0 and (base.rows, base.cols) == (4, 4) and rest.tiles == 0
             assert base.length + rest.length == next(lengths)
-            if rest.newline_column:
-                expected[rest.offset + rest.cols - 1 : rest.offset + rest.length : rest.cols] = True
-            else:  # an untiled image: its one newline token
-                assert rest.length == 1 and name == "llava_onevision"
-                expected[rest.offset] = True
+            assert rest.newline_column and rest.length == rest.rows * rest.cols
+            if rest.length == 1:  # an untiled image: its one newline token
+                assert name == "llava_onevision"
+            expected[rest.offset + rest.cols - 1 : rest.offset + rest.length : rest.cols] = True
         assert torch.equal(newlines[i, : len(expected)], expected)
     # image_parts against the model's own packing (features 0, the newline vector 1) over many sizes
     config, inner = model.config, model.model

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import PROMPTS
-from oracle import dart_reference, decoder_inputs, instruction_positions, masked_run, visual_positions
+from oracle import (dart_reference, decoder_inputs, instruction_positions, masked_run, tiled_vision_reference,
+                    visual_positions)
 from visroute import RoutingConfig, Stage, apply_routing
 
 
@@ -189,6 +190,8 @@ def test_vision_attention_equals_the_towers_eager_attention(any_fam, layer, monk
     ref = fam.eager
     if fam.row.tower == "clip":
         per_image = _llava_cls_reference(ref, inputs, layer)
+    elif fam.row.tower == "tiles":  # one entry per span: each image's base tile, then its other tokens
+        per_image = tiled_vision_reference(ref, inputs, layer)
     else:
         per_image = _qwen_received_reference(ref, inputs, layer, monkeypatch)
     _assert_scores(record, 0, _per_sample(per_image, record), atol=1e-5)

@@ -218,6 +218,8 @@ def tiny_qwen3_vl(moe: bool = False, layers: int = 6, attn: str = "sdpa", seed: 
                        vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND, video_token_id=113)
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = attn
+    if moe and attn == "eager":  # the experts as plain matmuls too (FlopCounterMode counts no grouped_mm)
+        cfg.text_config._experts_implementation = "eager"
     model = cls(cfg).eval()
     _spread_weights(model)
     return model
@@ -313,7 +315,8 @@ class TinyFamily:
     pixel_rows:     rows of `pixel_values` one image takes
     draw_image:     a random image of the family (for randomized batches)
     tower:          the kind of vision tower, for the references of vision-tower scores: "clip" (a [CLS] token)
-                    or "qwen_vit" (no [CLS]; 2x2 merged patches)
+                    or "qwen_vit" (no [CLS]; 2x2 merged patches) or "tiles" (LLaVA-NeXT / OneVision: per tile,
+                    laid out as the features are)
     own_positions:  the model numbers each sample's tokens itself from the attention mask (Qwen's M-RoPE);
                     otherwise a left-padded forward numbers the padding too, and `padded_positions` gives the
                     positions `generate` would use
@@ -413,5 +416,21 @@ FAMILIES: dict[str, TinyFamily] = {
         # not a family of its own: LLaVA's adapter on a decoder with per-head q/k norms (Qwen3)
         TinyFamily("llava-qwen3", tiny_llava_qwen3, IMAGE_TOKEN, images=((None,), (None, None), (None,)),
                    make_batch=_llava_batch, pixel_rows=lambda image: 1, draw_image=lambda rng: None, quick=False),
+        # DeepStack: features added to the visual positions after decoder layers 0 and 1
+        TinyFamily("qwen3-vl", tiny_qwen3_vl, QWEN_IMAGE, images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)),
+                   make_batch=qwen_batch, pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image,
+                   tower="qwen_vit", own_positions=True, quick=False),
+        TinyFamily("qwen3-vl-moe", partial(tiny_qwen3_vl, True), QWEN_IMAGE,
+                   images=(((8, 8),), ((4, 8), (8, 4)), ((8, 12),)), make_batch=qwen_batch,
+                   pixel_rows=lambda hw: hw[0] * hw[1], draw_image=_draw_qwen_image, tower="qwen_vit",
+                   own_positions=True, quick=False),
+        # tiles: images of (height, width) pixels; unpadded rows, two images in a sample, 3 x 3 tiles (OneVision:
+        # the two images untiled, the 3 x 3 map downsampled)
+        TinyTiledFamily("llava-next", tiny_llava_next, IMAGE_TOKEN, images=(((20, 64),), ((64, 64), (64, 16)), ((70, 90),)),
+                        make_batch=llava_next_batch, pixel_rows=lambda hw: 1, draw_image=_draw_tiled_image,
+                        tower="tiles", quick=False),
+        TinyTiledFamily("llava-onevision", partial(tiny_llava_next, "onevision"), IMAGE_TOKEN,
+                        images=(((20, 64),), ((64, 64), (64, 16)), ((70, 90),)), make_batch=llava_next_batch,
+                        pixel_rows=lambda hw: 1, draw_image=_draw_tiled_image, tower="tiles", quick=False),
     )
 }

@@ -12,7 +12,7 @@ positions is an `<image>` placeholder, newline tokens included: they are all vis
 
 * Layout: each image gives two `TiledImageSpan`s, the base tile (side x side) and the high-resolution map
   (H' x (W' + 1): its last column the newline tokens); a OneVision image of a multi-image sample is not tiled and
-  gives its base tile and one newline token. The family option `keep_newlines` pins the newline tokens (always
+  gives its base tile and one newline token (a 1 x 1 span, all newline column). The family option `keep_newlines` pins the newline tokens (always
   active, never candidates; they count towards each stage's keep).
 * Vision-tower scores ([CLS] attention for CLIP towers, attention received for SigLIP towers, which have no
   [CLS]) are computed per tile and laid out exactly as the features are: through the model's own
@@ -75,8 +75,8 @@ class ImageParts:
     def spans(self, offset: int) -> list[TiledImageSpan]:
         base = self.side * self.side
         first = TiledImageSpan(offset, base, self.side, self.side, 1, tiles=self.tiles)
-        if self.rows is None:
-            return [first, TiledImageSpan(offset + base, 1, None, None, 1)]
+        if self.rows is None:  # the lone newline token: a 1 x 1 grid that is all newline column
+            return [first, TiledImageSpan(offset + base, 1, 1, 1, 1, newline_column=True)]
         return [first, TiledImageSpan(offset + base, self.rows * (self.cols + 1), self.rows, self.cols + 1, 1,
                                       newline_column=True)]
 
