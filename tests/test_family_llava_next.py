@@ -177,6 +177,38 @@ def test_vision_scores_equal_the_towers_eager_attention_through_the_tile_layout(
         torch.testing.assert_close(router.last_record.stages[0].scores, record.stages[0].scores)
 
 
+@pytest.mark.parametrize("name", BUILD)
+def test_tower_features_for_merges_are_laid_out_as_the_features(name):
+    """The per-tile keys and mean features LLaVA-1.5's hooks give, laid out per visual token exactly as the model
+    lays out its image features (`tiled_layout`, one channel at a time); merges run on the decoder input
+    embeddings (no projector input per visual token)."""
+    from visroute.families.llava import LlavaAdapter
+
+    model, _, inputs = models(name)
+    got = {}
+    with apply_routing(model, RoutingConfig()) as router:
+        adapter = router.adapter
+        assert adapter.hook_projector_input(lambda t: None) is None
+        handles = (adapter.hook_vision_keys(None, lambda t: got.update(keys=t))
+                   + adapter.hook_vision_features(0, 1, lambda t: got.update(features=t))
+                   + LlavaAdapter.hook_vision_keys(adapter, None, lambda t: got.update(tile_keys=t))
+                   + LlavaAdapter.hook_vision_features(adapter, 0, 1, lambda t: got.update(tile_features=t)))
+        with torch.no_grad():
+            model(**inputs)
+        for h in handles:
+            h.remove()
+    visual = int(inputs["input_ids"].eq(IMAGE_TOKEN).sum())
+    for what, per_tile in (("keys", got["tile_keys"]), ("features", got["tile_features"])):
+        assert got[what].shape == (visual, per_tile.shape[-1])
+        tiles = per_tile.view(-1, 16, per_tile.shape[-1])
+        for c in range(0, per_tile.shape[-1], 7):
+            expected = torch.cat(tiled_layout(model, inputs, tiles[..., c]))
+            torch.testing.assert_close(got[what][:, c], expected, atol=1e-5, rtol=1e-5)
+    cfg = RoutingConfig("prune", "vision_cls_attention", [Stage(0, 12, merge="visionzip"), Stage(2, 0.5)])
+    logits, record = routed(model, inputs, cfg)
+    assert torch.isfinite(logits).all() and record.stages[0].kept.tolist() == [12, 12, 12]
+
+
 def test_boxes_map_onto_the_tokens_of_both_grids():
     """A white box on a black image, through LLaVA-NeXT's own image processor (nearest resampling) and the model's
     feature layout: the tokens whose patches hold box pixels are `tokens_of(box)`, in the base tile and in the

@@ -364,10 +364,10 @@ class LlavaNextAdapter(LlavaAdapter):
                                tokens=parts.length)
 
     # ---- vision tower ------------------------------------------------------------------------------------------
-    def hook_vision_scores(self, layer, sink):
-        """LLaVA-1.5's per-tile scores ([CLS] attention, or attention received for towers without [CLS]) of
-        every tile of the call, laid out as the features are: the tiles' score maps go through the model's own
-        `pack_image_features` (stitched, unpadded, on OneVision downsampled), newline tokens scoring 0."""
+    def _laid_out(self, sink):
+        """A sink for LLaVA-1.5's per-tile hooks (one row per patch of every tile of the tower call, flat or with a
+        feature dimension) that passes `sink` the rows laid out as the features are: the tiles' maps go through
+        the model's own `pack_image_features` (stitched, unpadded, on OneVision downsampled), newline tokens 0."""
 
         def relayout(flat: torch.Tensor) -> None:
             images = self._call_images
@@ -375,15 +375,33 @@ class LlavaNextAdapter(LlavaAdapter):
                 return  # a tower call that did not come through get_image_features: its layout is unknown
             side = self._side(self.model.config)
             parts = [self.image_parts(self.model.config, *size, tiled=t) for size, t in images]
-            per_tile = flat.view(-1, side * side, 1)
+            per_tile = flat.reshape(-1, side * side, 1 if flat.dim() == 1 else flat.shape[-1])
             if per_tile.shape[0] != sum(p.tiles for p in parts):
                 return
             sizes = torch.tensor([size for size, _ in images])
-            zero = per_tile.new_zeros(1)
-            packed = self._pack(list(per_tile.split([p.tiles for p in parts])), sizes, zero)
-            sink(torch.cat([p[:, 0] for p in packed]))
+            zero = per_tile.new_zeros(per_tile.shape[-1])
+            packed = torch.cat(self._pack(list(per_tile.split([p.tiles for p in parts])), sizes, zero))
+            sink(packed[:, 0] if flat.dim() == 1 else packed)
 
-        return super().hook_vision_scores(layer, relayout)
+        return relayout
+
+    def hook_vision_scores(self, layer, sink):
+        """LLaVA-1.5's per-tile scores ([CLS] attention, or attention received for towers without [CLS]), laid
+        out as the features are (`_laid_out`); newline tokens score 0 (they show no patch)."""
+        return super().hook_vision_scores(layer, self._laid_out(sink))
+
+    def hook_vision_features(self, first, last, sink):
+        """LLaVA-1.5's per-tile mean tower features, laid out as the features are; newline tokens get zeros."""
+        return super().hook_vision_features(first, last, self._laid_out(sink))
+
+    def hook_vision_keys(self, layer, sink):
+        """LLaVA-1.5's per-tile keys averaged over heads, laid out as the features are; newline tokens get zeros."""
+        return super().hook_vision_keys(layer, self._laid_out(sink))
+
+    def hook_projector_input(self, sink):
+        """Newline tokens never pass the projector and OneVision interpolates after it: there is no projector
+        input per visual token, so merges act on the decoder input embeddings (None, as for Qwen)."""
+        return None
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
