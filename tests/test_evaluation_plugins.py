@@ -2,6 +2,7 @@
 only (a `*.dist-info` folder with `entry_points.txt`) on sys.path publishes the task `prior`, which runs
 through `visroute study run` like a built-in one."""
 
+import json
 import sqlite3
 import sys
 import textwrap
@@ -46,8 +47,8 @@ def plugin(tmp_path, monkeypatch):
         prior = visroute_plugin_tasks:PriorTask
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    registry = dict(tasks_module._REGISTRY)
-    monkeypatch.setattr(tasks_module, "_LOADED", False)
+    registry = dict(tasks_module.available_tasks())  # the built-in tasks, registered once at import
+    monkeypatch.setattr(tasks_module, "_LOADED", False)  # entry points are read again, now with the plug-in
     yield tmp_path
     tasks_module._REGISTRY.clear()
     tasks_module._REGISTRY.update(registry)
@@ -70,3 +71,47 @@ def test_a_plugin_task_runs_through_study(plugin):
     by_run = {(r[0], r[1]): r[2] for r in rows}
     for shape in ("star", "heart", "moon"):
         assert by_run[("unrouted", shape)] == by_run[("blind", shape)] == by_run[("fastv", shape)]
+
+
+FAKE_DATBENCH = '''
+import json
+
+seen = []
+
+
+class _Refcoco:
+    @staticmethod
+    def score_sample(sample, model_output):
+        seen.append((sample, model_output))
+        box = json.loads(model_output)
+        return {"score": 1.0 if box == [round(v, 6) for v in sample["bbox"]] else 0.0}
+
+
+DATASET_SCORING_MODULES = {"refcoco_testA": _Refcoco}
+'''
+
+
+def test_datbench_scorers_get_boxes_in_their_own_frame(tmp_path, monkeypatch):
+    """With the `datbench` package importable, its scorer for the row's source dataset decides (score >= 0.5 is
+    correct), and a grounding answer reaches it as a normalised box whatever frame the model wrote it in."""
+    from visroute.evaluation.tasks import build_task
+    from visroute.evaluation.tasks.base import TaskItem
+    from visroute.evaluation.tasks.testbed import grid_frame
+
+    (tmp_path / "datbench" / "datasets_scoring").mkdir(parents=True)
+    (tmp_path / "datbench" / "__init__.py").write_text("")
+    (tmp_path / "datbench" / "datasets_scoring" / "__init__.py").write_text(FAKE_DATBENCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("datbench", "datbench.datasets_scoring"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    truth = [0.25, 0.5, 0.5, 0.75]
+    item = TaskItem("1", "where is the red circle?", ["[0.25, 0.5, 0.5, 0.75]"], kind="box", box=truth,
+                    meta={"dataset": "refcoco_testA", "capability": "grounding", "answer": "", "metadata":
+                          {"bbox": truth}})
+    task = build_task("datbench")
+    scored = task.score(item, "3 6 6 9", grid_frame((12, 12)))  # the testbed model's grid units
+    assert scored["scorer"] == "datbench" and scored["correct"] and scored["iou"] == 1.0
+    sample, text = sys.modules["datbench.datasets_scoring"].seen[-1]
+    assert json.loads(text) == truth and sample["bbox"] == truth
+    assert not build_task("datbench").score(item, "3 6 6 10", grid_frame((12, 12)))["correct"]
+    assert "scorer" not in build_task("datbench", own_scorers=False).score(item, "3 6 6 9", grid_frame((12, 12)))
