@@ -84,31 +84,40 @@ def time_prefill(model, inputs, device, repeats: int, on_start: Callable[[], Non
     return times
 
 
-def time_decode(model, inputs, device, new_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Per repeat, `generate` `new_tokens` greedy tokens; returns (first model call times, decode step times).
-    transformers encodes the images before the first model call of `generate`, so that call is the decoder
-    prefill without the vision tower."""
-    stamps: list[float] = []
+def time_batched_decode(model, inputs, device, batch: int, steps: int, repeats: int,
+                        preallocate: bool) -> tuple[list[float], int]:
+    """Decode step times at `batch` sequences. Per repeat: one prefill of the one-prompt `inputs` (with
+    `preallocate`, into a static cache of the prompt + `steps` tokens, which a routed prefill fills with its
+    preallocated layers; otherwise the model's default cache), the cache expanded to `batch` copies
+    (`batch_repeat_interleave`: the same shapes as `batch` prompts, without `batch` prefills), then `steps` greedy
+    decode steps of all rows, each one model call with `logits_to_keep=1` as `generate` makes it; the first step
+    is a warm-up, the others are timed. Returns (step times, bytes of the K/V the cache holds at `batch`)."""
+    from transformers import StaticCache
 
-    def stamp(*_):
-        sync(device)
-        stamps.append(time.perf_counter())
+    from visroute.accounting import cache_kv_bytes
 
-    pre, post = model.register_forward_pre_hook(stamp), model.register_forward_hook(stamp)
-    prefills, steps = [], []
-    try:
-        for _ in range(repeats):
-            stamps.clear()
-            with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               use_cache=True, pad_token_id=0)
-            calls = [b - a for a, b in zip(stamps[0::2], stamps[1::2])]
-            prefills.append(calls[0])
-            steps.extend(calls[1:])
-    finally:
-        pre.remove()
-        post.remove()
-    return prefills, steps
+    times: list[float] = []
+    held = 0
+    length = inputs["input_ids"].shape[1]
+    for _ in range(repeats):
+        with torch.inference_mode():
+            cache = StaticCache(config=model.config, max_cache_len=length + steps) if preallocate else None
+            out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(batch)
+            token = out.logits[:, -1:].argmax(-1).repeat(batch, 1)  # (batch, 1)
+            del out
+            for i in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
+                out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                sync(device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+                token = out.logits[:, -1:].argmax(-1)
+            held = cache_kv_bytes(cache)
+            del cache, out
+    return times, held
 
 
 def weight_bytes(model) -> int:

@@ -1,46 +1,55 @@
-"""`visroute bench`: prefill and decode latency, peak memory, executed and formula FLOPs and K/V bytes of a
-real-shaped VLM with random weights, unrouted and under each routing config, each speedup beside the ideal
-speedup executed FLOPs predict (see `METHOD`).
+"""`visroute bench`: prefill latency at a batch of prompts, decode latency at several batch sizes, peak memory,
+executed and formula FLOPs and K/V bytes of a real-shaped VLM with random weights, unrouted and under each routing
+config, each speedup beside its ideal: executed FLOPs for prefill, bytes read per step for decode (see `METHOD`).
 
 Models are built from a named shape (`visroute.bench.shapes`: public configs of LLaVA-1.5-7B, Qwen2.5-VL-7B / 3B,
 plus scaled-down shapes) with random weights: nothing is downloaded. The real model path runs the way a user runs
-it: vision tower, projector and the routed decoder through `apply_routing` + `model(...)` / `model.generate(...)`.
+it: vision tower, projector and the routed decoder through `apply_routing` + `model(...)`.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from visroute.accounting import DecoderDims, account, cache_kv_bytes
+from visroute.accounting import DecoderDims, account, cache_kv_bytes, unrouted_record
 from visroute.bench.measure import (
     ScorerTimer,
     machine_info,
     peak_memory,
     prefill,
     stats,
-    time_decode,
+    time_batched_decode,
     time_prefill,
     weight_bytes,
 )
-from visroute.bench.shapes import build_model, get_shape, make_inputs
+from visroute.bench.shapes import build_model, get_shape, make_inputs, repeat_inputs
 from visroute.budget import PRESETS, preset
 from visroute.config import RoutingConfig
 from visroute.engine import apply_routing
 from visroute.loading import DTYPES
 
 METHOD = """\
-* prefill: one forward of the prompt with `logits_to_keep=1` (as `generate` does), under `torch.inference_mode`,
-  after warm-up runs; median and inter-quartile range over the repeats.
-* decode: `generate` with a fixed number of greedy tokens; forward hooks time every model call, the first call
-  is the prefill (transformers encodes the images before it) and every later one a decode step; median and IQR
-  over all decode steps of all repeats. Time spent in `generate` between model calls is not counted.
+* prefill: one forward of `prefill_batch` copies of the prompt with `logits_to_keep=1` (as `generate` does), under
+  `torch.inference_mode`, after warm-up runs; median and inter-quartile range over the repeats. FLOPs, K/V and
+  the prefill ideal (unrouted / routed executed FLOPs) come from one accounting prefill of one prompt.
+* decode, at each of `decode_batches`: one prefill of the prompt, its cache expanded to the batch
+  (`batch_repeat_interleave`), then `new_tokens` greedy steps of every row, each one model call with
+  `logits_to_keep=1`; the first step untimed; median and IQR over the timed steps of `decode_repeats` runs.
+  Routed configs decode on their preallocated cache (prompt entries + room for the steps, as `generate` sizes
+  it); the unrouted model on its default `DynamicCache`. Tokens per second: batch / median step time.
+* decode ideal (bandwidth): bytes one step must read, the decoder and LM-head weights (not the embedding table)
+  plus the valid K/V entries each layer attends to (the prompt entries cached there + the tokens decoded so
+  far, averaged over the timed steps); ideal speedup = unrouted bytes / the config's bytes at the same batch.
+  "% ideal" = speedup / ideal speedup; "% gain" = (speedup - 1) / (ideal speedup - 1).
 * peak memory: CUDA `max_memory_allocated` above the allocation before the call; on CPU the peak of the tensor
   bytes allocated during the call (torch profiler memory events), the same quantity on both: activations, K/V
-  cache and logits, not the weights.
+  cache and logits, not the weights; for one prefill of one prompt.
 * scoring: the scorer's `score` timed alone in every timed prefill (summed over stages).
 """
 
@@ -54,8 +63,10 @@ class BenchSettings:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     repeats: int = field(default=3, metadata={"help": "timed prefills per config"})
     warmup: int = field(default=1, metadata={"help": "untimed prefills per config before timing"})
-    new_tokens: int = field(default=16, metadata={"help": "greedy tokens per generate for decode timing"})
-    decode_repeats: int = field(default=2, metadata={"help": "generate calls per config (0: no decode timing)"})
+    prefill_batch: int = field(default=8, metadata={"help": "prompts per timed prefill (copies of the prompt)"})
+    new_tokens: int = field(default=16, metadata={"help": "greedy decode steps per run and batch (the first untimed)"})
+    decode_repeats: int = field(default=2, metadata={"help": "decode runs per config and batch (0: no decode timing)"})
+    decode_batches: str = field(default="1,8,32", metadata={"help": "batch sizes to time decode at, comma-separated"})
     text_tokens: int = field(default=64, metadata={"help": "text tokens in the prompt besides the image"})
     image_size: str = field(default="672x672", metadata={"help": "HxW of the image (Qwen shapes; LLaVA's is fixed)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's choice)"})
@@ -67,14 +78,26 @@ class BenchSettings:
         get_shape(self.shape)  # a clear error for an unknown shape before anything is built
         if self.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.repeats < 1:
-            raise ValueError("repeats must be at least 1")
+        if self.repeats < 1 or self.prefill_batch < 1:
+            raise ValueError("repeats and prefill_batch must be at least 1")
+        self.batches  # a clear error for a bad list
         for name in ("warmup", "new_tokens", "decode_repeats", "text_tokens", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         from visroute.bench.shapes import parse_image_size
 
         parse_image_size(self.image_size)
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The decode batch sizes."""
+        try:
+            out = tuple(int(b) for b in str(self.decode_batches).split(",") if b.strip())
+        except ValueError:
+            out = ()
+        if not out or min(out) < 1:
+            raise ValueError(f"Bad decode_batches {self.decode_batches!r}: expected batch sizes, e.g. 1,8,32")
+        return out
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -92,28 +115,44 @@ def default_configs(shape: str, num_visual: int, tiers: tuple[int, ...] | None =
 
 
 def _measure(label, model, inputs, settings, device, router=None) -> dict[str, Any]:
-    """Time prefill (and decode), measure memory; with a router, time its scorer too."""
+    """Time prefill at the prefill batch (with a router, its scorer too), measure memory, time decode at each
+    decode batch."""
     timer = ScorerTimer(router, device) if router is not None and router.config.stages else None
+    batched = repeat_inputs(inputs, settings.prefill_batch)
     scoring = []
     for _ in range(settings.warmup):
-        prefill(model, inputs)
+        prefill(model, batched)
     times = []
     for _ in range(settings.repeats):
         if timer:
             timer.total = 0.0
-        times += time_prefill(model, inputs, device, 1)
+        times += time_prefill(model, batched, device, 1)
         if timer:
             scoring.append(timer.total)
-    row: dict[str, Any] = {"label": label, "prefill_s": stats(times), "prefill_times": times}
+    row: dict[str, Any] = {"label": label, "prefill_batch": settings.prefill_batch, "prefill_s": stats(times),
+                           "prefill_times": times}
     if timer:
         row["scoring_s"] = stats(scoring)
     if settings.memory:
         row["peak_bytes"] = peak_memory(lambda: prefill(model, inputs), device)
+    row["decode"] = []
     if settings.decode_repeats > 0 and settings.new_tokens > 1:
-        gen_prefill, steps = time_decode(model, inputs, device, settings.new_tokens, settings.decode_repeats)
-        row["decode_step_s"] = stats(steps)
-        row["generate_first_call_s"] = stats(gen_prefill)
+        for batch in settings.batches:
+            steps, held = time_batched_decode(model, inputs, device, batch, settings.new_tokens,
+                                              settings.decode_repeats, preallocate=router is not None)
+            row["decode"].append({"batch": batch, "step_s": stats(steps), "step_times": steps, "kv_bytes": held,
+                                  "tokens_per_s": batch / statistics.median(steps)})
+        if settings.batches[0] == 1:
+            row["decode_step_s"] = row["decode"][0]["step_s"]
     return row
+
+
+def decode_bytes(kv_tokens: list[int], batch: int, new_tokens: int, dims: DecoderDims, element: int) -> float:
+    """K/V bytes one timed decode step reads at `batch` copies of a prompt whose layers cache `kv_tokens`
+    entries: per layer its prompt entries + the tokens decoded so far (this one included), averaged over the timed
+    steps 2..new_tokens."""
+    decoded = sum(range(2, new_tokens + 1)) / max(1, new_tokens - 1)
+    return batch * (sum(kv_tokens) + len(kv_tokens) * decoded) * dims.kv_bytes_per_token(element)
 
 
 def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] | None = None,
@@ -127,6 +166,7 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     dtype = DTYPES[settings.dtype]
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
     model = build_model(settings.shape, dtype, device, settings.seed)
     build_s = time.perf_counter() - t0
@@ -136,7 +176,9 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
         configs = default_configs(settings.shape, nv)
     element = next(model.parameters()).element_size()
     dims = DecoderDims.from_config(model.config.text_config)
-    decoder_weights = weight_bytes(model.model.language_model) + weight_bytes(model.lm_head)
+    lm = model.model.language_model
+    # what one decode step reads besides the K/V: every decoder and LM-head weight, not the embedding table
+    step_weights = weight_bytes(lm) - weight_bytes(lm.embed_tokens) + weight_bytes(model.lm_head)
 
     jobs = [("unrouted", None)] + ([("keep-all (routed)", RoutingConfig())] if settings.keep_all else []) + list(configs)
     rows = []
@@ -154,33 +196,48 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
         del out
         if cfg is None:
             row = _measure(label, model, inputs, settings, device)
+            kv_tokens = [int(v) for v in unrouted_record(record).kv_tokens[:, 0]]
         else:
             with apply_routing(model, cfg) as router:
                 row = _measure(label, model, inputs, settings, device, router)
+            kv_tokens = [int(v) for v in record.kv_tokens[:, 0]]
+        for d in row["decode"]:
+            d["kv_read_bytes"] = decode_bytes(kv_tokens, d["batch"], settings.new_tokens, dims, element)
+            d["step_bytes"] = step_weights + d["kv_read_bytes"]
         row.update(
             config=None if cfg is None else cfg.to_dict(),
             avg_T=acc.avg_T if cfg is not None else float(nv),
             accounting=acc.to_dict(),
-            kv_active_tokens=[int(v) for v in record.kv_tokens[:, 0]],
-            decode_ideal_speedup=(decoder_weights + acc.kv_bytes_unrouted) / (decoder_weights + (acc.kv_bytes or 0)),
+            kv_active_tokens=kv_tokens,
         )
         rows.append(row)
     base = rows[0]
+    keep_all = rows[1] if settings.keep_all else None
     for row in rows:
         row["prefill_speedup"] = base["prefill_s"]["median"] / row["prefill_s"]["median"]
         row["ideal_speedup"] = base["accounting"]["flops"]["total"] / row["accounting"]["flops"]["total"]
         row["fraction_of_ideal"] = row["prefill_speedup"] / row["ideal_speedup"]
         if "scoring_s" in row:
             row["scoring_fraction_of_unrouted_prefill"] = row["scoring_s"]["median"] / base["prefill_s"]["median"]
-        if "decode_step_s" in row and "decode_step_s" in base:
-            row["decode_speedup"] = base["decode_step_s"]["median"] / row["decode_step_s"]["median"]
+        for d, b in zip(row["decode"], base["decode"]):
+            d["speedup"] = b["step_s"]["median"] / d["step_s"]["median"]
+            d["ideal_speedup"] = b["step_bytes"] / d["step_bytes"]
+            d["fraction_of_ideal"] = d["speedup"] / d["ideal_speedup"]
+            gain = d["ideal_speedup"] - 1
+            d["fraction_of_ideal_gain"] = (d["speedup"] - 1) / gain if gain > 1e-9 else None
+            if keep_all is not None:
+                k = next(x for x in keep_all["decode"] if x["batch"] == d["batch"])
+                d["speedup_vs_keep_all"] = k["step_s"]["median"] / d["step_s"]["median"]
+        if row["decode"] and row["decode"][0]["batch"] == 1:  # the batch-1 numbers under their earlier names
+            row["decode_speedup"] = row["decode"][0]["speedup"]
+            row["decode_ideal_speedup"] = row["decode"][0]["ideal_speedup"]
     return {
         "shape": settings.shape, "shape_description": get_shape(settings.shape).description,
         "model_config": {"decoder": dims.__dict__, "visual_tokens": nv, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                         "weight_bytes": weight_bytes(model)},
+                         "weight_bytes": weight_bytes(model), "decode_step_weight_bytes": step_weights},
         "settings": {**settings.__dict__, "threads": torch.get_num_threads()},
         "machine": machine_info(device), "build_s": build_s, "method": METHOD,
+        # the machine's load (1, 5, 15-minute averages) when the run began and ended: what else was running
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "results": rows,
     }
-
-

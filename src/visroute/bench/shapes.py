@@ -67,6 +67,12 @@ def make_inputs(model: nn.Module, name: str, text_tokens: int = 64, image_size: 
     return {k: v.to(device) for k, v in out.items()}
 
 
+def repeat_inputs(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """`n` copies of a one-prompt input as one batch: every tensor repeated along its first dimension (the
+    sequence rows, and the image's pixels and grid rows, which the families lay out image after image)."""
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+
 def visual_count(name: str, image_size: tuple[int, int]) -> int:
     """Visual tokens one image of `image_size` (height, width) gives on the shape `name`."""
     count = family_of(name).visual_tokens(model_config(name), *image_size)
