@@ -91,7 +91,8 @@ class DatbenchTask(Task):
         if scorer is not None:
             text = prediction
             if cap == "grounding":  # give DatBench the box in its own frame: normalised [x1, y1, x2, y2]
-                text = json.dumps(out["box"] or [0, 0, 0, 0])
+                # fixed decimals: its parser reads plain numbers, not exponents
+                text = "[" + ", ".join(f"{v:.6f}" for v in (out["box"] or [0, 0, 0, 0])) + "]"
             sample = {**item.meta["metadata"], "answer": item.meta["answer"], "all_answers": item.answers}
             score = float(scorer.score_sample(sample, text)["score"])
             out.update({"correct": score >= 0.5, "score": score, "scorer": "datbench"})
