@@ -134,3 +134,12 @@ def test_task_registry_refuses_a_taken_name():
     with pytest.raises(ValueError, match="task name 'pope' is already registered by PopeTask"):
         register_task(Other)
     assert get_task_class("pope").__name__ == "PopeTask"
+
+
+def test_a_file_that_is_no_results_database(tmp_path, capsys):
+    bogus = tmp_path / "notes.sqlite"
+    bogus.write_text("not a database at all, just text that is long enough to have a header" * 20)
+    assert main(["study", "list", "--db", str(bogus)]) == 2
+    assert "is not a visroute results database" in capsys.readouterr().err
+    assert main(["study", "report", "--db", str(tmp_path / "missing.sqlite"), "--out", str(tmp_path / "r")]) == 2
+    assert "no results database at" in capsys.readouterr().err

@@ -99,13 +99,20 @@ class Store:
         if identity is None and not self.path.exists():
             raise FileNotFoundError(f"no results database at {self.path}")
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        with self.transaction():
-            for statement in _SCHEMA.split(";"):  # executescript would commit the open transaction
-                if statement.strip():
-                    self.conn.execute(statement)
-            self._bind(identity)
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a killed process
+            with self.transaction():
+                for statement in _SCHEMA.split(";"):  # executescript would commit the open transaction
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self._bind(identity)
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise ValueError(f"{self.path} is not a visroute results database ({e})") from None
+        except ValueError:
+            self.conn.close()
+            raise
 
     # ---- binding -------------------------------------------------------------------------------------------
     def _bind(self, identity: dict[str, Any] | None) -> None:
