@@ -194,3 +194,28 @@ def test_study_list_shows_the_runs(layouts, capsys):
     assert main(["study", "list", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "grid 'layouts'" in out and "refcoco" in out and "oracle" in out and "partial" not in out
+
+
+def test_report_of_every_layout(layouts):
+    """The report has a section per task with the task's own metrics; MME's score is recomputed here from the
+    stored correctness: 100 acc + 100 acc+ (both questions of an image right)."""
+    from collections import defaultdict
+
+    from visroute.evaluation import summarize, write_report
+    from visroute.evaluation.store import Store
+
+    root, db = layouts
+    text = write_report(db, root / "report").read_text()
+    for task in ("testbed", "pope", "gqa", "mme", "refcoco", "datbench", "jsonl"):
+        assert f"## {task}\n" in text
+    assert "| f1 | yes_ratio |" in text and "| perception | cognition |" in text and "| iou | center_acc |" in text
+    store = Store(db)
+    mme = {s.name: s for s in summarize(store)["mme"]}
+    store.close()
+    for name in ("unrouted", "blind"):
+        per_image = defaultdict(list)
+        for item_id, (_, correct, _, _) in _rows(db, "mme", name).items():
+            per_image[item_id.split("#")[0]].append(correct)
+        answers = [c for v in per_image.values() for c in v]
+        expected = 100 * sum(answers) / len(answers) + 100 * sum(all(v) for v in per_image.values()) / len(per_image)
+        assert mme[name].task_metrics["perception"] == pytest.approx(expected)
