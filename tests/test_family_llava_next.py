@@ -316,6 +316,9 @@ def test_presets_and_the_bench_shape(tmp_path, capsys):
     # LLaVA-1.5-7B's parameters and the 4,096-wide newline vector
     assert sum(p.numel() for p in model.parameters()) == 7_063_427_072 + 4096
     assert LlavaNextAdapter.visual_tokens(config, 672, 672) == 576 + 48 * 49  # 2 x 2 tiles + base, 48 newlines
+    inputs = LlavaNextAdapter.synthetic_inputs(config, 64, 672, 672, torch.Generator().manual_seed(0))
+    assert int(inputs["input_ids"].eq(config.image_token_id).sum()) == 2928
+    assert inputs["pixel_values"].shape == (1, 5, 3, 336, 336) and inputs["image_sizes"].tolist() == [[672, 672]]
     with pytest.raises(ValueError, match="tier"):
         preset("pdrop", 128, "llava-next-7b", num_visual=2928)
     assert preset("pdrop", 320, "llava-next-7b", num_visual=2928).stages
