@@ -70,7 +70,7 @@ class RunSummary:
         out = []
         for s in range(len(vals[0])):
             hops = []
-            for h in range(len(vals[0][s])):
+            for h in range(max(len(v[s]) for v in vals)):  # items of one-hop and two-hop families mix
                 x = [v[s][h] for v in vals if len(v[s]) > h and v[s][h] is not None]
                 hops.append(float(np.mean(x)) if x else None)
             out.append(hops)
@@ -322,7 +322,8 @@ def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
             ax.set_title(f"{title}: {budget}" + (f", hop {h + 1}" if hops > 1 else ""))
             ax.set_xlabel("stage layer")
             ax.grid(alpha=0.3)
-        axes[h][0].set_ylabel("retention recall")
+    for h in range(hops):
+        axes[h][0].set_ylabel("retention recall" + (f", hop {h + 1}" if hops > 1 else ""))
     _legend(fig, axes)
     _save(fig, path)
     return True
