@@ -40,12 +40,15 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from visroute.config import RoutingConfig
 from visroute.loading import DTYPES
+
+if TYPE_CHECKING:
+    from visroute.evaluation.tasks import Task
 
 GRIDS_PACKAGE = "visroute.grids"
 
@@ -100,7 +103,7 @@ class TaskSpec:
     def __post_init__(self) -> None:
         self.label = self.label or self.name
 
-    def build(self):
+    def build(self) -> "Task":
         from visroute.evaluation.tasks import build_task
 
         return build_task(self.name, data=self.data, limit=self.limit, **self.options)

@@ -31,7 +31,7 @@ BLIND, UNROUTED = "blind", "unrouted"
 
 
 # ---- the model -----------------------------------------------------------------------------------------------
-def load_model(spec: ModelSpec, device: torch.device | None = None):
+def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any, Any]:
     """(model, processor) for a grid's model section; "testbed" is the shipped testbed checkpoint. `device`
     (a data-parallel process's own device) overrides the grid's device and device_map."""
     from visroute.loading import dtype_of
@@ -162,7 +162,7 @@ class Session:
             batch.blind_inputs = self._device_inputs(self.processor(text=texts, padding=True, return_tensors="pt"))
         return batch.blind_inputs
 
-    def generate(self, task: Task, batch: Batch, config=None, blind: bool = False):
+    def generate(self, task: Task, batch: Batch, config=None, blind: bool = False) -> tuple[list[Row], Any]:
         """(rows, record): greedy answers of `batch` under `config`, scored, with their costs and recall."""
         from visroute import apply_routing
 

@@ -132,7 +132,7 @@ class Store:
                 f"{self.path} holds results of another grid ({_describe(self.identity)}), not of this one "
                 f"({_describe(identity)}); results are never mixed: use another --db")
 
-    def transaction(self):
+    def transaction(self) -> "_Transaction":
         return _Transaction(self.conn)
 
     # ---- runs ----------------------------------------------------------------------------------------------

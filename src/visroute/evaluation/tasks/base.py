@@ -153,7 +153,7 @@ class Task:
 
 
 # ---- reading the public layouts ----------------------------------------------------------------------------------
-def read_table(path: Path, task: str, columns: tuple[str, ...], split: str | None = None):
+def read_table(path: Path, task: str, columns: tuple[str, ...], split: str | None = None) -> Any:
     """A `datasets.Dataset` from a Parquet file, a JSON / JSONL file, or a `save_to_disk` folder (a
     `DatasetDict` takes `split`, or its only split). Raises naming the missing columns."""
     import datasets

@@ -19,7 +19,7 @@ def _patch_boxes(tokens: list[int], rows: int, cols: int) -> list[list[float]]:
     return [[(t % cols) / cols, (t // cols) / rows, (t % cols + 1) / cols, (t // cols + 1) / rows] for t in tokens]
 
 
-def grid_frame(grid: tuple[int, int]):
+def grid_frame(grid: tuple[int, int]) -> Any:
     """The ImageFrame of a testbed image on a model whose token grid is the scene's (the testbed model):
     boxes in grid units."""
     from visroute.families import ImageFrame
