@@ -40,6 +40,10 @@ def models(name):
     return _MODELS[name]
 
 
+def image_inputs(inputs):
+    return {k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images") if k in inputs}
+
+
 def routed(model, inputs, cfg):
     with apply_routing(model, cfg) as router, torch.no_grad():
         return model(**inputs).logits, router.last_record
@@ -125,8 +129,7 @@ def test_the_layout_is_the_models_own(name):
     model, _, inputs = models(name)
     _, record = routed(model, inputs, RoutingConfig("prune", "random", [Stage(1, 0.5)]))
     with torch.no_grad():
-        feats = model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images")
-                                                  if k in inputs}).pooler_output
+        feats = model.model.get_image_features(**image_inputs(inputs)).pooler_output
     lengths = iter(int(f.shape[0]) for f in feats)
     newlines = newline_mask(model, inputs)
     for i, spans in enumerate(record.images):
@@ -251,8 +254,7 @@ def test_vision_flops_match_the_flop_counter(name):
         eager(**inputs)
         spans = [span for sample in router.last_record.images for span in sample]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        eager.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images")
-                                          if k in inputs})
+        eager.model.get_image_features(**image_inputs(inputs))
     tower, projector = families()[name].vision_flops(eager.config, spans)
     assert tower + projector == counter.get_total_flops()
 

@@ -197,7 +197,8 @@ def test_real_shape_has_the_published_parameter_count():
         model = family_of("qwen3-vl-8b").model_class(config)(config)
     assert sum(p.numel() for p in model.parameters()) == 8_767_123_696  # Qwen3-VL-8B-Instruct
     inputs = Qwen3VLAdapter.synthetic_inputs(config, 64, 672, 672, torch.Generator().manual_seed(0))
-    assert int(inputs["input_ids"].eq(config.image_token_id).sum()) == Qwen3VLAdapter.visual_tokens(config, 672, 672) == 441
+    placeholders = int(inputs["input_ids"].eq(config.image_token_id).sum())
+    assert placeholders == Qwen3VLAdapter.visual_tokens(config, 672, 672) == 441
     assert inputs["pixel_values"].shape == (42 * 42, 3 * 2 * 16 * 16)
     assert families()["qwen3_vl"].box_frame == "scale_1000"
 

@@ -12,8 +12,9 @@ positions is an `<image>` placeholder, newline tokens included: they are all vis
 
 * Layout: each image gives two `TiledImageSpan`s, the base tile (side x side) and the high-resolution map
   (H' x (W' + 1): its last column the newline tokens); a OneVision image of a multi-image sample is not tiled and
-  gives its base tile and one newline token (a 1 x 1 span, all newline column). The family option `keep_newlines` pins the newline tokens (always
-  active, never candidates; they count towards each stage's keep).
+  gives its base tile and one newline token (a 1 x 1 span, all newline column). The family option
+  `keep_newlines` pins the newline tokens (always active, never candidates; they count towards each stage's
+  keep).
 * Vision-tower scores ([CLS] attention for CLIP towers, attention received for SigLIP towers, which have no
   [CLS]) are computed per tile and laid out exactly as the features are: through the model's own
   `pack_image_features`, so tiles, unpadding and OneVision's bilinear downsampling apply to them as to the
@@ -126,14 +127,16 @@ class LlavaNextAdapter(LlavaAdapter):
         vc = cfg.vision_config
         has_cls = hasattr(self._vision_model().embeddings, "class_embedding")
         if has_cls != (cfg.vision_feature_select_strategy == "default"):
+            fed = "[CLS] and the patches" if has_cls else "the patches but one"
             raise ValueError(
-                f"This {type(model).__name__} feeds the projector {'[CLS] and the patches' if has_cls else 'the patches but one'} "
+                f"This {type(model).__name__} feeds the projector {fed} "
                 f"(vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}): its tiles' features form "
                 f"no {vc.image_size // vc.patch_size} x {vc.image_size // vc.patch_size} grid, which visroute lays out"
             )
         self._window = None
-        if getattr(self.text_config, "sliding_window", None) is not None and not getattr(self.text_config, "layer_types", None):
-            self._window = int(self.text_config.sliding_window)  # Mistral: a window without layer types
+        window, types = getattr(self.text_config, "sliding_window", None), getattr(self.text_config, "layer_types", None)
+        if window is not None and not types:
+            self._window = int(window)  # Mistral: a window without layer types
         self._wrapped = None
         self._call_images: list[tuple[tuple[int, int], bool]] | None = None  # (size, tiled) per image, latest call
         self._parts_of_features: dict[int, tuple[weakref.ref, ImageParts]] = {}
@@ -207,7 +210,8 @@ class LlavaNextAdapter(LlavaAdapter):
         ids = [1] + head + [config.image_token_id] * parts.length + tail
         tile = config.vision_config.image_size
         pixels = torch.randn(1, parts.tiles, 3, tile, tile, generator=generator)
-        return {"input_ids": torch.tensor([ids]), "pixel_values": pixels, "image_sizes": torch.tensor([[height, width]])}
+        return {"input_ids": torch.tensor([ids]), "pixel_values": pixels,
+                "image_sizes": torch.tensor([[height, width]])}
 
     # ---- a model -----------------------------------------------------------------------------------------------
     def tokens_per_image(self) -> int:
@@ -218,7 +222,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _pack(self, features: list[torch.Tensor], sizes: torch.Tensor, newline: torch.Tensor):
         cfg = self.model.config
-        return self.inner.pack_image_features(features, sizes, cfg.vision_feature_select_strategy, image_newline=newline)[0]
+        return self.inner.pack_image_features(features, sizes, cfg.vision_feature_select_strategy,
+                                              image_newline=newline)[0]
 
     def install(self) -> None:
         # `generate` encodes the images before the prefill and drops `image_sizes` from the forward call: the

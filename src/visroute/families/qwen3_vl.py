@@ -22,6 +22,8 @@ interleaved M-RoPE cos/sin.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from visroute.families.base import CallInputs, ModelShape
@@ -96,17 +98,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def build_config(cls, shape):
-        t = dict(shape.text)
-        section, tie, theta = t.pop("mrope_section"), t.pop("tie_word_embeddings"), t.pop("rope_theta")
-        vocab = t["vocab_size"]
-        ids = (151655, 151656, 151652, 151653) if vocab > 151656 else tuple(range(vocab - 6, vocab - 2))
-        text = dict(t, rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=tie,
-                    rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": section,
-                                     "mrope_interleaved": True},
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        return cls._config_class()(text_config=text, vision_config=dict(shape.vision), image_token_id=ids[0],
-                                   video_token_id=ids[1], vision_start_token_id=ids[2], vision_end_token_id=ids[3],
-                                   tie_word_embeddings=tie)
+        # Qwen2-VL's build with Qwen3-VL's rotary base, interleaved M-RoPE and context length
+        text = dict(shape.text)
+        theta = text.pop("rope_theta")
+        config = super().build_config(dataclasses.replace(shape, text=text))
+        tc = config.text_config
+        tc.rope_parameters = dict(tc.rope_parameters, rope_theta=theta, mrope_interleaved=True)
+        tc.max_position_embeddings = 262144
+        return config
 
     @classmethod
     def synthetic_inputs(cls, config, text_tokens, height, width, generator):
@@ -141,7 +140,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         hidden = hidden + gather_rows(feats, index)
         if state.record.action == "reroute":
             layout, full = state.layout, state.full
-            carried = torch.where(layout.valid & ~state.active, layout.positions, torch.full_like(layout.positions, length))
+            dummy = torch.full_like(layout.positions, length)
+            carried = torch.where(layout.valid & ~state.active, layout.positions, dummy)
             rows = gather_rows(full, carried) + gather_rows(feats, carried).to(full.device)
             scatter_rows_(full, carried, rows)  # entries of active tokens and padding land in the dummy slot
         return hidden
