@@ -247,6 +247,39 @@ def test_boxes_map_onto_the_tokens_of_both_grids():
     assert families()["llava_next"].box_frame == "normalized"
 
 
+def test_the_processors_placeholders_and_a_saved_model(tmp_path):
+    """LLaVA-NeXT's own processor (its token count per image) agrees with the layout on images of several aspect
+    ratios; the model and processor saved and loaded back route under generate, image_sizes popped."""
+    from PIL import Image
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from tiny import NEXT_PINPOINTS, tiny_llava_processor
+    from visroute.loading import load_model
+
+    model, _, _ = models("llava_next")
+    images = [Image.new("RGB", (w, h), (40, 90, 200)) for h, w in [(20, 64), (64, 16), (70, 90)]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                   image_grid_pinpoints=NEXT_PINPOINTS),
+        tokenizer=tiny_llava_processor(model).tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>")
+    texts = [LlavaNextAdapter.plain_prompt("what is the colour ?", 1, "<image>") for _ in images]
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    placeholders = inputs["input_ids"].eq(IMAGE_TOKEN).sum(1).tolist()
+    assert placeholders == [LlavaNextAdapter.image_parts(model.config, im.height, im.width).length for im in images]
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(str(tmp_path))
+    inputs = loaded_processor(images=images, text=texts, padding=True, return_tensors="pt")
+    cfg = RoutingConfig("reroute", "vision_cls_attention", [Stage(0, 0.5), Stage(2, 0.25)])
+    with apply_routing(loaded, cfg) as router, torch.no_grad():
+        out = loaded.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert router.last_record.num_visual.tolist() == placeholders
+    assert [sum(s.tiles for s in spans) for spans in router.last_record.images] == [3, 3, 5]  # 1x2, 2x1, 2x2 + base
+
+
 @pytest.mark.parametrize("name", BUILD)
 def test_vision_flops_match_the_flop_counter(name):
     _, eager, inputs = models(name)
