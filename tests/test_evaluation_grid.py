@@ -40,11 +40,13 @@ def test_method_preset_and_yaml_config(tmp_path):
     g = parse_grid({"name": "g", "tasks": ["testbed"], "configs": [
         {"name": "pdrop", "method": "pdrop@128", "scorer": "random"}, {"name": "mine", "config": "mine.yaml"}]},
         source=tmp_path / "grid.yaml")
-    pdrop = g.configs[0].resolve(num_layers=32, num_visual=576)
+    pdrop = g.configs[0].resolve(num_layers=32, num_visual=576, family="llava")
     assert pdrop.scorer == "random" and [s.layer for s in pdrop.stages] == [2, 7, 15, 23]
     assert schedule_avg_T(pdrop, 32, 576) == pytest.approx(128, abs=0.5)
+    fastv = parse_grid({"name": "g", "tasks": ["testbed"], "configs": [{"name": "f", "method": "fastv@64"}]})
+    cfg = fastv.configs[0].resolve(num_layers=8, num_visual=144, family="llava")
+    assert cfg.scorer == "last_token_attention" and schedule_avg_T(cfg, 8, 144) == pytest.approx(64, abs=0.5)
     mine = g.configs[1].resolve(num_layers=8, num_visual=144)
     assert mine.action == "reroute" and [(s.layer, s.keep) for s in mine.stages] == [(1, 0.5), (3, 0.25)]
-    with pytest.raises(ValueError, match=r"config 'pdrop': .*Unknown preset 'pdorp'"):
-        parse_grid({"name": "g", "tasks": ["testbed"],
-                    "configs": [{"name": "pdrop", "method": "pdorp@128"}]}).configs[0].resolve(32, 576)
+    with pytest.raises(ValueError, match=r"config 'pdrop': Unknown method 'pdorp'"):
+        parse_grid({"name": "g", "tasks": ["testbed"], "configs": [{"name": "pdrop", "method": "pdorp@128"}]})

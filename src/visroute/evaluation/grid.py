@@ -18,7 +18,7 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
     configs:                       # listed configs, each a routing-config dict, a YAML path, or a method preset
       - {name: fastv, config: {action: prune, scorer: last_token_attention, stages: [{layer: 2, keep: 0.25}]}}
       - {name: mine, config: configs/mine.yaml}
-      - {name: pdrop, method: pdrop@128}
+      - {name: pdrop, method: pdrop@128}   # visroute.methods, solved for the model (optional: scorer)
     sweep:                         # products over action x scorer x stage layers x budget
       - action: [prune, reroute]
         scorer: [last_token_attention, random]
@@ -123,16 +123,18 @@ class ConfigSpec:
     def needs_num_visual(self) -> bool:
         return self.method is not None or self.avg_T is not None
 
-    def resolve(self, num_layers: int, num_visual: int | None) -> RoutingConfig:
+    def resolve(self, num_layers: int, num_visual: int | None, family: str | None = None) -> RoutingConfig:
         """The RoutingConfig on a model with `num_layers` decoder layers and `num_visual` visual tokens per
-        image (needed only for method presets and avg_T budgets)."""
+        image (needed only for methods and avg_T budgets); `family` (the model family's registry name) picks a
+        method's own variant for that family where it has one."""
         try:
             if self.method is not None:
-                from visroute.budget import parse_preset, preset
+                from visroute.methods import method_config
 
-                name, tier = parse_preset(self.method)
-                return preset(name, tier, model="grid", num_layers=num_layers, num_visual=num_visual,
-                              scorer=self.scorer or "last_token_attention")
+                cfg = method_config(self.method, num_layers, num_visual, family)
+                if self.scorer is not None:  # the method's schedule with another scorer
+                    cfg = RoutingConfig.from_dict({**cfg.to_dict(), "scorer": self.scorer, "scorer_options": {}})
+                return cfg
             routing = copy.deepcopy(self.routing)
             layers = [resolve_layer(s["layer"], num_layers) for s in routing["stages"]]
             if self.avg_T is not None:
@@ -291,7 +293,7 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
 
 
 def check_names(grid: Grid) -> None:
-    """Tasks and scorers must be registered (checked before any model is loaded)."""
+    """Tasks, methods and scorers must be known (checked before any model is loaded)."""
     from visroute.evaluation.tasks import get_task_class
     from visroute.scoring import build_scorer
 
@@ -299,6 +301,13 @@ def check_names(grid: Grid) -> None:
         get_task_class(t.name)
         t.build()  # options checked
     for c in grid.configs:
+        if c.method is not None:
+            from visroute.methods import get_method, parse_method
+
+            try:
+                get_method(parse_method(c.method)[0])
+            except ValueError as e:
+                raise ValueError(f"config {c.name!r}: {e}") from None
         scorer = (c.routing or {}).get("scorer") or c.scorer
         if scorer is not None:
             try:

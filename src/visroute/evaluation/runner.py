@@ -256,7 +256,7 @@ class Runner:
             num_visual = session.batch(task, items[:1]).num_visual[0]
         out, seen = [], {}
         for spec in self.grid.configs:
-            cfg = spec.resolve(num_layers, num_visual)
+            cfg = spec.resolve(num_layers, num_visual, getattr(session.adapter, "name", None))
             key = json.dumps(cfg.to_dict(), sort_keys=True)
             if key in seen:
                 self._say(f"config {spec.name!r} is {seen[key]!r} on this model; it runs once, as {seen[key]!r}")
