@@ -219,3 +219,17 @@ def test_report_of_every_layout(layouts):
         answers = [c for v in per_image.values() for c in v]
         expected = 100 * sum(answers) / len(answers) + 100 * sum(all(v) for v in per_image.values()) / len(per_image)
         assert mme[name].task_metrics["perception"] == pytest.approx(expected)
+
+
+def test_command_line_overrides(layouts):
+    """--task replaces the grid's tasks, --data sets a task's path by its label, --limit caps every task."""
+    root, _ = layouts
+    grid = write_grid(root / "one.yaml", [{"name": "pope", "data": str(root / "nowhere.parquet")}], name="overrides")
+    db = root / "overrides.sqlite"
+    assert main(["study", "run", str(grid), "--db", str(db), "--no-progress", "--limit", "3",
+                 "--data", f"pope={root / 'pope.parquet'}"]) == 0
+    assert len(_rows(db, "pope")) == 3
+    db2 = root / "overrides2.sqlite"
+    assert main(["study", "run", str(grid), "--db", str(db2), "--no-progress", "--limit", "4",
+                 "--task", f"jsonl={root / 'generic.jsonl'}", "--batch-size", "3"]) == 0
+    assert len(_rows(db2, "jsonl")) == 4 and not _rows(db2, "pope")
