@@ -96,10 +96,11 @@ def run_study(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process has waited for the others
         store = Store(args.db)
         total = sum(store.counts().values())
+        runs = len(store.runs())
         store.close()
         rows = sum(n for per in written.values() for n in per.values())
-        print(f"{args.db}: {total} rows ({rows} new from this process); {len(grid.configs) + 2} configs x "
-              f"{len(grid.tasks)} task(s)")
+        print(f"{args.db}: {total} rows ({rows} new from this process) in {runs} runs (unrouted, blind and each "
+              f"config, on {len(grid.tasks)} task(s))")
     return 0
 
 

@@ -23,7 +23,8 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
       - action: [prune, reroute]
         scorer: [last_token_attention, random]
         layers: [2, 0.5, [0.25, 0.5, 0.75]]   # int: a decoder layer; float in [0, 1): that share of the depth;
-                                              # a list: one stage at each (the same budget re-selected)
+                                              # a list: one stage at each (the same budget re-selected);
+                                              # every: one config per decoder layer of the model
         keep: [0.25, 16]                      # float: share of each sample's visual tokens, int: a count
         avg_T: [0.11]                         # or: a target avg_T (float <= 1: share of the visual tokens)
                                               # solved to integer keeps by visroute.budget
@@ -119,9 +120,21 @@ class ConfigSpec:
     method: str | None = None
     scorer: str | None = None
     avg_T: float | None = None  # for a sweep budget given as avg_T
+    every_layer: bool = False  # one single-stage config per decoder layer (the name holds "{layer}")
 
     def needs_num_visual(self) -> bool:
         return self.method is not None or self.avg_T is not None
+
+    def expand(self, num_layers: int) -> list["ConfigSpec"]:
+        """The specs this one stands for on a model with `num_layers` decoder layers (itself, or one per layer)."""
+        if not self.every_layer:
+            return [self]
+        out = []
+        for layer in range(num_layers):
+            routing = copy.deepcopy(self.routing)
+            routing["stages"][0]["layer"] = layer
+            out.append(ConfigSpec(self.name.format(layer=layer), routing, avg_T=self.avg_T))
+        return out
 
     def resolve(self, num_layers: int, num_visual: int | None, family: str | None = None) -> RoutingConfig:
         """The RoutingConfig on a model with `num_layers` decoder layers and `num_visual` visual tokens per
@@ -216,13 +229,17 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
     out = []
     for action, scorer, layers, (kind, budget) in itertools.product(
             _listify(sweep.get("action", "prune")), _listify(sweep["scorer"]), _listify(sweep["layers"]), budgets):
-        layer_list = _listify(layers)
+        every = layers == "every"
+        layer_list = [0] if every else _listify(layers)
+        if any(isinstance(l, str) for l in layer_list):
+            raise ValueError(f"{where}: a layer is an int, a float share of the depth or `every`, got {layers!r}")
         keep = budget if kind == "keep" else 0
-        name = (f"{action}/{scorer}/L{'-'.join(_layer_name(l) for l in layer_list)}/"
-                f"{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}")
+        layer_part = "{layer}" if every else "-".join(_layer_name(l) for l in layer_list)
+        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}"
         routing = {"action": action, "scorer": scorer, "stages": [{"layer": l, "keep": keep} for l in layer_list],
                    "scorer_options": dict(options.get(scorer, {}))}
-        out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None))
+        out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None,
+                              every_layer=every))
     return out
 
 

@@ -22,7 +22,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -104,15 +104,17 @@ def _task_for(run: Run):
     return build_task(spec["task"], data=None, **spec.get("options", {}))
 
 
-def summarize(store: Store, seed: int = 0, samples: int = M.BOOTSTRAP_SAMPLES) -> dict[str, list[RunSummary]]:
-    """Per task label, the summary of every run (unrouted and blind first)."""
+def summarize(store: Store, seed: int = 0, samples: int = M.BOOTSTRAP_SAMPLES,
+              keep: "Callable[[Row], bool] | None" = None) -> dict[str, list[RunSummary]]:
+    """Per task label, the summary of every run (unrouted and blind first), over the items whose rows `keep`
+    accepts (all by default; e.g. one question family of the testbed)."""
     by_task: dict[str, list[Run]] = defaultdict(list)
     for run in store.runs():
         by_task[run.task].append(run)
     out: dict[str, list[RunSummary]] = {}
     for label, runs in by_task.items():
         task = _task_for(runs[0])
-        rows = {r.run_id: {x.item_id: x for x in store.rows(r.run_id)} for r in runs}
+        rows = {r.run_id: {x.item_id: x for x in store.rows(r.run_id) if keep is None or keep(x)} for r in runs}
         base = next((r for r in runs if r.kind == "unrouted"), None)
         blind = next((r for r in runs if r.kind == "blind"), None)
         base_rows = rows[base.run_id] if base else {}
@@ -423,6 +425,9 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
                       "signal): " + "; ".join(f"{b}: {'not reached' if h is None else f'layer {h}'}"
                                               for b, h in sorted(horizon.items(), key=lambda kv: _budget_order(kv[0]))),
                       ""]
+    from visroute.evaluation.study import study_sections
+
+    lines += study_sections(db, out, seed=seed)  # items with a question family (the testbed): the study's analyses
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

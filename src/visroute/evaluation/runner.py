@@ -202,6 +202,10 @@ class Session:
                 row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
                 if batch.relevant[b] is not None:
                     row.recall = [[_recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
+                frames = batch.frames[b]
+                row.routing = {"selected": [st.active[b].nonzero().flatten().tolist() for st in record.stages],
+                               "relevant": batch.relevant[b],
+                               "grid": [frames[0].rows, frames[0].cols] if frames else None}
             else:
                 row.avg_T = 0.0 if blind else float(batch.num_visual[b])
                 row.kv_entries = int(seq[b]) * layers
@@ -255,7 +259,7 @@ class Runner:
             _, task, items = tasks[0]
             num_visual = session.batch(task, items[:1]).num_visual[0]
         out, seen = [], {}
-        for spec in self.grid.configs:
+        for spec in [one for listed in self.grid.configs for one in listed.expand(num_layers)]:
             cfg = spec.resolve(num_layers, num_visual, getattr(session.adapter, "name", None))
             key = json.dumps(cfg.to_dict(), sort_keys=True)
             if key in seen:

@@ -7,7 +7,9 @@ Tables:
           task and its hash (name, data, options), the model, package versions and hardware.
   results one row per (run, item): prediction, correctness, the task's metric values (JSON), avg_T, K/V
           entries (routed and unrouted), decoder prefill FLOPs (routed and unrouted), retention recall per
-          stage and hop (JSON), seconds, the process rank that wrote it.
+          stage and hop (JSON), the routing itself (JSON: each stage's selected visual tokens, the item's
+          relevant tokens per hop and its token grid, for the analyses of position bias and re-entry),
+          seconds, the process rank that wrote it.
 
 Writes go through one transaction per batch in WAL mode, and (run, item) is the primary key: a process killed at
 any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row."""
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,6 +54,7 @@ CREATE TABLE IF NOT EXISTS results (
     flops REAL,
     flops_unrouted REAL,
     recall_json TEXT,
+    routing_json TEXT,
     seconds REAL NOT NULL,
     rank INTEGER NOT NULL,
     PRIMARY KEY (run_id, item_id)
@@ -86,6 +89,7 @@ class Row:
     flops: float | None = None
     flops_unrouted: float | None = None
     recall: list[list[float | None]] | None = None  # [stage][hop]
+    routing: dict[str, Any] | None = None  # {"selected": [stage][token], "relevant": [hop][token], "grid": [r, c]}
     seconds: float = 0.0
     rank: int = 0
 
@@ -177,19 +181,21 @@ class Store:
         """Insert a batch of rows in one transaction (a row already present is an error, not a duplicate)."""
         with self.transaction():
             self.conn.executemany(
-                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, r.item_id, r.prediction, int(bool(r.correct)), json.dumps(r.metrics), r.avg_T,
                   r.kv_entries, r.kv_unrouted, r.flops, r.flops_unrouted,
-                  None if r.recall is None else json.dumps(r.recall), r.seconds, r.rank) for r in rows])
+                  None if r.recall is None else json.dumps(r.recall),
+                  None if r.routing is None else json.dumps(r.routing), r.seconds, r.rank) for r in rows])
 
     def rows(self, run_id: int) -> list[Row]:
         out = []
         for r in self.conn.execute(
                 "SELECT item_id, prediction, correct, metrics_json, avg_T, kv_entries, kv_unrouted, flops,"
-                " flops_unrouted, recall_json, seconds, rank FROM results WHERE run_id = ? ORDER BY item_id",
-                (run_id,)):
+                " flops_unrouted, recall_json, routing_json, seconds, rank FROM results WHERE run_id = ?"
+                " ORDER BY item_id", (run_id,)):
             out.append(Row(r[0], r[1], bool(r[2]), json.loads(r[3]), r[4], r[5], r[6], r[7], r[8],
-                           None if r[9] is None else json.loads(r[9]), r[10], r[11]))
+                           None if r[9] is None else json.loads(r[9]), None if r[10] is None else json.loads(r[10]),
+                           r[11], r[12]))
         return out
 
     def close(self) -> None:
