@@ -86,8 +86,8 @@ def _install(root, package: str, source: str, entry_points: str) -> None:
 def fresh_registries(monkeypatch):
     """The registries as if no entry point had been read yet; restored (and the plug-ins forgotten) after."""
     scorers, fams = dict(scoring_module._REGISTRY), dict(families_module._FAMILIES)
-    monkeypatch.setattr(scoring_module, "_entry_points_loaded", False)
-    monkeypatch.setattr(families_module, "_entry_points_loaded", False)
+    monkeypatch.setattr(scoring_module.REGISTRY, "loaded", False)
+    monkeypatch.setattr(families_module.REGISTRY, "loaded", False)
     before = set(sys.modules)
     yield
     for name in set(sys.modules) - before:
@@ -173,7 +173,7 @@ def test_a_name_that_is_taken_is_an_error(plugin, tmp_path, monkeypatch):
         [visroute.scorers]
         clash = visroute_plugin_clash:Clash
     """)
-    monkeypatch.setattr(scoring_module, "_entry_points_loaded", False)
+    monkeypatch.setattr(scoring_module.REGISTRY, "loaded", False)
     with pytest.raises(ValueError, match="A scorer named 'random' is already registered"):
         available_scorers()
 

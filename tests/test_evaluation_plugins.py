@@ -48,7 +48,7 @@ def plugin(tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = dict(tasks_module.available_tasks())  # the built-in tasks, registered once at import
-    monkeypatch.setattr(tasks_module, "_LOADED", False)  # entry points are read again, now with the plug-in
+    monkeypatch.setattr(tasks_module.REGISTRY, "loaded", False)  # entry points are read again, now with the plug-in
     yield tmp_path
     tasks_module._REGISTRY.clear()
     tasks_module._REGISTRY.update(registry)

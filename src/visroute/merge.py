@@ -19,13 +19,13 @@ Third-party packages register merges through the entry-point group `visroute.mer
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from visroute.options import HasOptions
+from visroute.registry import Registry
 from visroute.tensors import CHUNK_ELEMENTS, gather_rows
 
 if TYPE_CHECKING:
@@ -59,50 +59,22 @@ class Merge(HasOptions):
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Merge]] = {}
-_entry_points_loaded = False
+REGISTRY: Registry = Registry("merge", Merge, ENTRY_POINT_GROUP)
 
 
 def register_merge(cls: type[Merge]) -> type[Merge]:
     """Register a merge class (a decorator). A name another merge already holds is an error."""
-    if not (isinstance(cls, type) and issubclass(cls, Merge)):
-        raise TypeError(f"register_merge takes a Merge subclass, not {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no `name`")
-    if _REGISTRY.get(cls.name) is cls:
-        return cls
-    if cls.name in _REGISTRY:
-        raise ValueError(f"A merge named {cls.name!r} is already registered")
+    REGISTRY.register(cls)
     cls.option_specs()
-    _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            loaded = ep.load()
-        except Exception as e:
-            raise ImportError(f"The merge entry point {ep.name!r} ({ep.value}) failed to load: {e}") from e
-        if isinstance(loaded, type) and issubclass(loaded, Merge):
-            register_merge(loaded)
-
-
 def get_merge_class(name: str) -> type[Merge]:
-    _load_entry_points()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown merge {name!r}; registered merges: {', '.join(sorted(_REGISTRY))}") from None
+    return REGISTRY.get(name)
 
 
 def available_merges() -> dict[str, type[Merge]]:
-    _load_entry_points()
-    return dict(sorted(_REGISTRY.items()))
+    return REGISTRY.available()
 
 
 def image_ids(ctx: "StageContext") -> torch.Tensor:

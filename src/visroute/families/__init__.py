@@ -16,17 +16,14 @@ registry is read.
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 from torch import nn
 
 from visroute.families.base import BOX_FRAMES, CallInputs, FamilyAdapter, ImageFrame, ModelShape
+from visroute.registry import Registry
 
 ENTRY_POINT_GROUP = "visroute.families"
-
-_FAMILIES: dict[str, type[FamilyAdapter]] = {}
-_entry_points_loaded = False
 
 
 class UnsupportedModelError(TypeError):
@@ -42,22 +39,14 @@ def _shape_names(cls: type[FamilyAdapter]) -> set[str]:
     return {s.name for s in _own_shapes(cls)} | {a for s in _own_shapes(cls) for a in s.aliases}
 
 
-def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
-    """Register a family adapter class (usable as a decorator). A name, a model class or a shape name that
-    another family already holds is an error."""
-    if not (isinstance(cls, type) and issubclass(cls, FamilyAdapter)):
-        raise TypeError(f"register_family takes a FamilyAdapter subclass, not {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no `name`")
+def _check_family(cls: type[FamilyAdapter], others: dict[str, type[FamilyAdapter]]) -> None:
+    """A family serves some model classes, writes boxes in a known frame, and claims no model class, model type
+    or shape name another family holds."""
     if not cls.model_classes:
         raise ValueError(f"{cls.__name__} serves no `model_classes`")
     if cls.box_frame not in BOX_FRAMES:
         raise ValueError(f"{cls.__name__}.box_frame {cls.box_frame!r} is not one of {', '.join(BOX_FRAMES)}")
-    if _FAMILIES.get(cls.name) is cls:
-        return cls
-    if cls.name in _FAMILIES:
-        raise ValueError(f"A model family named {cls.name!r} is already registered ({_FAMILIES[cls.name].__name__})")
-    for other in _FAMILIES.values():
+    for other in others.values():
         for attr in ("model_classes", "model_types"):
             taken = set(getattr(cls, attr)) & set(getattr(other, attr))
             if taken:
@@ -65,28 +54,22 @@ def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
         taken = _shape_names(other) & _shape_names(cls)
         if taken:
             raise ValueError(f"{cls.__name__} defines shapes {sorted(taken)} already defined by family {other.name!r}")
-    _FAMILIES[cls.name] = cls
-    return cls
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            loaded = ep.load()
-        except Exception as e:  # a broken plug-in says which one it is
-            raise ImportError(f"The model family entry point {ep.name!r} ({ep.value}) failed to load: {e}") from e
-        if isinstance(loaded, type) and issubclass(loaded, FamilyAdapter):
-            register_family(loaded)
+REGISTRY: Registry = Registry("model family", FamilyAdapter, ENTRY_POINT_GROUP, check=_check_family)
+_FAMILIES = REGISTRY.entries
+
+
+def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Register a family adapter class (usable as a decorator). A name, a model class or a shape name that
+    another family already holds is an error."""
+    return REGISTRY.register(cls)
 
 
 def families() -> dict[str, type[FamilyAdapter]]:
     """Every registered family by name (built-in and entry points)."""
-    _load_entry_points()
-    return dict(_FAMILIES)
+    REGISTRY.load()
+    return dict(REGISTRY.entries)
 
 
 def supported_model_classes() -> list[str]:

@@ -7,48 +7,27 @@ entry-point group `visroute.tasks` (each entry point loads a Task subclass, or a
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from visroute.evaluation.tasks.base import Task, TaskItem
+from visroute.registry import Registry
 
 ENTRY_POINT_GROUP = "visroute.tasks"
-_REGISTRY: dict[str, type[Task]] = {}
-_LOADED = False
+
+
+def _builtins() -> None:
+    from visroute.evaluation.tasks import datbench, gqa, jsonl, mme, pope, refcoco, testbed  # noqa: F401
+
+
+REGISTRY: Registry = Registry("task", Task, ENTRY_POINT_GROUP, builtins=_builtins)
+_REGISTRY = REGISTRY.entries
 
 
 def register_task(cls: type[Task], *aliases: str) -> type[Task]:
     """Register a Task subclass under its `name` (and `aliases`); a name taken by another class is an error."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no `name`")
-    for name in (cls.name, *aliases):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"task name {name!r} is already registered by {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-    return cls
-
-
-def _load() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from visroute.evaluation.tasks import datbench, gqa, jsonl, mme, pope, refcoco, testbed  # noqa: F401
-
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as e:  # a broken plug-in says which one it is
-            raise ImportError(f"The task entry point {ep.name!r} ({ep.value}) failed to load: {e}") from e
-        if isinstance(obj, type) and issubclass(obj, Task):
-            register_task(obj)  # a name another class holds is an error
+    return REGISTRY.register(cls, *aliases)
 
 
 def get_task_class(name: str) -> type[Task]:
-    _load()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}") from None
+    return REGISTRY.get(name)
 
 
 def build_task(name: str, data=None, limit: int | None = None, **options) -> Task:
@@ -60,8 +39,7 @@ def build_task(name: str, data=None, limit: int | None = None, **options) -> Tas
 
 
 def available_tasks() -> dict[str, type[Task]]:
-    _load()
-    return dict(sorted(_REGISTRY.items()))
+    return REGISTRY.available()
 
 
 __all__ = ["Task", "TaskItem", "register_task", "get_task_class", "build_task", "available_tasks"]
