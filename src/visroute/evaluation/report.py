@@ -238,6 +238,14 @@ def _refs(ax, summaries: list[RunSummary]) -> None:
             ax.axhline(s.accuracy, color="grey", lw=1.2, ls=":", label="blind")
 
 
+def plot_scorer_lines(ax, lines: dict[str, dict[int, float]]) -> None:
+    """One line per scorer over the stage layers; the controls dashed."""
+    for scorer, by in sorted(lines.items()):
+        x = sorted(by)
+        style = dict(ls="--", lw=1.6) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
+        ax.plot(x, [by[l] for l in x], label=scorer, **style)
+
+
 def plot_accuracy_vs_layer(summaries: list[RunSummary], path: Path, title: str) -> bool:
     groups: dict[str, dict[str, list[tuple[int, float, tuple]]]] = defaultdict(lambda: defaultdict(list))
     for s in summaries:
@@ -251,11 +259,7 @@ def plot_accuracy_vs_layer(summaries: list[RunSummary], path: Path, title: str) 
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets):
         _refs(ax, summaries)
-        for scorer, pts in sorted(groups[budget].items()):
-            pts.sort()
-            x, y = [p[0] for p in pts], [p[1] for p in pts]
-            style = dict(ls="--", lw=1.6) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
-            ax.plot(x, y, label=scorer, **style)
+        plot_scorer_lines(ax, {scorer: {p[0]: p[1] for p in pts} for scorer, pts in groups[budget].items()})
         ax.set_title(f"{title}: prune, {budget}")
         ax.set_xlabel("stage layer")
         ax.grid(alpha=0.3)

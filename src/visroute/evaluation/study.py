@@ -28,6 +28,7 @@ from visroute.evaluation.report import (
     _legend,
     _plt,
     _save,
+    plot_scorer_lines,
     summarize,
 )
 from visroute.evaluation.store import Row, Store
@@ -116,10 +117,7 @@ def plot_vision_required(summaries: list[RunSummary], path: Path, title: str) ->
         if base is not None and base.vision_required is not None:
             ax.axhline(base.vision_required, color="black", lw=1.2, label="unrouted")
         ax.axhline(0.0, color="grey", lw=1.0, ls=":", label="blind (0 by definition)")
-        for scorer, by in sorted(table[budget].items()):
-            x = sorted(by)
-            style = dict(ls="--", lw=1.6) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
-            ax.plot(x, [by[l] for l in x], label=scorer, **style)
+        plot_scorer_lines(ax, table[budget])
         ax.set_title(f"{title}: {budget}")
         ax.set_xlabel("stage layer (prune from here on)")
         ax.grid(alpha=0.3)
@@ -146,10 +144,7 @@ def plot_recall_by_hop(summaries: list[RunSummary], path: Path, title: str) -> b
     plt = _plt()
     fig, axes = plt.subplots(1, len(hops), figsize=(4.6 * len(hops), 3.6), squeeze=False, sharey=True)
     for ax, h in zip(axes[0], hops):
-        for scorer, by in sorted(per[budget][h].items()):
-            x = sorted(by)
-            style = dict(ls="--", lw=1.6) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
-            ax.plot(x, [by[l] for l in x], label=scorer, **style)
+        plot_scorer_lines(ax, per[budget][h])
         ax.set_title(f"{title}: hop {h + 1}, {budget}")
         ax.set_xlabel("stage layer")
         ax.set_ylim(-0.02, 1.02)
