@@ -1,7 +1,11 @@
 """The fixed-shape decode step under `torch.compile` (`Router.compile_decode`): captured whole (fullgraph: no graph
 break, so no host synchronisation), one graph for every step of a generation (fixed shapes), and the same logits
 as the eager routed decode. Small models keep compile time low: inductor on a 2-layer LLaVA; dynamo's capture
-with the eager backend on every family, for beams, several-token calls and a cache that grows."""
+with the eager backend for both rotary kinds (LLaVA, Qwen2.5-VL), beams, several-token calls and a cache that
+grows."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,10 +55,26 @@ def test_inductor_compiled_decode_equals_the_eager_decode():
     assert router.last_record.kv_tokens[1].max() < router.last_record.kv_tokens[0].max()  # really routed
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_compiled_decode_captures_every_family(name):
-    """dynamo captures the step whole (fullgraph) for each family; with re-entering tokens (reroute), beams and
-    a padded batch, its decode equals the eager one."""
+def test_the_readme_decoding_example_runs_and_agrees():
+    """The README's decoding example, on the same small model (inductor finds the graph it compiled above)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("## Decoding: the routed K/V cache")
+    block = re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+    _, model, inputs = small("llava", 2)
+    namespace = {"model": model, "inputs": inputs,
+                 "cfg": RoutingConfig(action="prune", scorer="last_token_attention", stages=[Stage(1, 0.5)])}
+    with torch.no_grad():
+        exec(compile(block, "README", "exec"), namespace)
+    static, given, compiled, cache = (namespace[k] for k in ("static", "given", "compiled", "cache"))
+    assert torch.equal(given, static) and torch.equal(compiled, static)
+    assert cache.get_seq_length() == static.shape[1] - 1  # the caller's cache holds what was decoded
+    assert cache.layers[1].keys.shape[2] < cache.layers[0].keys.shape[2]  # ... routed
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2.5"])  # 1-D RoPE and M-RoPE; the step is the same otherwise
+def test_compiled_decode_captures_both_rotary_kinds(name):
+    """dynamo captures the step whole (fullgraph) for a family of each rotary kind; with re-entering tokens
+    (reroute), beams and a padded batch, its decode equals the eager one."""
     _, model, inputs = small(name, 3)
     cfg = RoutingConfig(action="reroute", scorer="last_token_attention", stages=[Stage(1, 0.5), Stage(2, 0.25)])
     with apply_routing(model, cfg) as router:

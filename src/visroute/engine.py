@@ -109,7 +109,7 @@ class RoutedLayer(CacheLayerMixin):
             return key_states, value_states
         p, q = self.progress, key_states.shape[-2]
         if p.fixed_shapes:
-            at = torch.arange(q, device=self.device) + (p.step + self.offset)
+            at = torch.arange(q, device=self.device) + (p.step.to(self.device) + self.offset)
             self.keys.index_copy_(2, at, key_states)
             self.values.index_copy_(2, at, value_states)
             return self.keys, self.values
@@ -122,8 +122,9 @@ class RoutedLayer(CacheLayerMixin):
         """Marks the validity of the q entries this decode step writes and returns the step's (B, 1, q, K) mask
         over this layer's keys: the valid entries, causal among the new ones. Bool for SDPA, additive for eager."""
         p, q = self.progress, new_valid.shape[1]
+        new_valid = new_valid.to(self.device)  # a no-op unless layers sit on several devices
         if p.fixed_shapes:
-            first = p.step + self.offset
+            first = p.step.to(self.device) + self.offset
             self.valid.index_copy_(1, torch.arange(q, device=self.device) + first, new_valid)
             keys = self.valid
         else:
@@ -150,10 +151,6 @@ class RoutedLayer(CacheLayerMixin):
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], 1)
         self.room = room
         _static_address(self.keys, self.values, self.valid)
-
-    @property
-    def capacity(self) -> int:
-        return self.offset + self.room
 
     def get_seq_length(self) -> int:
         return self.progress.prompt_length + self.progress.written
