@@ -201,3 +201,6 @@ def test_generate_takes_a_method(saved_llava, capsys):
     assert main(["generate", "--model", str(folder), "--image", str(image), "--prompt", "x", "--method",
                  "nuwa@8", "--stages", "1:4"]) == 2
     assert "one of --config, --stages or --method" in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "--image", str(image), "--prompt", "x", "--method",
+                 "nuwa@8", "--scorer-option", "heads=max"]) == 2
+    assert "a --method sets its own scorers" in capsys.readouterr().err

@@ -90,6 +90,8 @@ def routing_from_args(args: argparse.Namespace):
     if args.stages:
         return inline(args.stages)
     if specs:
+        if options:
+            raise ValueError("--scorer-option applies to --stages; a --method sets its own scorers")
         return method_from_args(specs[0], args)
     if options:
         raise ValueError("--scorer-option needs --stages")
