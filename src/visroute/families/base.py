@@ -527,6 +527,26 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_s
     return received[valid]  # segments in order, tokens in order: the packed order again
 
 
+def hook_mean_of_outputs(modules, first: int, last: int, finish: Callable[[torch.Tensor], None]) -> list:
+    """Forward hooks on `modules[first..last]` (inclusive, run in that order) so that, whenever they run, the mean
+    of their outputs (fp32) is handed to `finish` (e.g. Nüwa's similarity features over a range of tower layers).
+    Returns the hook handles."""
+    n = len(modules)
+    if not 0 <= first <= last < n:
+        raise ValueError(f"Vision feature layers {first}..{last} are outside the tower's layers 0..{n - 1}")
+    total: dict[str, torch.Tensor] = {}
+
+    def add(index: int):
+        def hook(module, args, output):
+            h = (output[0] if isinstance(output, tuple) else output).float()
+            total["sum"] = h if index == first else total["sum"] + h
+            if index == last:
+                finish(total.pop("sum") / (last - first + 1))
+        return hook
+
+    return [modules[i].register_forward_hook(add(i)) for i in range(first, last + 1)]
+
+
 def bidirectional_attention_flops(n: int, dim: int) -> int:
     """FLOPs of full (non-causal) attention over n tokens of width `dim`: scores and the weighted sum."""
     return 4 * n * n * dim

@@ -12,6 +12,7 @@ from visroute.families.base import (
     ModelShape,
     bidirectional_attention_flops,
     cls_attention,
+    hook_mean_of_outputs,
     mean_attention_received,
     processor_view_box,
 )
@@ -206,25 +207,13 @@ class LlavaAdapter(FamilyAdapter):
         their outputs (the tower's `hidden_states[first + 1 : last + 2]`) at each visual token of every image
         of that call is passed to `sink` as one flat (tokens, tower width) fp32 tensor, in the order the images'
         tokens fill the batch's visual tokens (Nüwa's similarity features). Returns the hook handles."""
-        layers = self._vision_model().encoder.layers
-        n = len(layers)
-        if not 0 <= first <= last < n:
-            raise ValueError(f"Vision feature layers {first}..{last} are outside the tower's layers 0..{n - 1}")
         drop_first = self.model.config.vision_feature_select_strategy == "default"
-        total: dict[str, torch.Tensor] = {}
 
-        def add(index: int):
-            def hook(module, args, output):
-                h = (output[0] if isinstance(output, tuple) else output).float()
-                total["sum"] = h if index == first else total["sum"] + h
-                if index == last:
-                    mean = total.pop("sum") / (last - first + 1)
-                    if drop_first:
-                        mean = mean[:, 1:]
-                    sink(mean.reshape(-1, mean.shape[-1]).detach())
-            return hook
+        def finish(mean: torch.Tensor) -> None:
+            mean = mean[:, 1:] if drop_first else mean
+            sink(mean.reshape(-1, mean.shape[-1]).detach())
 
-        return [layers[i].register_forward_hook(add(i)) for i in range(first, last + 1)]
+        return hook_mean_of_outputs(self._vision_model().encoder.layers, first, last, finish)
 
     def hook_projector_input(self, sink):
         """Hook the projector so that, whenever it runs, its input at each visual token (the tower features of the

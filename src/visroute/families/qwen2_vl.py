@@ -13,6 +13,7 @@ from visroute.families.base import (
     ImageFrame,
     ModelShape,
     bidirectional_attention_flops,
+    hook_mean_of_outputs,
     mean_attention_received,
 )
 
@@ -277,24 +278,13 @@ class Qwen2VLAdapter(FamilyAdapter):
         applied to the mean of their outputs (Nüwa's Qwen2.5-VL similarity features, in the decoder's space) is
         passed to `sink` as one flat (visual tokens, D) fp32 tensor in token order. Returns the hook handles."""
         tower = self.inner.visual
-        n = len(tower.blocks)
-        if not 0 <= first <= last < n:
-            raise ValueError(f"Vision feature layers {first}..{last} are outside the tower's blocks 0..{n - 1}")
-        total: dict[str, torch.Tensor] = {}
 
-        def add(index: int):
-            def hook(module, args, output):
-                h = (output[0] if isinstance(output, tuple) else output).float()
-                total["sum"] = h if index == first else total["sum"] + h
-                if index == last:
-                    mean = total.pop("sum") / (last - first + 1)
-                    merger = tower.merger
-                    weight = next(merger.parameters())
-                    merged = merger(mean.to(weight.dtype)).float()  # (units, D), in the blocks' order
-                    sink(self._units_in_token_order(merged).detach())
-            return hook
+        def finish(mean: torch.Tensor) -> None:
+            weight = next(tower.merger.parameters())
+            merged = tower.merger(mean.to(weight.dtype)).float()  # (units, D), in the blocks' order
+            sink(self._units_in_token_order(merged).detach())
 
-        return [tower.blocks[i].register_forward_hook(add(i)) for i in range(first, last + 1)]
+        return hook_mean_of_outputs(tower.blocks, first, last, finish)
 
     def hook_projector_input(self, sink):
         """Qwen's patch merger is its projector and merges act on its output, the decoder input embeddings: there
