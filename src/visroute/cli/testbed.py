@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from visroute.cli.common import add_dataclass_flags, add_debug, dataclass_from_args
+from visroute.cli.common import add_dataclass_flags, add_debug, add_routing, dataclass_from_args, routing_from_args
 
 
 def add_parser(sub) -> None:
@@ -31,14 +31,14 @@ def add_parser(sub) -> None:
     t.set_defaults(func=run_train)
 
     e = tsub.add_parser("eval", help="accuracy per family, blind control and retention recall of a routing config")
-    e.add_argument("--config", help="routing config YAML (omit for the unrouted model)")
+    add_routing(e)  # --config, --stages (with --action, --scorer, --scorer-option) or --method; none: unrouted
     e.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
     e.add_argument("--data", help="dataset folder from `testbed make` (default: the held-out set, generated)")
     e.add_argument("--n", type=int, default=300, help="size of the generated held-out set")
     e.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
     e.add_argument("--limit", type=int, help="evaluate only the first N items")
     e.add_argument("--blind", action="store_true", help="also run the blind control (image removed)")
-    e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to --config")
+    e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to the config")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--json", help="write the reports (with per-item results) to this file")
     add_debug(e)
@@ -71,10 +71,31 @@ def run_train(args) -> int:
     return 0
 
 
+def _routing(args):
+    """The config to evaluate and its label (a --method is solved for the testbed model's depth and its image's
+    visual tokens, which do not depend on the image)."""
+    if getattr(args, "method", None):
+        from transformers import AutoConfig
+
+        from visroute.families import family_for_config
+        from visroute.methods import method_config
+        from visroute.testbed import checkpoint_path
+
+        config = AutoConfig.from_pretrained(args.model or str(checkpoint_path()))
+        family = family_for_config(config)
+        return method_config(args.method, config.get_text_config().num_hidden_layers, family.visual_tokens(config),
+                             family.name), args.method
+    config = routing_from_args(args)
+    label = Path(args.config).stem if args.config else (f"{args.action} {args.stages}" if config else None)
+    return config, label
+
+
 def run_eval(args) -> int:
-    from visroute import RoutingConfig
     from visroute.testbed import HELDOUT_SEED, Evaluator, format_table, load_model, make_items, read_dataset
 
+    if args.method and (args.config or args.stages):
+        raise ValueError("give one of --config, --stages or --method")
+    config, label = _routing(args)  # checked before any model loads
     if args.data:
         items = read_dataset(args.data)
     else:
@@ -83,14 +104,13 @@ def run_eval(args) -> int:
         items = items[: args.limit]
     if not items:
         raise ValueError("no items to evaluate")
-    config = RoutingConfig.from_yaml(args.config) if args.config else None
     model, processor = load_model(args.model)
     ev = Evaluator(model, processor, items, batch_size=args.batch_size)
     reports = {}
     if config is None or args.unrouted:
         reports["unrouted"] = ev.run(None, name="unrouted")
     if config is not None:
-        reports[Path(args.config).stem] = ev.run(config, name=Path(args.config).stem)
+        reports[label] = ev.run(config, name=label)
     if args.blind:
         reports["blind"] = ev.run(None, blind=True, name="blind")
     print(f"{len(items)} items; model {args.model or 'shipped testbed checkpoint'}")
