@@ -89,3 +89,38 @@ def test_decode_batch_flag_errors(capsys):
     assert "Bad decode_batches '1,x'" in capsys.readouterr().err
     assert main(["bench", "--shape", SHAPE, "--prefill-batch", "0"]) == 2
     assert "prefill_batch must be at least 1" in capsys.readouterr().err
+
+
+def test_prefill_and_decode_runs_are_interleaved(monkeypatch):
+    """Every config is timed once per round, the order rotating; with stand-in timers the speedups follow."""
+    import visroute.bench.run as run
+
+    seen = []
+
+    def active(model):
+        router = getattr(model, "_visroute_router", None)
+        return "unrouted" if router is None else ("keep-all" if not router.config.stages else "pdrop")
+
+    def fake_prefill(model, inputs, device, repeats):
+        seen.append(("prefill", active(model), inputs["input_ids"].shape[0]))
+        return [{"unrouted": 4.0, "keep-all": 4.0, "pdrop": 2.0}[active(model)]]
+
+    def fake_decode(model, inputs, device, batch, steps, repeats, preallocate):
+        name = active(model)
+        seen.append(("decode", name, batch))
+        assert preallocate == (name != "unrouted")
+        return [{"unrouted": 3.0, "keep-all": 2.0, "pdrop": 1.0}[name] * batch] * (steps - 1), 1
+
+    monkeypatch.setattr(run, "time_prefill", fake_prefill)
+    monkeypatch.setattr(run, "time_batched_decode", fake_decode)
+    settings = BenchSettings(shape=SHAPE, dtype="float32", repeats=2, warmup=0, prefill_batch=3, new_tokens=3,
+                             decode_repeats=2, decode_batches="1,4", text_tokens=8, memory=False)
+    result = run_bench(settings, [("pdrop@64", preset("pdrop", 64, SHAPE, num_visual=576))], progress=False)
+    order = ["unrouted", "keep-all", "pdrop", "keep-all", "pdrop", "unrouted"]
+    assert seen == ([("prefill", name, 3) for name in order] + [("decode", name, 1) for name in order]
+                    + [("decode", name, 4) for name in order])
+    base, keep_all, routed = result["results"]
+    assert routed["prefill_speedup"] == 2.0 and keep_all["prefill_speedup"] == 1.0
+    assert [d["speedup"] for d in routed["decode"]] == [3.0, 3.0]
+    assert [d["speedup_vs_keep_all"] for d in routed["decode"]] == [2.0, 2.0]
+    assert routed["decode"][1]["tokens_per_s"] == 4 / 4.0

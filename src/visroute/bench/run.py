@@ -9,6 +9,7 @@ it: vision tower, projector and the routed decoder through `apply_routing` + `mo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -36,11 +37,14 @@ from visroute.loading import DTYPES
 
 METHOD = """\
 * prefill: one forward of `prefill_batch` copies of the prompt with `logits_to_keep=1` (as `generate` does), under
-  `torch.inference_mode`, after warm-up runs; median and inter-quartile range over the repeats. FLOPs, K/V and
-  the prefill ideal (unrouted / routed executed FLOPs) come from one accounting prefill of one prompt.
+  `torch.inference_mode`, after warm-up runs; median and inter-quartile range over the repeats, which are
+  interleaved: round r times every config once, the order rotating, so that changes in the machine's load reach
+  every config alike. FLOPs, K/V and the prefill ideal (unrouted / routed executed FLOPs) come from one
+  accounting prefill of one prompt.
 * decode, at each of `decode_batches`: one prefill of the prompt, its cache expanded to the batch
   (`batch_repeat_interleave`), then `new_tokens` greedy steps of every row, each one model call with
   `logits_to_keep=1`; the first step untimed; median and IQR over the timed steps of `decode_repeats` runs.
+  The runs are interleaved as the prefill repeats are.
   Routed configs decode on their preallocated cache (prompt entries + room for the steps, as `generate` sizes
   it); the unrouted model on its default `DynamicCache`. Tokens per second: batch / median step time.
 * decode ideal (bandwidth): bytes one step must read, the decoder and LM-head weights (not the embedding table)
@@ -114,37 +118,68 @@ def default_configs(shape: str, num_visual: int, tiers: tuple[int, ...] | None =
             for t in (tiers or s.tiers) for n in names]
 
 
-def _measure(label, model, inputs, settings, device, router=None) -> dict[str, Any]:
-    """Time prefill at the prefill batch (with a router, its scorer too), measure memory, time decode at each
-    decode batch."""
-    timer = ScorerTimer(router, device) if router is not None and router.config.stages else None
+def _routing(model, cfg: RoutingConfig | None):
+    """apply_routing(model, cfg) as a context (the router), or nothing for the unrouted model (None)."""
+    return apply_routing(model, cfg) if cfg is not None else contextlib.nullcontext()
+
+
+def _rounds(repeats: int, n: int) -> list[tuple[int, int]]:
+    """(round, job) for `repeats` rounds over `n` jobs, each round starting one job later than the last."""
+    return [(r, (r + k) % n) for r in range(repeats) for k in range(n)]
+
+
+def _measure_prefill(jobs, rows, model, inputs, settings, device, progress: bool) -> None:
+    """Warm up each config and measure its memory, then time prefill at the prefill batch (with a router, its
+    scorer too) in interleaved rounds: every config once per round, the order rotating, so that a change in the
+    machine's load reaches every config alike."""
+    from tqdm.auto import tqdm
+
     batched = repeat_inputs(inputs, settings.prefill_batch)
-    scoring = []
-    for _ in range(settings.warmup):
-        prefill(model, batched)
-    times = []
-    for _ in range(settings.repeats):
-        if timer:
-            timer.total = 0.0
-        times += time_prefill(model, batched, device, 1)
-        if timer:
-            scoring.append(timer.total)
-    row: dict[str, Any] = {"label": label, "prefill_batch": settings.prefill_batch, "prefill_s": stats(times),
-                           "prefill_times": times}
-    if timer:
-        row["scoring_s"] = stats(scoring)
-    if settings.memory:
-        row["peak_bytes"] = peak_memory(lambda: prefill(model, inputs), device)
-    row["decode"] = []
-    if settings.decode_repeats > 0 and settings.new_tokens > 1:
+    for (_, cfg), row in zip(jobs, rows):
+        with _routing(model, cfg):
+            for _ in range(settings.warmup):
+                prefill(model, batched)
+            if settings.memory:
+                row["peak_bytes"] = peak_memory(lambda: prefill(model, inputs), device)
+    times: dict[int, list[float]] = {j: [] for j in range(len(jobs))}
+    scoring: dict[int, list[float]] = {j: [] for j in range(len(jobs))}
+    for _, j in tqdm(_rounds(settings.repeats, len(jobs)), desc="prefill", disable=not progress):
+        with _routing(model, jobs[j][1]) as router:
+            timer = ScorerTimer(router, device) if router is not None and router.config.stages else None
+            times[j] += time_prefill(model, batched, device, 1)
+            if timer:
+                scoring[j].append(timer.total)
+    for j, row in enumerate(rows):
+        row.update(prefill_batch=settings.prefill_batch, prefill_s=stats(times[j]), prefill_times=times[j])
+        if scoring[j]:
+            row["scoring_s"] = stats(scoring[j])
+
+
+def _measure_decode(jobs, rows, model, inputs, settings, device, progress: bool) -> None:
+    """Time decode at each batch, every config's runs interleaved: run r times each config in turn (the order
+    rotating by one each run), so that a change in the machine's load reaches every config alike."""
+    from tqdm.auto import tqdm
+
+    for row in rows:
+        row["decode"] = []
+    if settings.decode_repeats == 0 or settings.new_tokens < 2:
+        return
+    blocks = [(batch, j) for batch in settings.batches for _, j in _rounds(settings.decode_repeats, len(jobs))]
+    times: dict[tuple[int, int], list[float]] = {}
+    held: dict[tuple[int, int], int] = {}
+    for batch, j in tqdm(blocks, desc="decode", disable=not progress):
+        cfg = jobs[j][1]
+        with _routing(model, cfg):
+            steps, held[batch, j] = time_batched_decode(model, inputs, device, batch, settings.new_tokens, 1,
+                                                        preallocate=cfg is not None)
+        times.setdefault((batch, j), []).extend(steps)
+    for j, row in enumerate(rows):
         for batch in settings.batches:
-            steps, held = time_batched_decode(model, inputs, device, batch, settings.new_tokens,
-                                              settings.decode_repeats, preallocate=router is not None)
-            row["decode"].append({"batch": batch, "step_s": stats(steps), "step_times": steps, "kv_bytes": held,
-                                  "tokens_per_s": batch / statistics.median(steps)})
+            steps = times[batch, j]
+            row["decode"].append({"batch": batch, "step_s": stats(steps), "step_times": steps,
+                                  "kv_bytes": held[batch, j], "tokens_per_s": batch / statistics.median(steps)})
         if settings.batches[0] == 1:
             row["decode_step_s"] = row["decode"][0]["step_s"]
-    return row
 
 
 def decode_bytes(kv_tokens: list[int], batch: int, new_tokens: int, dims: DecoderDims, element: int) -> float:
@@ -182,7 +217,7 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
 
     jobs = [("unrouted", None)] + ([("keep-all (routed)", RoutingConfig())] if settings.keep_all else []) + list(configs)
     rows = []
-    bar = tqdm(jobs, desc=f"bench {settings.shape}", disable=not progress)
+    bar = tqdm(jobs, desc=f"accounting {settings.shape}", disable=not progress)
     for label, cfg in bar:
         bar.set_postfix_str(label)
         # Accounting: one routed prefill (with scorer FLOPs measured) gives the record and the real cache.
@@ -194,23 +229,20 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
         if cfg is None:  # the unrouted model's own cache
             acc.kv_bytes = cache_kv_bytes(prefill(model, inputs).past_key_values)
         del out
-        if cfg is None:
-            row = _measure(label, model, inputs, settings, device)
-            kv_tokens = [int(v) for v in unrouted_record(record).kv_tokens[:, 0]]
-        else:
-            with apply_routing(model, cfg) as router:
-                row = _measure(label, model, inputs, settings, device, router)
-            kv_tokens = [int(v) for v in record.kv_tokens[:, 0]]
-        for d in row["decode"]:
-            d["kv_read_bytes"] = decode_bytes(kv_tokens, d["batch"], settings.new_tokens, dims, element)
-            d["step_bytes"] = step_weights + d["kv_read_bytes"]
-        row.update(
-            config=None if cfg is None else cfg.to_dict(),
+        kv_tokens = [int(v) for v in (unrouted_record(record) if cfg is None else record).kv_tokens[:, 0]]
+        row: dict[str, Any] = dict(
+            label=label, config=None if cfg is None else cfg.to_dict(),
             avg_T=acc.avg_T if cfg is not None else float(nv),
             accounting=acc.to_dict(),
             kv_active_tokens=kv_tokens,
         )
         rows.append(row)
+    _measure_prefill(jobs, rows, model, inputs, settings, device, progress)
+    _measure_decode(jobs, rows, model, inputs, settings, device, progress)
+    for row in rows:
+        for d in row["decode"]:
+            d["kv_read_bytes"] = decode_bytes(row["kv_active_tokens"], d["batch"], settings.new_tokens, dims, element)
+            d["step_bytes"] = step_weights + d["kv_read_bytes"]
     base = rows[0]
     keep_all = rows[1] if settings.keep_all else None
     for row in rows:
