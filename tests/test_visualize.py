@@ -109,3 +109,40 @@ def test_generate_show_kept_writes_a_png_of_the_input_image(saved_model, tmp_pat
     original = np.asarray(Image.open(image).convert("RGB"))
     first = pixels[:, :50].astype(int)
     assert (first == original).any() and (first < original).any()  # some cells kept as is, some dimmed
+
+
+def test_a_tiled_image_gets_a_panel_row_per_grid_placed_by_its_frame(tmp_path):
+    """LLaVA-NeXT: the base tile and the unpadded high-resolution map are two grids over the same image. With the
+    family's frames, the picture draws a row of panels for each, a kept cell bright, a dropped one dim."""
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from tiny import IMAGE_TOKEN, NEXT_PINPOINTS, tiny_llava_next
+    from visroute import RoutingConfig, Stage, apply_routing
+    from visroute.families import adapter_for
+
+    model = tiny_llava_next()
+    processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                           image_grid_pinpoints=NEXT_PINPOINTS, resample=PILImageResampling.NEAREST,
+                                           do_normalize=False, do_center_crop=False)
+    image = Image.fromarray(np.full((32, 64, 3), 200, dtype=np.uint8))
+    pixels = processor(images=[image], return_tensors="pt")
+    adapter = adapter_for(model)
+    n = adapter.image_parts(model.config, 32, 64).length
+    inputs = {"input_ids": torch.tensor([[1] + [IMAGE_TOKEN] * n + [5, 6]]), **pixels}
+    with apply_routing(model, RoutingConfig("prune", "uniform", [Stage(0, n // 3)])) as router, torch.no_grad():
+        model(**inputs)
+    frame = adapter.image_frames(processor, [image], inputs)[0]
+    path = save_kept_patches(image, router.last_record, tmp_path / "k.png", frames=[frame], captions=False)
+    out = np.asarray(Image.open(path))
+    assert out.shape == (2 * 32, 64, 3)  # one row per grid, one panel per stage
+    active = router.last_record.stages[0].active[0]
+    (offset, rows, cols, view, stride), = [g for g in [(g.offset, g.rows, g.cols, g.view, g.stride)
+                                                      for g in frame.grids] if g[0] > 0]  # the map
+    cell_w, cell_h = (view[2] - view[0]) / cols, (view[3] - view[1]) / rows
+    for r in range(rows):
+        for c in range(cols):
+            x, y = int(view[0] + cell_w * (c + 0.5)), int(view[1] + cell_h * (r + 0.5))
+            if 0 <= x < 64 and 0 <= y < 32:
+                expect = 200 if active[offset + r * stride + c] else round(200 * DROPPED)
+                assert abs(int(out[32 + y, x, 0]) - expect) <= 1, (r, c)

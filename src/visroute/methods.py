@@ -135,7 +135,10 @@ def _dart(tier, num_layers, num_visual, family) -> RoutingConfig:
 # (112 -> 16, 224 -> 32, 336 -> 48), top-n = 1 / 2 / 3 (as many as the 144 regions must give).
 # Qwen2.5-VL (qwen2_5vl_nuwa.py `prune_config`): target ratio -> (s1, s2, top-n); stage 2 after layer 14 of 28.
 NUWA_QWEN = {0.25: (0.35, 0.42, 3), 0.5: (0.6, 0.66, 3), 0.75: (0.85, 0.7, 4)}
-NUWA_FAMILIES = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen"}  # families that get the released Qwen2.5-VL variant
+# Families that get the released Qwen2.5-VL variant. Nüwa's code covers LLaVA-1.5 and Qwen2.5-VL only; Qwen2-VL and
+# Qwen3-VL (a ViT with a patch merger, no [CLS]) take the Qwen variant by analogy, every other family (LLaVA-NeXT
+# and OneVision: CLIP / SigLIP towers, merged in the decoder's input space) the LLaVA one.
+NUWA_FAMILIES = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen", "qwen3_vl": "qwen", "qwen3_vl_moe": "qwen"}
 REROUTE_NUWA_DECISIONS = 4  # stage 2's budget re-decided this many times over the second part of the decoder
 
 

@@ -76,7 +76,10 @@ def run(args) -> int:
     if args.show_kept:
         from visroute.visualize import save_kept_patches
 
-        save_kept_patches(image, record, args.show_kept, sample=0, processor=processor)
+        from visroute.families import adapter_for
+
+        frames = adapter_for(model).image_frames(processor, [image], inputs)
+        save_kept_patches(image, record, args.show_kept, sample=0, processor=processor, frames=frames)
         print(f"kept patches written to {args.show_kept}")
     return 0
 

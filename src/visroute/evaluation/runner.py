@@ -148,7 +148,7 @@ class Session:
             fr = frames_flat[k:k + len(ims)]
             k += len(ims)
             frames.append(fr)
-            counts.append(sum(f.rows * f.cols for f in fr))
+            counts.append(sum(f.num_tokens for f in fr))  # tiled images hold more than one grid
             regions = it.relevance_regions
             if regions is None or not fr:
                 relevant.append(None)
@@ -205,7 +205,10 @@ class Session:
                 frames = batch.frames[b]
                 row.routing = {"selected": [st.active[b].nonzero().flatten().tolist() for st in record.stages],
                                "relevant": batch.relevant[b],
-                               "grid": [frames[0].rows, frames[0].cols] if frames else None}
+                               # a plain grid only: the position analyses do not read tiled layouts
+                               "grid": [frames[0].rows, frames[0].cols]
+                               if len(frames) == 1 and frames[0].num_tokens == frames[0].rows * frames[0].cols
+                               else None}
             else:
                 row.avg_T = 0.0 if blind else float(batch.num_visual[b])
                 row.kv_entries = int(seq[b]) * layers
