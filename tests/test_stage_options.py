@@ -146,6 +146,15 @@ def test_pinned_tokens_stay_active_and_count_towards_the_keep(setup, monkeypatch
     torch.testing.assert_close(logits[text], oracle[text], atol=5e-5, rtol=1e-4)
 
 
+def test_scores_taken_early_have_their_flops_measured(setup):
+    model, inputs, _ = setup
+    cfg = RoutingConfig("prune", "last_token_attention", [Stage(1, 8), Stage(4, 3, score_layer=2)])
+    with apply_routing(model, cfg, measure_scorer_flops=True) as router, torch.no_grad():
+        model(**inputs)
+    flops = [st.scorer_flops for st in router.last_record.stages]
+    assert all(f is not None and f > 0 for f in flops), flops
+
+
 def test_per_stage_fields_round_trip_and_parse():
     cfg = RoutingConfig("reroute", "last_token_attention", parse_stages(
         "0:112:scorer=vision_cls_attention:merge=similarity_average,16:16:score_layer=15"))

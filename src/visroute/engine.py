@@ -285,7 +285,7 @@ class _Prefill:
     record: RoutingRecord
     active: torch.Tensor  # (B, Nv) the visual tokens active in the current segment
     decoder_kwargs: dict[str, Any]  # the family's own decoder inputs (FamilyAdapter.decoder_inputs)
-    pending: dict[int, torch.Tensor]  # stage index -> scores taken at its earlier score_layer
+    pending: dict[int, tuple]  # stage index -> (scores, their FLOPs) taken at its earlier score_layer
 
 
 class Router:
@@ -566,7 +566,7 @@ class Router:
             if start in stage_at:
                 state.active = self._run_stage(stage_at[start], state)
             for i in scores_at.get(start, []):
-                state.pending[i] = self._score(i, state, self._candidates(state))[0]
+                state.pending[i] = self._score(i, state, self._candidates(state))
             active = state.active
             present = state.text.clone().scatter_(1, layout.positions, active)
             present[:, length] = False  # (B, L+1): the tokens that run in this segment
@@ -665,7 +665,7 @@ class Router:
                 raise ValueError("The replayed record does not match this batch's visual tokens")
         else:
             if i in state.pending:  # taken at an earlier score_layer
-                scores = state.pending.pop(i)
+                scores, scorer_flops = state.pending.pop(i)
             else:
                 scores, scorer_flops = self._score(i, state, candidates)
             # pinned tokens count towards the budget: the candidates fill what they leave
