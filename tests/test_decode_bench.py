@@ -28,8 +28,10 @@ def result():
 def test_every_config_is_timed_at_every_decode_batch(result):
     labels = [r["label"] for r in result["results"]]
     assert labels == ["unrouted", "keep-all (routed)", "pdrop@64"]
+    assert [r["label"] for r in result["decode_only"]] == ["unrouted (StaticCache)"]
     for r in result["results"]:
         assert r["prefill_batch"] == 2
+    for r in result["results"] + result["decode_only"]:
         assert [d["batch"] for d in r["decode"]] == [1, 3]
         for d in r["decode"]:
             assert len(d["step_times"]) == d["step_s"]["n"] == (NEW_TOKENS - 1) * 2  # warm-up step untimed
@@ -48,12 +50,12 @@ def test_kv_bytes_held_and_read_follow_the_record_and_the_shape(result):
     entries = routed["kv_active_tokens"]
     assert entries[-1] < entries[0] == length  # pdrop drops from layer 2 on
     decoded = (2 + NEW_TOKENS) / 2  # mean tokens decoded, the current one included, over timed steps 2..NEW_TOKENS
-    for row in result["results"]:
+    for row in result["results"] + result["decode_only"]:
         prompt = row["kv_active_tokens"]
         for d in row["decode"]:
             b = d["batch"]
             # held: every layer's prompt entries + one entry per decode step (the unrouted DynamicCache grows to
-            # exactly that; a routed cache was preallocated with room for the steps)
+            # exactly that; the static caches, routed or not, were allocated with room for the steps)
             assert d["kv_bytes"] == b * sum(n + NEW_TOKENS for n in prompt) * per_token
             assert d["kv_read_bytes"] == pytest.approx(b * sum(n + decoded for n in prompt) * per_token)
             assert d["step_bytes"] == pytest.approx(model_config["decode_step_weight_bytes"] + d["kv_read_bytes"])
@@ -63,7 +65,9 @@ def test_kv_bytes_held_and_read_follow_the_record_and_the_shape(result):
 
 def test_decode_speedups_against_the_bandwidth_ideal(result):
     base, keep_all, routed = result["results"]
-    for d, b, k in zip(routed["decode"], base["decode"], keep_all["decode"]):
+    static = result["decode_only"][0]
+    for d, b, k, st in zip(routed["decode"], base["decode"], keep_all["decode"], static["decode"]):
+        assert d["speedup_vs_static"] == pytest.approx(st["step_s"]["median"] / d["step_s"]["median"])
         assert d["speedup"] == pytest.approx(b["step_s"]["median"] / d["step_s"]["median"])
         assert d["ideal_speedup"] == pytest.approx(b["step_bytes"] / d["step_bytes"])
         assert d["ideal_speedup"] > 1
@@ -105,11 +109,12 @@ def test_prefill_and_decode_runs_are_interleaved(monkeypatch):
         seen.append(("prefill", active(model), inputs["input_ids"].shape[0]))
         return [{"unrouted": 4.0, "keep-all": 4.0, "pdrop": 2.0}[active(model)]]
 
-    def fake_decode(model, inputs, device, batch, steps, repeats, preallocate):
-        name = active(model)
+    def fake_decode(model, inputs, device, batch, steps, repeats, static):
+        name = active(model) + (" static" if static and active(model) == "unrouted" else "")
         seen.append(("decode", name, batch))
-        assert preallocate == (name != "unrouted")
-        return [{"unrouted": 3.0, "keep-all": 2.0, "pdrop": 1.0}[name] * batch] * (steps - 1), 1
+        assert static == (name != "unrouted")  # routed rows decode on their preallocated cache
+        times = {"unrouted": 3.0, "unrouted static": 2.5, "keep-all": 2.0, "pdrop": 1.0}
+        return [times[name] * batch] * (steps - 1), 1
 
     monkeypatch.setattr(run, "time_prefill", fake_prefill)
     monkeypatch.setattr(run, "time_batched_decode", fake_decode)
@@ -117,10 +122,13 @@ def test_prefill_and_decode_runs_are_interleaved(monkeypatch):
                              decode_repeats=2, decode_batches="1,4", text_tokens=8, memory=False)
     result = run_bench(settings, [("pdrop@64", preset("pdrop", 64, SHAPE, num_visual=576))], progress=False)
     order = ["unrouted", "keep-all", "pdrop", "keep-all", "pdrop", "unrouted"]
-    assert seen == ([("prefill", name, 3) for name in order] + [("decode", name, 1) for name in order]
-                    + [("decode", name, 4) for name in order])
+    decode = ["unrouted", "unrouted static", "keep-all", "pdrop", "unrouted static", "keep-all", "pdrop", "unrouted"]
+    assert seen == ([("prefill", name, 3) for name in order] + [("decode", name, 1) for name in decode]
+                    + [("decode", name, 4) for name in decode])
     base, keep_all, routed = result["results"]
     assert routed["prefill_speedup"] == 2.0 and keep_all["prefill_speedup"] == 1.0
     assert [d["speedup"] for d in routed["decode"]] == [3.0, 3.0]
     assert [d["speedup_vs_keep_all"] for d in routed["decode"]] == [2.0, 2.0]
+    assert [d["speedup_vs_static"] for d in routed["decode"]] == [2.5, 2.5]
+    assert [d["speedup"] for d in result["decode_only"][0]["decode"]] == [1.2, 1.2]
     assert routed["decode"][1]["tokens_per_s"] == 4 / 4.0

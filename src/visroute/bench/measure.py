@@ -84,14 +84,22 @@ def time_prefill(model, inputs, device, repeats: int, on_start: Callable[[], Non
     return times
 
 
+def _expand_static(cache, batch: int) -> None:
+    """transformers' StaticCache has no `batch_repeat_interleave`: repeat each layer's buffers in place of it."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(batch, dim=0)
+        layer.values = layer.values.repeat_interleave(batch, dim=0)
+        layer.batch_size = batch
+
+
 def time_batched_decode(model, inputs, device, batch: int, steps: int, repeats: int,
-                        preallocate: bool) -> tuple[list[float], int]:
-    """Decode step times at `batch` sequences. Per repeat: one prefill of the one-prompt `inputs` (with
-    `preallocate`, into a static cache of the prompt + `steps` tokens, which a routed prefill fills with its
-    preallocated layers; otherwise the model's default cache), the cache expanded to `batch` copies
-    (`batch_repeat_interleave`: the same shapes as `batch` prompts, without `batch` prefills), then `steps` greedy
-    decode steps of all rows, each one model call with `logits_to_keep=1` as `generate` makes it; the first step
-    is a warm-up, the others are timed. Returns (step times, bytes of the K/V the cache holds at `batch`)."""
+                        static: bool) -> tuple[list[float], int]:
+    """Decode step times at `batch` sequences. Per repeat: one prefill of the one-prompt `inputs` (with `static`,
+    into a static cache of the prompt + `steps` tokens, which a routed prefill fills with its preallocated layers;
+    otherwise the model's default cache), the cache expanded to `batch` copies (`batch_repeat_interleave`: the
+    same shapes as `batch` prompts, without `batch` prefills), then `steps` greedy decode steps of all rows, each
+    one model call with `logits_to_keep=1` as `generate` makes it; the first step is a warm-up, the others are
+    timed. Returns (step times, bytes of the K/V the cache holds at `batch`)."""
     from transformers import StaticCache
 
     from visroute.accounting import cache_kv_bytes
@@ -101,10 +109,13 @@ def time_batched_decode(model, inputs, device, batch: int, steps: int, repeats: 
     length = inputs["input_ids"].shape[1]
     for _ in range(repeats):
         with torch.inference_mode():
-            cache = StaticCache(config=model.config, max_cache_len=length + steps) if preallocate else None
+            cache = StaticCache(config=model.config, max_cache_len=length + steps) if static else None
             out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
-            cache.batch_repeat_interleave(batch)
+            if isinstance(cache, StaticCache) and all(type(layer).__name__ == "StaticLayer" for layer in cache.layers):
+                _expand_static(cache, batch)  # the unrouted model's own static cache
+            else:
+                cache.batch_repeat_interleave(batch)
             token = out.logits[:, -1:].argmax(-1).repeat(batch, 1)  # (batch, 1)
             del out
             for i in range(steps):

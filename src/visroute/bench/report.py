@@ -49,18 +49,21 @@ def prefill_table(result: dict[str, Any], markdown: bool = False) -> str:
 
 
 def decode_table(result: dict[str, Any], markdown: bool = False) -> str:
-    """Decode per config and batch: step latency, tokens per second, the K/V held and read, and the speedup
-    against the bandwidth ideal (weights + K/V read per step)."""
+    """Decode per config and batch: step latency, tokens per second, the K/V held and read, and the speedup over
+    the unrouted model (its default cache) against the bandwidth ideal (weights + K/V read per step), and over the
+    unrouted model on a static cache and the routed keep-all row."""
     head = ["config", "avg_T", "batch", "ms/step [IQR]", "tok/s", "K/V MiB held", "K/V MiB read/step",
-            "GiB read/step", "speedup", "ideal", "% ideal", "% gain", "vs keep-all"]
+            "GiB read/step", "speedup", "ideal", "% ideal", "% gain", "vs static", "vs keep-all"]
     lines = []
-    for r in result["results"]:
+    rows = result["results"]
+    for r in rows[:1] + result.get("decode_only", []) + rows[1:]:
         for d in r.get("decode", []):
             lines.append([
                 r["label"], f"{r['avg_T']:.2f}", str(d["batch"]), _ms(d["step_s"]), f"{d['tokens_per_s']:.1f}",
                 f"{d['kv_bytes'] / 2**20:.0f}", f"{d['kv_read_bytes'] / 2**20:.0f}", f"{d['step_bytes'] / 2**30:.2f}",
                 f"{d['speedup']:.2f}", f"{d['ideal_speedup']:.2f}", _pct(d["fraction_of_ideal"]),
                 _pct(d["fraction_of_ideal_gain"]),
+                f"{d['speedup_vs_static']:.2f}" if "speedup_vs_static" in d else "-",
                 f"{d['speedup_vs_keep_all']:.2f}" if "speedup_vs_keep_all" in d else "-",
             ])
     if not lines:

@@ -46,11 +46,13 @@ METHOD = """\
   `logits_to_keep=1`; the first step untimed; median and IQR over the timed steps of `decode_repeats` runs.
   The runs are interleaved as the prefill repeats are.
   Routed configs decode on their preallocated cache (prompt entries + room for the steps, as `generate` sizes
-  it); the unrouted model on its default `DynamicCache`. Tokens per second: batch / median step time.
+  it); the unrouted model on its default `DynamicCache` and, in the row "unrouted (StaticCache)", on
+  transformers' `StaticCache` (a decode-only row). Tokens per second: batch / median step time.
 * decode ideal (bandwidth): bytes one step must read, the decoder and LM-head weights (not the embedding table)
   plus the valid K/V entries each layer attends to (the prompt entries cached there + the tokens decoded so
   far, averaged over the timed steps); ideal speedup = unrouted bytes / the config's bytes at the same batch.
-  "% ideal" = speedup / ideal speedup; "% gain" = (speedup - 1) / (ideal speedup - 1).
+  "% ideal" = speedup / ideal speedup; "% gain" = (speedup - 1) / (ideal speedup - 1); "vs static" and
+  "vs keep-all": the speedup over those rows at the same batch.
 * peak memory: CUDA `max_memory_allocated` above the allocation before the call; on CPU the peak of the tensor
   bytes allocated during the call (torch profiler memory events), the same quantity on both: activations, K/V
   cache and logits, not the weights; for one prefill of one prompt.
@@ -76,6 +78,8 @@ class BenchSettings:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's choice)"})
     seed: int = field(default=0, metadata={"help": "random weights and inputs"})
     keep_all: bool = field(default=True, metadata={"help": "measure the routed keep-all row (engine overhead)"})
+    static_baseline: bool = field(default=True, metadata={
+        "help": "also time the unrouted model's decode on transformers' StaticCache (a decode-only row)"})
     memory: bool = field(default=True, metadata={"help": "measure peak memory"})
 
     def __post_init__(self) -> None:
@@ -157,7 +161,8 @@ def _measure_prefill(jobs, rows, model, inputs, settings, device, progress: bool
 
 def _measure_decode(jobs, rows, model, inputs, settings, device, progress: bool) -> None:
     """Time decode at each batch, every config's runs interleaved: run r times each config in turn (the order
-    rotating by one each run), so that a change in the machine's load reaches every config alike."""
+    rotating by one each run), so that a change in the machine's load reaches every config alike. `jobs` are
+    (label, config, static cache) for `rows`."""
     from tqdm.auto import tqdm
 
     for row in rows:
@@ -168,10 +173,10 @@ def _measure_decode(jobs, rows, model, inputs, settings, device, progress: bool)
     times: dict[tuple[int, int], list[float]] = {}
     held: dict[tuple[int, int], int] = {}
     for batch, j in tqdm(blocks, desc="decode", disable=not progress):
-        cfg = jobs[j][1]
+        _, cfg, static = jobs[j]
         with _routing(model, cfg):
             steps, held[batch, j] = time_batched_decode(model, inputs, device, batch, settings.new_tokens, 1,
-                                                        preallocate=cfg is not None)
+                                                        static=static)
         times.setdefault((batch, j), []).extend(steps)
     for j, row in enumerate(rows):
         for batch in settings.batches:
@@ -238,8 +243,17 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
         )
         rows.append(row)
     _measure_prefill(jobs, rows, model, inputs, settings, device, progress)
-    _measure_decode(jobs, rows, model, inputs, settings, device, progress)
-    for row in rows:
+    # decode: the same rows (routed ones on their preallocated cache), and the unrouted model on a static cache
+    decode_jobs = [(label, cfg, cfg is not None) for label, cfg in jobs]
+    static_rows = []
+    if settings.static_baseline:
+        decode_jobs.insert(1, ("unrouted (StaticCache)", None, True))
+        static_rows = [{key: rows[0][key] for key in ("config", "avg_T", "kv_active_tokens")}]
+        static_rows[0]["label"] = "unrouted (StaticCache)"
+    decode_rows = rows[:1] + static_rows + rows[1:]
+    _measure_decode(decode_jobs, decode_rows, model, inputs, settings, device, progress)
+    static_row = static_rows[0] if static_rows else None
+    for row in decode_rows:
         for d in row["decode"]:
             d["kv_read_bytes"] = decode_bytes(row["kv_active_tokens"], d["batch"], settings.new_tokens, dims, element)
             d["step_bytes"] = step_weights + d["kv_read_bytes"]
@@ -251,15 +265,17 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
         row["fraction_of_ideal"] = row["prefill_speedup"] / row["ideal_speedup"]
         if "scoring_s" in row:
             row["scoring_fraction_of_unrouted_prefill"] = row["scoring_s"]["median"] / base["prefill_s"]["median"]
+    for row in decode_rows:
         for d, b in zip(row["decode"], base["decode"]):
             d["speedup"] = b["step_s"]["median"] / d["step_s"]["median"]
             d["ideal_speedup"] = b["step_bytes"] / d["step_bytes"]
             d["fraction_of_ideal"] = d["speedup"] / d["ideal_speedup"]
             gain = d["ideal_speedup"] - 1
             d["fraction_of_ideal_gain"] = (d["speedup"] - 1) / gain if gain > 1e-9 else None
-            if keep_all is not None:
-                k = next(x for x in keep_all["decode"] if x["batch"] == d["batch"])
-                d["speedup_vs_keep_all"] = k["step_s"]["median"] / d["step_s"]["median"]
+            for name, other in (("keep_all", keep_all), ("static", static_row)):
+                if other is not None:
+                    o = next(x for x in other["decode"] if x["batch"] == d["batch"])
+                    d[f"speedup_vs_{name}"] = o["step_s"]["median"] / d["step_s"]["median"]
         if row["decode"] and row["decode"][0]["batch"] == 1:  # the batch-1 numbers under their earlier names
             row["decode_speedup"] = row["decode"][0]["speedup"]
             row["decode_ideal_speedup"] = row["decode"][0]["ideal_speedup"]
@@ -272,4 +288,5 @@ def run_bench(settings: BenchSettings, configs: list[tuple[str, RoutingConfig]] 
         # the machine's load (1, 5, 15-minute averages) when the run began and ended: what else was running
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "results": rows,
+        "decode_only": static_rows,  # rows timed for decode alone (no prefill of their own)
     }
