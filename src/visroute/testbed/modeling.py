@@ -73,8 +73,11 @@ def build_processor():
 
 
 MODEL_SIZES = {
-    # decoder hidden / layers / heads / kv heads / mlp, tower hidden / layers / mlp
-    "deep": dict(hidden=160, layers=12, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
+    # decoder hidden / layers / heads / kv heads / mlp, tower hidden / layers / mlp; RoPE base (rope_theta, default
+    # 10000: with 20 dimensions per head only a few of them then turn slowly enough over 150 positions to match
+    # tokens by content; at 1e6 about half of them do)
+    "deep": dict(hidden=160, layers=12, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384,
+                 rope_theta=1e6),
     "small": dict(hidden=160, layers=8, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
     "tiny": dict(hidden=64, layers=8, heads=4, kv_heads=2, mlp=128, v_hidden=32, v_layers=1, v_mlp=64),
 }
@@ -89,6 +92,7 @@ def build_config(size: str = "deep"):
     text = LlamaConfig(
         vocab_size=len(VOCAB), hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": s.get("rope_theta", 10000.0)},
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(

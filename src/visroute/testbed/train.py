@@ -74,13 +74,13 @@ class TrainConfig:
 
     out: str = field(default="runs/testbed", metadata={
         "help": "run folder: log, training state, exported model", "recipe": False})
-    symbolic_steps: int = field(default=3200, metadata={"help": "phase 1: steps of the decoder on symbolic tokens"})
-    tower_steps: int = field(default=300, metadata={"help": "phase 2: steps of the vision tower and projector"})
-    joint_steps: int = field(default=600, metadata={"help": "phase 3: steps of the whole model, end to end"})
+    symbolic_steps: int = field(default=4000, metadata={"help": "phase 1: steps of the decoder on symbolic tokens"})
+    tower_steps: int = field(default=400, metadata={"help": "phase 2: steps of the vision tower and projector"})
+    joint_steps: int = field(default=1000, metadata={"help": "phase 3: steps of the whole model, end to end"})
     images: int = field(default=8, metadata={"help": "images per step"})
     questions: tuple[str, ...] = field(
         default=FAMILIES + ("relation_attribute", "same_attribute", "relation_grounding", "counting", "relation",
-                            "grounding"),
+                            "grounding", "attribute"),
         metadata={"help": "question families asked of every image (unlocked ones only, repeated to this count)"})
     text_rows: int = field(default=1, metadata={"help": "rows of image-free questions per step (phases 1 and 3)"})
     text_questions: int = field(default=16, metadata={"help": "questions per image-free row"})
@@ -107,6 +107,12 @@ class TrainConfig:
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the matrices"})
     size: str = field(default="deep", metadata={"help": "model size (visroute.testbed.modeling.MODEL_SIZES)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the training scenes"})
+    plurals: float = field(default=0.5, metadata={
+        "help": "plural word embeddings start as the singular's plus this times a random vector (0: independent)"})
+    out_scale: float = field(default=1.0, metadata={
+        "help": "init std of the decoder's o_proj and down_proj, relative to fan_in**-0.5"})
+    match_layers: int = field(default=0, metadata={
+        "help": "first decoder layers whose query projections start equal to their key projections"})
     bf16: bool = field(default=True, metadata={
         "help": "matrix products in bfloat16 (autocast); attention, loss and weights stay float32"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads", "recipe": False})
@@ -346,14 +352,33 @@ def _patch_labels(objs) -> torch.Tensor:
     return lab
 
 
-def init_weights(model) -> None:
+def init_weights(model, plurals: float = 0.0, match_layers: int = 0, out_scale: float = 1.0) -> None:
     """Re-draw the decoder's and projector's matrices with std fan_in**-0.5 and the word embeddings with std 1
-    (see the module docstring): the residual stream then starts at the scale the layers write to it."""
+    (see the module docstring): the residual stream then starts at the scale the layers write to it. With
+    `plurals` > 0 the embedding of a plural ("circles") starts as its singular's plus `plurals` times a random
+    vector: the visual tokens hold the singular's embedding, and a question that counts by shape can then find
+    them the way a question naming the shape does. In the first `match_layers` decoder layers every query head
+    starts with the key projection of its key/value head, so that attention starts as a lookup of tokens similar
+    to the query token (a word of the question finds the visual tokens that hold its embedding). The output
+    projections of the residual branches (attention o_proj, MLP down_proj) start `out_scale` times smaller."""
+    from visroute.testbed.modeling import VOCAB
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and ("language_model.layers" in name or "multi_modal_projector" in name):
-                p.normal_(0.0, p.shape[1] ** -0.5)
-        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+                scale = out_scale if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                p.normal_(0.0, scale * p.shape[1] ** -0.5)
+        for layer in model.model.language_model.layers[:match_layers]:
+            att = layer.self_attn
+            k = att.k_proj.weight.view(-1, att.head_dim, att.k_proj.weight.shape[1])
+            q = att.q_proj.weight.view(-1, att.head_dim, att.q_proj.weight.shape[1])
+            q.copy_(k.repeat_interleave(att.num_key_value_groups, dim=0))
+        embed = model.get_input_embeddings().weight
+        embed.normal_(0.0, 1.0)
+        if plurals > 0:
+            for shape, plural in PLURALS.items():
+                i, j = VOCAB.index(shape), VOCAB.index(plural)
+                embed[j] = embed[i] + plurals * torch.randn_like(embed[i])
 
 
 class SymbolicTokens(torch.nn.Module):
@@ -573,7 +598,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     out.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out / "train_state.pt", out / "log.jsonl"
     model = build_model(cfg.size, cfg.seed)
-    init_weights(model)
+    init_weights(model, cfg.plurals, cfg.match_layers, cfg.out_scale)
     tok = _Tok()
     symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
     start, elapsed, opt_state = 0, 0.0, None
