@@ -1,0 +1,77 @@
+"""Every grid shipped in `visroute/grids` runs end to end on a small limit, and its report is written.
+
+The testbed grids run as shipped on the shipped checkpoint. The real-checkpoint grid (LLaVA-1.5-7B on a GPU and
+benchmark files) runs with its model replaced by a tiny random-weight LLaVA-1.5 with the real model's 576 visual
+tokens and a decoder deep enough for the papers' tiers (FastV's stage at layer 3 reaches avg_T 192 only on 9+
+layers), on the CPU, and its data paths by tiny files in each benchmark's public layout: every task, sweep entry
+and method of the shipped file is resolved and run."""
+
+import sqlite3
+
+import pytest
+
+from test_evaluation_tasks import write_layouts
+from visroute.cli import main
+from visroute.evaluation import load_grid
+from visroute.evaluation.grid import shipped_grids
+from visroute.testbed import load_model
+
+TESTBED_GRIDS = ("where-to-prune", "study-where-to-prune", "study-reroute")
+
+
+def _runs(db) -> dict[str, int]:
+    con = sqlite3.connect(db)
+    out = dict(con.execute("SELECT runs.name, COUNT(*) FROM results JOIN runs USING (run_id) GROUP BY runs.name"))
+    con.close()
+    return out
+
+
+def _expected_runs(grid) -> int:
+    """unrouted + blind + every config, with `layers: every` expanded over the testbed decoder's depth."""
+    layers = load_model()[0].config.text_config.num_hidden_layers
+    return sum(len(c.expand(layers)) for c in grid.configs) + 2
+
+
+def test_every_shipped_grid_is_tested():
+    assert set(shipped_grids()) == set(TESTBED_GRIDS) | {"study-real"}
+
+
+@pytest.mark.parametrize("name", TESTBED_GRIDS)
+def test_testbed_grid_runs_and_reports(name, tmp_path):
+    db = tmp_path / "results.sqlite"
+    assert main(["study", "run", name, "--db", str(db), "--limit", "2", "--no-progress"]) == 0
+    runs = _runs(db)
+    assert len(runs) == _expected_runs(load_grid(name))
+    assert set(runs.values()) == {2}  # every run answered every item
+    assert main(["study", "report", "--db", str(db), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    if name == "study-reroute":
+        assert "reroute-pdrop@36" in text and "pdrop@36" in text
+
+
+def test_real_checkpoint_grid_runs_on_files_in_the_public_layouts(tmp_path):
+    from tiny import tiny_llava, tiny_llava_processor
+
+    model = tiny_llava(layers=16, image_size=96, patch=4)  # 24 x 24 = 576 visual tokens, as LLaVA-1.5
+    model.save_pretrained(tmp_path / "model")
+    tiny_llava_processor(model).save_pretrained(tmp_path / "model")
+    tasks = write_layouts(tmp_path)
+    data = [f"pope={tasks['pope']['data']}", f"gqa={tasks['gqa']['data']['data']}",
+            f"gqa.images={tasks['gqa']['data']['images']}", f"refcoco={tasks['refcoco']['data']}",
+            f"datbench={tasks['datbench']['data']}"]
+    db = tmp_path / "results.sqlite"
+    args = ["study", "run", "study-real", "--db", str(db), "--model", str(tmp_path / "model"), "--device", "cpu",
+            "--dtype", "float32", "--limit", "1", "--no-progress"]
+    for d in data:
+        args += ["--data", d]
+    assert main(args) == 0
+    grid = load_grid("study-real")
+    con = sqlite3.connect(db)
+    per_task = dict(con.execute("SELECT task, COUNT(DISTINCT run_id) FROM runs GROUP BY task"))
+    con.close()
+    # the oracle needs each item's relevant tokens: it runs on the box tasks only (RefCOCO, DatBench grounding)
+    oracle = sum(1 for c in grid.configs if (c.routing or {}).get("scorer") == "oracle")
+    assert per_task["refcoco"] == len(grid.configs) + 2
+    assert per_task["pope"] == len(grid.configs) + 2 - oracle
+    assert set(per_task) == {"pope", "gqa", "refcoco", "datbench"}
+    assert main(["study", "report", "--db", str(db), "--out", str(tmp_path / "report")]) == 0
