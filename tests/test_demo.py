@@ -31,10 +31,10 @@ def test_demo_runs_every_config(tmp_path, capsys):
     from visroute.cli import main
 
     out = tmp_path / "demo.json"
-    assert main(["demo", "--n", "12", "--batch-size", "12", "--json", str(out)]) == 0
+    assert main(["demo", "--n", "18", "--batch-size", "18", "--json", str(out)]) == 0  # every family twice
     text = capsys.readouterr().out
     for name in ("unrouted", "fastv prune", "pdrop reroute", "hidden_similarity", "random", "oracle",
-                 "blind control", "majority"):
+                 "blind control", "majority", "rel-attr", "same-attr", "rel-ground", "hop-1", "hop-2"):
         assert name in text
     reports = json.loads(out.read_text())
     assert reports["unrouted"]["flops_relative"] == 1.0
@@ -45,3 +45,7 @@ def test_demo_runs_every_config(tmp_path, capsys):
             assert rep["avg_T"] == pytest.approx(16.0, abs=0.5), name  # FastV's stage at layer 0 keeps 16
     assert reports["oracle"]["recall"]["all"] == [1.0]
     assert reports["random"]["recall"]["all"][0] < 1.0
+    # per hop, on the multi-hop items: the oracle keeps both hops' tokens; a random 16 of 144 misses some
+    assert reports["oracle"]["hop_recall"] == {"1": 1.0, "2": 1.0}
+    assert all(v < 1.0 for v in reports["random"]["hop_recall"].values())
+    assert reports["unrouted"]["hop_recall"] == {"1": None, "2": None}  # nothing routed, no stages

@@ -93,25 +93,31 @@ def format_summary(reports: dict, flops: dict[str, float], items) -> str:
 
     fams = [f for f in FAMILIES if any(f in r.accuracy() for r in reports.values())]
     short = {"attribute": "attr", "existence": "exist", "counting": "count", "relation": "relat",
-             "grounding": "ground", "blind_solvable": "blind-sol"}
-    head = f"{'config':21s}" + "".join(f"{short.get(f, f):>10s}" for f in fams)
-    head += f"{'all':>8s}{'recall':>8s}{'avg_T':>8s}{'FLOPs':>8s}"
+             "grounding": "ground", "blind_solvable": "blind-sol", "relation_attribute": "rel-attr",
+             "same_attribute": "same-attr", "relation_grounding": "rel-ground"}
+    head = f"{'config':21s}" + "".join(f"{short.get(f, f):>11s}" for f in fams)
+    head += f"{'all':>7s}{'recall':>8s}{'hop-1':>7s}{'hop-2':>7s}{'avg_T':>7s}{'FLOPs':>7s}"
     lines = [head]
+    none = ("-", "-", "-")
 
-    def row(name: str, acc: dict, recall: str, avg_t: str, fl: str) -> str:
-        cells = "".join(f"{'-' if acc.get(f) is None else f'{acc[f]:.2f}':>10s}" for f in fams)
-        return f"{name:21s}{cells}{acc.get('all', float('nan')):>8.2f}{recall:>8s}{avg_t:>8s}{fl:>8s}"
+    def row(name: str, acc: dict, recall: tuple[str, str, str], avg_t: str, fl: str) -> str:
+        cells = "".join(f"{'-' if acc.get(f) is None else f'{acc[f]:.2f}':>11s}" for f in fams)
+        rec = f"{recall[0]:>8s}{recall[1]:>7s}{recall[2]:>7s}"
+        return f"{name:21s}{cells}{acc.get('all', float('nan')):>7.2f}{rec}{avg_t:>7s}{fl:>7s}"
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
 
     for name, rep in reports.items():
         if rep.blind:
             continue
-        rec = rep.recall().get("all") or []
-        rec = [v for v in rec if v is not None]
-        recall = f"{sum(rec) / len(rec):.2f}" if rec else "-"
+        rec = [v for v in rep.recall().get("all") or [] if v is not None]
+        hops = rep.hop_recall()
+        recall = (fmt(sum(rec) / len(rec) if rec else None), fmt(hops[1]), fmt(hops[2]))
         lines.append(row(name, rep.accuracy(), recall, f"{rep.avg_T:.1f}", f"{flops[name]:.2f}"))
     if "blind" in reports:
-        lines.append(row("blind control", reports["blind"].accuracy(), "-", "0", "-"))
-    lines.append(row("majority", majority_rates(items), "-", "-", "-"))
+        lines.append(row("blind control", reports["blind"].accuracy(), none, "0", "-"))
+    lines.append(row("majority", majority_rates(items), none, "-", "-"))
     return "\n".join(lines)
 
 
@@ -137,8 +143,9 @@ def run(args) -> int:
     print(format_summary(reports, flops, items))
     print()
     print("accuracy: share correct (grounding: box IoU >= 0.5); blind control: the same questions without the "
-          "image; recall: share of the relevant visual tokens active, mean over stages; FLOPs: prefill FLOPs "
-          "relative to the unrouted model (vision tower included).")
+          "image; recall: share of the relevant visual tokens active, mean over stages; hop-1 / hop-2: the same "
+          "on the multi-hop families for the object the question names / the object the answer is about; "
+          "FLOPs: prefill FLOPs relative to the unrouted model (vision tower included).")
     pd = configs["pdrop prune"]
     print("pdrop stages: " + ", ".join(f"layer {s.layer} keeps {s.keep}" for s in pd.stages))
     if args.json:

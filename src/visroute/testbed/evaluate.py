@@ -24,7 +24,7 @@ import torch
 
 from visroute.evaluation.boxes import box_iou  # noqa: F401  (re-exported: the testbed's box IoU)
 from visroute.testbed.data import Item
-from visroute.testbed.questions import FAMILIES
+from visroute.testbed.questions import FAMILIES, MULTI_HOP_FAMILIES
 
 HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
 MAX_NEW_TOKENS = 5  # the longest answer (a box) is 4 tokens, then </s>
@@ -58,7 +58,8 @@ def majority_rates(items: list[Item]) -> dict[str, float]:
 @dataclass
 class ItemResult:
     """The outcome for one item. `recall[s]`: share of its relevant tokens active in stage s (None without
-    relevant tokens); `avg_T`: its visual tokens per decoder layer."""
+    relevant tokens); `hop_recall[s][h]`: the same for the tokens of hop h + 1 alone; `avg_T`: its visual tokens
+    per decoder layer."""
 
     id: str
     family: str
@@ -68,6 +69,7 @@ class ItemResult:
     iou: float | None = None
     recall: list[float | None] = field(default_factory=list)
     avg_T: float | None = None
+    hop_recall: list[list[float | None]] = field(default_factory=list)  # [stage][hop] (multi-hop: 2 hops)
 
 
 @dataclass
@@ -106,6 +108,15 @@ class EvalReport:
             out[fam] = per_stage
         return out
 
+    def hop_recall(self) -> dict[int, float | None]:
+        """Hop (1, 2) -> mean retention recall of that hop's tokens over the multi-hop items and stages."""
+        out: dict[int, float | None] = {}
+        for hop in (0, 1):
+            vals = [per_stage[hop] for r in self.results if r.family in MULTI_HOP_FAMILIES
+                    for per_stage in r.hop_recall if len(per_stage) > hop and per_stage[hop] is not None]
+            out[hop + 1] = sum(vals) / len(vals) if vals else None
+        return out
+
     @property
     def avg_T(self) -> float:
         """Mean over items of the visual tokens active per decoder layer (all of them when unrouted)."""
@@ -116,7 +127,7 @@ class EvalReport:
         cfg = self.config.to_dict() if hasattr(self.config, "to_dict") else None
         return {
             "name": self.name, "config": cfg, "blind": self.blind, "accuracy": self.accuracy(),
-            "recall": self.recall(), "stage_layers": self.stage_layers, "avg_T": self.avg_T,
+            "recall": self.recall(), "hop_recall": self.hop_recall(), "stage_layers": self.stage_layers, "avg_T": self.avg_T,
             "kv_fraction": self.kv_fraction, "seconds": self.seconds, "n": len(self.results),
             "items": [r.__dict__ for r in self.results],
         }
@@ -173,6 +184,7 @@ class Evaluator:
                                  row.metrics.get("iou"))
                 if record is not None:
                     res.recall = [_recall(st.active[b], it.relevant_tokens) for st in record.stages]
+                    res.hop_recall = row.recall
                     res.avg_T = row.avg_T
                     if row.kv_entries is not None:
                         kv_routed += row.kv_entries
