@@ -8,7 +8,7 @@ import pytest
 
 from visroute.evaluation.report import RunSummary
 from visroute.evaluation.store import Row, Run, Store
-from visroute.evaluation.study import horizon, matched_pairs, position_bias, reentry
+from visroute.evaluation.study import horizon, matched_pairs, position_bias, reentry, signal_differences
 
 
 def summary(name, config, rows):
@@ -54,6 +54,31 @@ def test_the_information_horizon_is_where_random_stays_within_two_points():
     assert horizon(table) == 3
     table["random"][3] = 0.70
     assert horizon(table) is None
+
+
+def test_signal_differences_pair_each_signal_with_random_on_the_vision_required_items():
+    def run(name, kind, correct: dict[str, bool], layer=None):
+        config = None if layer is None else {"action": "prune", "scorer": name.split("/")[1],
+                                             "stages": [{"layer": layer, "keep": 2}]}
+        s = summary(name, config, [row(i, [[0]], family="attribute", correct=c) for i, c in correct.items()])
+        s.run.kind = kind
+        return s
+
+    # items a, b, c are vision-required (the blind control gets them wrong); d is not and must not count
+    runs = [run("blind", "blind", {"a": False, "b": False, "c": False, "d": True})]
+    s = {0: "1101", 1: "1001", 2: "1100", 3: "0110"}  # per layer: a b c d correct?
+    rnd = {0: "0010", 1: "0001", 2: "1100", 3: "0110"}
+    for layer in range(4):
+        for name, table in (("s", s), ("random", rnd)):
+            runs.append(run(f"prune/{name}/L{layer}/k2", "routed",
+                            {i: v == "1" for i, v in zip("abcd", table[layer])}, layer))
+    diffs = signal_differences(runs)["k2"]
+    # early (layers 0, 1): s per item a 1, b 0.5, c 0 (mean 1/2); random a 0, b 0, c 0.5 (mean 1/6)
+    n, d, lo, hi, first, last = diffs["early"]["s"]
+    assert (n, first, last) == (3, 0, 1) and d == pytest.approx(1 / 3) and lo <= d <= hi
+    n, d, lo, hi, first, last = diffs["late"]["s"]  # layers 2, 3: the same answers, no difference at all
+    assert (n, first, last, d, lo, hi) == (3, 2, 3, 0.0, 0.0, 0.0)
+    assert "random" not in diffs["early"]
 
 
 def test_matched_pairs_join_a_reroute_variant_to_its_base():

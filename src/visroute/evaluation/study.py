@@ -259,6 +259,43 @@ def reentry(summary: RunSummary) -> dict[str, float] | None:
             "hop2_base": hop2_left / left_multi if left_multi else float("nan"), "reentered": float(back)}
 
 
+def signal_differences(summaries: list[RunSummary], seed: int = 0) -> dict[str, dict[str, dict[str, tuple]]]:
+    """budget -> half ("early": the first half of the stage layers, "late": the rest) -> scorer -> (n, d, low,
+    high): vision-required accuracy of one prune stage with that scorer minus random's, per item averaged over
+    the half's layers, with a paired bootstrap interval over the items the blind control gets wrong."""
+    blind = next((s for s in summaries if s.run.kind == "blind"), None)
+    if blind is None:
+        return {}
+    runs: dict[str, dict[str, dict[int, RunSummary]]] = defaultdict(lambda: defaultdict(dict))
+    for s in summaries:
+        st = s.single_stage() if is_sweep_run(s) else None
+        if st and st[0] == "prune":
+            runs[st[3]][st[1]][st[2]] = s
+    out: dict[str, dict[str, dict[str, tuple]]] = {}
+    for budget, by_scorer in runs.items():
+        if "random" not in by_scorer:
+            continue
+        layers = sorted(by_scorer["random"])
+        halves = {"early": layers[:len(layers) // 2], "late": layers[len(layers) // 2:]}
+        out[budget] = {}
+        for half, chosen in halves.items():
+            def per_item(by_layer: dict[int, RunSummary], ids: list[str]) -> list[float]:
+                return [float(np.mean([by_layer[l].rows[i].correct for l in chosen])) for i in ids]
+
+            cells = {}
+            for scorer, by_layer in by_scorer.items():
+                if scorer == "random" or not all(l in by_layer for l in chosen) or not chosen:
+                    continue
+                ids = sorted(i for i, r in blind.rows.items() if not r.correct
+                             and all(i in by_layer[l].rows and i in by_scorer["random"][l].rows for l in chosen))
+                if ids:
+                    d, lo, hi = M.paired_bootstrap_diff(per_item(by_layer, ids), per_item(by_scorer["random"], ids),
+                                                        seed=seed)
+                    cells[scorer] = (len(ids), d, lo, hi, chosen[0], chosen[-1])
+            out[budget][half] = cells
+    return out
+
+
 # ---- the sections -------------------------------------------------------------------------------------------
 def study_sections(db: str | Path, out: Path, seed: int = 0) -> list[str]:
     """The study's Markdown sections (with their plots written into `out`) for database `db`, or [] when its
@@ -282,6 +319,8 @@ def study_sections(db: str | Path, out: Path, seed: int = 0) -> list[str]:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
         lines += _where_to_prune(label, safe, grouped, per_family, out)
         lines += _bias_section(label, safe, everything[label], out)
+        for group, by_task in grouped.items():
+            lines += _differences_section(f"{group} families ({label})", by_task.get(label, []), seed)
         lines += _reroute_section(label, grouped, everything[label], seed)
         lines += _blind_section(label, everything[label], grouped)
     return lines
@@ -343,6 +382,27 @@ def _bias_section(label, safe, summaries, out) -> list[str]:
         rows, cols = _bias_summary(b)
         lines.append(f"| {scorer} | {rows:.3f} | {cols:.3f} |")
     return lines + ["", f"![position bias]({png.name})", ""]
+
+
+def _differences_section(title: str, summaries: list[RunSummary], seed: int) -> list[str]:
+    diffs = signal_differences(summaries, seed)
+    if not diffs:
+        return []
+    lines = [f"## Each signal against random: {title}", "",
+             "Vision-required accuracy of one prune stage minus random's at the same layer and budget, per item "
+             "averaged over the early (first half) or the late (second half) stage layers; paired bootstrap, 95%, "
+             "over the items the blind control gets wrong. An interval that holds 0 is no measurable difference.", "",
+             "| budget | scorer | early layers | late layers |", "|---|---|---|---|"]
+    for budget in sorted(diffs, key=_budget_order):
+        halves = diffs[budget]
+        scorers = sorted({s for cells in halves.values() for s in cells}, key=lambda n: (n in CONTROLS, n))
+        for scorer in scorers:
+            cells = []
+            for half in ("early", "late"):
+                c = halves.get(half, {}).get(scorer)
+                cells.append("-" if c is None else f"{c[1]:+.3f} [{c[2]:+.3f}, {c[3]:+.3f}] (L{c[4]}-{c[5]}, n={c[0]})")
+            lines.append(f"| {budget} | {scorer} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _reroute_section(label, grouped, summaries, seed) -> list[str]:
