@@ -87,6 +87,36 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     AutoProcessor.from_pretrained(straight)
 
 
+def test_training_logs_held_out_accuracy_from_the_end_of_phase_2(tmp_path):
+    """With `eval_every`, the run scores its held-out items at the end of phase 2 and every `eval_every` joint
+    steps; the last score is that of the exported model, re-scored here from its greedy answers."""
+    from visroute.evaluation.boxes import box_iou, parse_box
+    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed.questions import BOX_TEMPLATES
+    from visroute.testbed.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path), symbolic_steps=2, tower_steps=1, joint_steps=2, images=2, text_rows=1,
+                      text_questions=3, size="tiny", warmup=1, eval_every=1, eval_items=9, save_every=10,
+                      log_every=1, threads=1)
+    folder = train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval" in x]
+    assert [x["step"] for x in evals] == [3, 4, 5]
+    model, processor = load_model(folder)
+    items = make_items(9, seed=HELDOUT_SEED + 1)  # the run's held-out items
+    report = Evaluator(model, processor, items, progress=False).run(None)
+    hits = {}
+    for it, r in zip(items, report.results):
+        if it.template in BOX_TEMPLATES:
+            box = parse_box(r.prediction)
+            ok = box is not None and box_iou(box, it.box) >= 0.5
+        else:
+            ok = r.prediction == it.answer
+        hits[it.family] = ok
+    assert evals[-1]["eval"] == pytest.approx({**{f: float(v) for f, v in hits.items()},
+                                               "all": sum(hits.values()) / 9})
+
+
 def test_phases_train_what_they_say():
     """Phase 1 leaves the tower alone, phase 2 only the tower and projector; symbolic tokens follow the labels."""
     from visroute.testbed.train import SymbolicTokens, TrainConfig, _Tok, _Window, init_weights, make_batch, train_step

@@ -568,21 +568,11 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
 
 
 def held_out_accuracy(model, processor, items) -> dict[str, float]:
-    """Greedy accuracy per family (and "all") on `items`, box answers correct at IoU >= 0.5."""
-    from visroute.testbed.evaluate import Evaluator, box_iou, parse_box
+    """Greedy accuracy per family (and "all") on `items`, box answers correct at IoU >= 0.5 (the evaluation
+    harness's testbed scoring)."""
+    from visroute.testbed.evaluate import Evaluator
 
-    rep = Evaluator(model, processor, items, progress=False).run(None)
-    by: dict[str, list[bool]] = {}
-    for it, r in zip(items, rep.results):
-        if it.template in BOX_TEMPLATES:
-            box = parse_box(r.prediction)
-            ok = box is not None and box_iou(box, it.box) >= 0.5
-        else:
-            ok = r.prediction == it.answer
-        by.setdefault(it.family, []).append(ok)
-    out = {f: sum(v) / len(v) for f, v in by.items()}
-    out["all"] = sum(sum(v) for v in by.values()) / max(1, len(items))
-    return out
+    return Evaluator(model, processor, items, progress=False).run(None).accuracy()
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> Path | None:
