@@ -50,3 +50,39 @@ def test_method_preset_and_yaml_config(tmp_path):
     assert mine.action == "reroute" and [(s.layer, s.keep) for s in mine.stages] == [(1, 0.5), (3, 0.25)]
     with pytest.raises(ValueError, match=r"config 'pdrop': Unknown method 'pdorp'"):
         parse_grid({"name": "g", "tasks": ["testbed"], "configs": [{"name": "pdrop", "method": "pdorp@128"}]})
+
+
+def test_a_testbed_checkpoint_in_any_folder_scores_its_boxes_in_the_frame_it_declares(tmp_path):
+    """The testbed model writes boxes in visual-token grid units and says so in its config
+    (`visroute_box_frame`): a copy run by folder is scored as the shipped one is; without the key the folder is
+    read in its family's (LLaVA's normalised) frame and its boxes miss."""
+    import json
+    import shutil
+    import sqlite3
+
+    from visroute.evaluation import run_grid
+    from visroute.testbed import checkpoint_path
+
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint_path(), copy)
+    plain = tmp_path / "plain"
+    shutil.copytree(checkpoint_path(), plain)
+    config = json.loads((plain / "config.json").read_text())
+    del config["visroute_box_frame"]
+    (plain / "config.json").write_text(json.dumps(config))
+
+    def correct(path) -> dict[str, bool]:
+        grid = parse_grid({"name": "boxes", "model": {"path": str(path), "batch_size": 8},
+                           "tasks": [{"name": "testbed", "limit": 8, "options": {"families": ["grounding"]}}]})
+        db = tmp_path / f"{getattr(path, 'name', path)}.sqlite"
+        run_grid(grid, db, progress=False)
+        con = sqlite3.connect(db)
+        rows = dict(con.execute("SELECT item_id, correct FROM results JOIN runs USING (run_id) WHERE runs.name = "
+                                "'unrouted'"))
+        con.close()
+        return rows
+
+    shipped = correct("testbed")
+    assert sum(shipped.values()) >= 5  # the shipped model grounds (0.93 held out)
+    assert correct(copy) == shipped
+    assert sum(correct(plain).values()) < sum(shipped.values())

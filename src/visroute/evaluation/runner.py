@@ -54,8 +54,12 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any
     return model, processor
 
 
-def default_box_frame(spec: ModelSpec) -> str | None:
-    return spec.box_frame or ("grid" if spec.path == "testbed" else None)
+def default_box_frame(spec: ModelSpec, model=None) -> str | None:
+    """The grid's box frame, else the one the checkpoint declares, else (None) its family's."""
+    from visroute.families.base import declared_box_frame
+
+    return spec.box_frame or (declared_box_frame(model) if model is not None else None) or (
+        "grid" if spec.path == "testbed" else None)
 
 
 def environment(ctx: Context) -> tuple[dict, dict]:
@@ -288,7 +292,7 @@ class Runner:
         tasks = self._tasks()
         if self.model is None:
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
-        session = Session(self.model, self.processor, default_box_frame(self.grid.model), self.ctx.rank)
+        session = Session(self.model, self.processor, default_box_frame(self.grid.model, self.model), self.ctx.rank)
         configs = self._configs(session, tasks)  # a layer outside the model fails here, before the database is written
         versions, hardware = environment(self.ctx)
         store = Store(self.db, self.grid.identity())

@@ -64,7 +64,17 @@ BOX_FRAMES = {
     "scale_1000": "[0, 1000) over the processed image (Qwen2-VL)",
     "grid": "integer visual-token grid units, end exclusive (the testbed model)",
 }
+BOX_FRAME_KEY = "visroute_box_frame"  # a model config attribute: the frame a checkpoint writes boxes in
 _EDGE = 1e-6  # a box edge this close to a cell edge does not reach into the next cell
+
+
+def declared_box_frame(model: Any) -> str | None:
+    """The box frame a checkpoint declares in its config (`visroute_box_frame`; the testbed's exports say
+    "grid"), which wins over its family's; None when it declares none."""
+    frame = getattr(getattr(model, "config", None), BOX_FRAME_KEY, None)
+    if frame is not None and frame not in BOX_FRAMES:
+        raise ValueError(f"the model's config declares {BOX_FRAME_KEY}={frame!r}, not one of {', '.join(BOX_FRAMES)}")
+    return frame
 
 
 @dataclass(frozen=True)

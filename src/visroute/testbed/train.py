@@ -700,6 +700,9 @@ def export(model, folder: str | Path) -> Path:
     """Save `model` with the testbed tokenizer and processor as a Hugging Face folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    from visroute.families.base import BOX_FRAME_KEY
+
+    setattr(model.config, BOX_FRAME_KEY, "grid")  # its boxes are in visual-token grid units: say so to every reader
     model.save_pretrained(folder)
     build_processor().save_pretrained(folder)
     return folder

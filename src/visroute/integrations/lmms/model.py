@@ -126,6 +126,10 @@ class VisrouteLMM(lmms):
             raise ValueError(f"visroute model_args: batch_size must be at least 1, got {batch_size}")
         self._model, self.processor = self._load(dtype, device, device_map)
         self.adapter = adapter_for(self._model)
+        if self.box_frame is None:
+            from visroute.families.base import declared_box_frame
+
+            self.box_frame = declared_box_frame(self._model)
         self.router = None
         self.set_routing(resolve_routing(routing, self._model), blind=self.blind, side_log=side_log)
 
