@@ -101,6 +101,7 @@ def time_batched_decode(model, inputs, device, batch: int, steps: int, repeats: 
     one model call with `logits_to_keep=1` as `generate` makes it; the first step is a warm-up, the others are
     timed. Returns (step times, bytes of the K/V the cache holds at `batch`)."""
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
     from visroute.accounting import cache_kv_bytes
 
@@ -112,7 +113,7 @@ def time_batched_decode(model, inputs, device, batch: int, steps: int, repeats: 
             cache = StaticCache(config=model.config, max_cache_len=length + steps) if static else None
             out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
-            if isinstance(cache, StaticCache) and all(type(layer).__name__ == "StaticLayer" for layer in cache.layers):
+            if isinstance(cache, StaticCache) and all(type(layer) is StaticLayer for layer in cache.layers):
                 _expand_static(cache, batch)  # the unrouted model's own static cache
             else:
                 cache.batch_repeat_interleave(batch)

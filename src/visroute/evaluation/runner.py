@@ -54,12 +54,12 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any
     return model, processor
 
 
-def default_box_frame(spec: ModelSpec, model=None) -> str | None:
-    """The grid's box frame, else the one the checkpoint declares, else (None) its family's."""
+def default_box_frame(spec: ModelSpec, model) -> str | None:
+    """The grid's box frame, else the one the checkpoint declares (the testbed's: grid), else (None) its
+    family's."""
     from visroute.families.base import declared_box_frame
 
-    return spec.box_frame or (declared_box_frame(model) if model is not None else None) or (
-        "grid" if spec.path == "testbed" else None)
+    return spec.box_frame or declared_box_frame(model)
 
 
 def environment(ctx: Context) -> tuple[dict, dict]:

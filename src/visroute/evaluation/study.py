@@ -63,14 +63,24 @@ def has_families(store: Store) -> bool:
 
 
 # ---- where to prune ---------------------------------------------------------------------------------------
+def prune_runs(summaries: list[RunSummary]) -> dict[str, dict[str, dict[int, RunSummary]]]:
+    """budget -> scorer -> layer -> the single-stage prune run of the sweep."""
+    out: dict[str, dict[str, dict[int, RunSummary]]] = defaultdict(lambda: defaultdict(dict))
+    for s in summaries:
+        st = s.single_stage() if is_sweep_run(s) else None
+        if st and st[0] == "prune":
+            out[st[3]][st[1]][st[2]] = s
+    return out
+
+
 def layer_table(summaries: list[RunSummary], value: str = "vision_required") -> dict[str, dict[str, dict[int, float]]]:
     """budget -> scorer -> layer -> value (accuracy or vision-required accuracy) of single-stage prune runs."""
     out: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for s in summaries:
-        st = s.single_stage() if is_sweep_run(s) else None
-        v = getattr(s, value)
-        if st and st[0] == "prune" and v is not None:
-            out[st[3]][st[1]][st[2]] = v
+    for budget, by_scorer in prune_runs(summaries).items():
+        for scorer, by_layer in by_scorer.items():
+            for layer, s in by_layer.items():
+                if getattr(s, value) is not None:
+                    out[budget][scorer][layer] = getattr(s, value)
     return out
 
 
@@ -266,13 +276,8 @@ def signal_differences(summaries: list[RunSummary], seed: int = 0) -> dict[str, 
     blind = next((s for s in summaries if s.run.kind == "blind"), None)
     if blind is None:
         return {}
-    runs: dict[str, dict[str, dict[int, RunSummary]]] = defaultdict(lambda: defaultdict(dict))
-    for s in summaries:
-        st = s.single_stage() if is_sweep_run(s) else None
-        if st and st[0] == "prune":
-            runs[st[3]][st[1]][st[2]] = s
     out: dict[str, dict[str, dict[str, tuple]]] = {}
-    for budget, by_scorer in runs.items():
+    for budget, by_scorer in prune_runs(summaries).items():
         if "random" not in by_scorer:
             continue
         layers = sorted(by_scorer["random"])
