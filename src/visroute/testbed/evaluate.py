@@ -127,7 +127,8 @@ class EvalReport:
         cfg = self.config.to_dict() if hasattr(self.config, "to_dict") else None
         return {
             "name": self.name, "config": cfg, "blind": self.blind, "accuracy": self.accuracy(),
-            "recall": self.recall(), "hop_recall": self.hop_recall(), "stage_layers": self.stage_layers, "avg_T": self.avg_T,
+            "recall": self.recall(), "hop_recall": self.hop_recall(), "stage_layers": self.stage_layers,
+            "avg_T": self.avg_T,
             "kv_fraction": self.kv_fraction, "seconds": self.seconds, "n": len(self.results),
             "items": [r.__dict__ for r in self.results],
         }

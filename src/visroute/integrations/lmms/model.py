@@ -11,7 +11,8 @@ model_args (lmms-eval's `--model_args k=v,k2=v2`):
   box_tasks    comma-separated glob patterns of the tasks whose answers are boxes (default *bbox_rec*)
   box_prompt   task (the task's own prompt, the default) or family (the family's grounding prompt on the
                task's referring expression, `doc["answer"]`; Qwen2.5-VL answers lmms-eval's [0, 1] wording wrongly)
-  box_frame    the frame the model writes boxes in, when not its family's (e.g. grid for the testbed model)
+  box_frame    the frame the model writes boxes in (default: the one its config declares, `visroute_box_frame`,
+               as the testbed's does: grid; else its family's)
   box_convert  true (default): a box answer is read in the model's box frame (`FamilyAdapter.box_frame`) and
                written back as "[x1, y1, x2, y2]" normalised to the original image, the frame lmms-eval's RefCOCO
                scoring uses; false: the model's text as it is (what unpatched lmms-eval setups score)
