@@ -153,25 +153,61 @@ def test_phases_train_what_they_say():
 
 
 def test_place_rows_ask_where_a_lone_object_is():
-    """Early phase-1 steps add rows of one object with the background hidden, asking for its box; later ones don't."""
-    from visroute.testbed.train import HIDDEN, TrainConfig, _Tok, make_batch
+    """Early phase-1 steps add rows of one object on no background, asking for its box; later ones don't. The
+    rows hold only the object's visual tokens, at the positions they have in the full prompt."""
+    from visroute.testbed.train import TrainConfig, _Tok, make_batch
 
     tok = _Tok()
-    cfg = TrainConfig(images=2, place_rows=3, place_until=5, text_rows=0)
+    cfg = TrainConfig(images=2, place_rows=3, place_steps=5, text_rows=0, unlock=("grounding=0",))
     batch = make_batch(cfg, 4, tok)
     assert batch["image"].ids.shape[0] == 2 and batch["image"].pixels is None  # phase 1 renders no images
-    ids, pos, blk, lab, _, fams, pixels, labels = batch["place"]
-    assert pixels is None and ids.shape[0] == 3
+    place = batch["place"]
+    assert place.pixels is None and place.ids.shape[0] == 3
     for r in range(3):
-        painted = labels[r, :, 0] > 0
-        visual = blk[r, 3:147]
-        assert ((visual == HIDDEN) == ~painted).all()
-        assert int(blk[r].max()) == 1 and {f for f in fams[r] if f} == {"grounding"}
+        painted = place.labels[r, :, 0] > 0
+        assert torch.equal(place.shown[r], painted)
+        image = place.ids[r] == IMAGE_ID
+        assert (place.pos[r][image] - 3).tolist() == painted.nonzero()[:, 0].tolist()
+        assert int(place.blk[r].max()) == 1 and {f for f in place.fams[r] if f} == {"place"}  # logged apart
+        question = place.pos[r][place.blk[r] == 1]
+        assert question.tolist() == list(range(147, 147 + len(question)))  # right after the whole image
         cells = painted.nonzero()[:, 0]
         rows, cols = (cells // 12).tolist(), (cells % 12).tolist()
-        answer = tok.tok.decode(lab[r][lab[r] != -100][:-1]).split()
+        lab = place.lab[r]
+        answer = tok.tok.decode(lab[lab != -100][:-1]).split()
         assert list(map(int, answer)) == [min(cols), min(rows), max(cols) + 1, max(rows) + 1]
     assert "place" not in make_batch(cfg, 5, tok)
+
+
+def test_compact_place_rows_compute_the_question_as_the_masked_full_row():
+    """A place row without its hidden background computes its question as the full row computes it when the
+    hidden tokens are masked out for every position (what remains attends to exactly the same tokens)."""
+    import random
+
+    from visroute.testbed.questions import ask
+    from visroute.testbed.train import (HIDDEN, SymbolicTokens, _patch_labels, _Tok, decoder_hidden, drop_hidden,
+                                        init_weights, pack)
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    init_weights(model)
+    tok = _Tok()
+    symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
+    questions, objs = ask(random.Random(3), [], ["grounding"])
+    prefix = [BOS_ID] + tok.user + [IMAGE_ID] * 144
+    full = pack([prefix], [[tok.question_block(q, objs) for q in questions]])
+    labels = _patch_labels(objs)[None]
+    full.blk[0, 3:147][labels[0, :, 0] == 0] = HIDDEN
+    full = full._replace(labels=labels)
+    compact = drop_hidden(full)
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        visual = symbolic(labels, embed)
+        # the full row with the hidden tokens masked as keys for everyone (each still sees itself)
+        masked = full._replace(blk=torch.where(full.blk == HIDDEN, torch.tensor(-1), full.blk))
+        a = decoder_hidden(model, masked.ids, masked.pos, masked.blk, visual)[full.blk == 1]
+        b = decoder_hidden(model, compact.ids, compact.pos, compact.blk, visual[compact.shown])[compact.blk == 1]
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_scoring_rules():
@@ -206,3 +242,107 @@ def test_routed_evaluation_reports_retention_recall(processor):
     assert rep.avg_T < 144
     blind = ev.run(None, blind=True)
     assert blind.stage_layers == [] and len(blind.results) == len(items)
+
+
+def test_a_grown_decoder_computes_what_its_trained_layers_computed():
+    """Growing the decoder inserts identity layers before each trained one: the output does not change."""
+    from visroute.testbed.train import (SymbolicTokens, TrainConfig, _Tok, decoder_hidden, grow, grown_layers,
+                                        init_weights, make_batch)
+
+    cfg = TrainConfig(size="tiny", grow_from=4, images=2, text_rows=0)
+    assert grown_layers(cfg, 8) == [1, 3, 5, 7]
+    assert grown_layers(TrainConfig(grow_from=3), 12) == [3, 7, 11]
+    with pytest.raises(ValueError, match="grow_from"):
+        grown_layers(TrainConfig(grow_from=8), 8)
+    model = build_model("tiny", seed=1).eval()
+    init_weights(model)
+    tok = _Tok()
+    symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
+    rows = make_batch(cfg, 700, tok)["image"]
+    visual = symbolic(rows.labels, model.get_input_embeddings().weight)
+    with torch.no_grad():
+        everything = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual)
+        assert torch.equal(decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, list(range(8))), everything)
+        trained = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, [1, 3, 5, 7])
+        assert not torch.allclose(trained, everything, atol=1e-3)
+        grow(model, cfg)
+        assert torch.allclose(decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual), trained, atol=1e-5)
+
+
+def test_training_grows_the_decoder_after_phase_1_and_resumes_across_it(tmp_path):
+    """Phase 1 trains only the layers it keeps (the others stay as initialised); phase 1b trains them all, the
+    inserted ones from identity; a run resumed at the growth ends where an uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    from visroute.testbed.train import TrainConfig, init_weights, train
+
+    def cfg(out):
+        return TrainConfig(out=str(out), size="tiny", grow_from=4, symbolic_steps=2, deepen_steps=2, tower_steps=1,
+                           joint_steps=1, images=2, text_rows=1, text_questions=3, warmup=1, eval_every=0,
+                           save_every=10, log_every=1, threads=1)
+
+    fresh = build_model("tiny", seed=0)
+    init_weights(fresh, 0.5)
+    start = fresh.state_dict()
+    assert train(cfg(tmp_path / "b"), progress=False, stop_at=2) is None
+    grown = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    layer = "model.language_model.layers.{}.self_attn.q_proj.weight"
+    assert all(torch.equal(grown[layer.format(i)], start[layer.format(i)]) for i in (0, 2, 4, 6))
+    assert not any(torch.equal(grown[layer.format(i)], start[layer.format(i)]) for i in (1, 3, 5, 7))
+    assert train(cfg(tmp_path / "b"), resume=True, progress=False, stop_at=3) is None
+    once = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"]
+    out = "model.language_model.layers.{}.self_attn.o_proj.weight"
+    for i in (0, 2, 4, 6):  # zeroed by the growth, then one AdamW step (at most about lr per weight)
+        assert 0 < once[out.format(i)].abs().max() < 3 * cfg(tmp_path).lr
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False)
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lines] == ["symbolic"] * 2 + ["deepen"] * 2 + ["tower", "joint"]
+
+
+def test_a_gate_holds_families_back_until_those_asked_have_learned():
+    from visroute.testbed.train import TrainConfig, join_families, make_batch, _Tok
+
+    unlock = ("attribute=0", "existence=10", "grounding=10", "blind_solvable=10", "counting=20", "relation=20",
+              "relation_attribute=30", "same_attribute=30", "relation_grounding=30")
+    cfg = TrainConfig(unlock=unlock, gate=0.9, gate_wait=50, images=1, text_rows=1, place_rows=2, place_steps=3)
+    joined = {"attribute": 0}
+    assert join_families(cfg, 8, joined, {"attribute": 1.0}) == []  # their step has not come
+    assert join_families(cfg, 9, joined, {"attribute": 0.5}) == []  # not learned yet
+    assert join_families(cfg, 19, joined, {"attribute": 0.95}) == ["existence", "grounding", "blind_solvable"]
+    assert joined["grounding"] == 20
+    assert join_families(cfg, 29, joined, {"attribute": 1.0, "existence": 0.95, "grounding": 0.5}) == []
+    assert join_families(cfg, 68, joined, {}) == []
+    assert join_families(cfg, 69, joined, {}) == ["counting", "relation"]  # waited gate_wait steps
+    tok = _Tok()
+    fams = lambda step: {f for row in make_batch(cfg, step, tok, joined)["image"].fams for f in row if f}  # noqa: E731
+    assert fams(19) == {"attribute"} and fams(20) <= {"attribute", "existence", "grounding", "blind_solvable"}
+    assert "counting" in fams(70) or "relation" in fams(70)
+    assert "place" not in make_batch(cfg, 19, tok, joined) and "text" not in make_batch(cfg, 19, tok, joined)
+    batch = make_batch(cfg, 22, tok, joined)  # place rows in the first place_steps after grounding joined
+    assert {f for row in batch["place"].fams for f in row if f} == {"place"} and "text" in batch
+    assert "place" not in make_batch(cfg, 23, tok, joined)
+
+
+def test_training_with_a_gate_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from visroute.testbed.train import TrainConfig, train
+
+    def cfg(out):
+        return TrainConfig(out=str(out), size="tiny", symbolic_steps=6, tower_steps=1, joint_steps=1, images=2,
+                           text_rows=1, text_questions=3, warmup=1, eval_every=0, save_every=10, log_every=1,
+                           threads=1, gate=0.99, gate_wait=2,
+                           unlock=("attribute=0", "existence=1", "grounding=1", "counting=2", "relation=3"))
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    assert train(cfg(tmp_path / "b"), progress=False, stop_at=3) is None
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in "ab"]
+    assert logs[0] == [{**x, "elapsed_s": y["elapsed_s"]} for x, y in zip(logs[1], logs[0])]
+    joins = {x["step"]: x["joined"] for x in logs[0] if "joined" in x}
+    assert joins == {3: ["existence", "grounding"], 5: ["counting"]}  # by waiting: nothing learns in 6 steps

@@ -1,4 +1,4 @@
-"""Training the testbed model from scratch on scenes drawn on the fly, in three phases.
+"""Training the testbed model from scratch on scenes drawn on the fly, in up to four phases.
 
 A decoder trained from scratch at this size learns to look things up among 144 visual tokens only slowly when it
 also has to learn what the tokens mean, and a random vision tower gives it nothing to look up. The recipe
@@ -8,7 +8,12 @@ therefore separates the two problems (the way LLaVA's first stage aligns the pro
    token of a patch painted by an object is the sum of the decoder's own word embeddings of its colour and
    shape and a learned vector for the part of the object the patch holds (a whole small object, or one of the
    four quarters of a large one); the token of a background patch is a learned "nothing" vector; each plus a
-   learned vector for the patch's place in the grid. The vision tower does not run.
+   learned vector for the patch's place in the grid. The vision tower does not run. With `grow_from` > 0 only
+   that many decoder layers run and learn in this phase (spread over the depth: the last of every group of
+   depth / grow_from layers): a shallow decoder forms its lookups in far fewer steps, each step costing less.
+1b. **deepen** (`deepen_steps`, with `grow_from`): the other layers join as identity layers (their attention and
+   MLP outputs start at zero, so the grown decoder computes exactly what the shallow one did: every trained
+   layer is now preceded by a new one) and the whole decoder trains on, still on symbolic tokens.
 2. **tower** (`tower_steps`): the vision tower and projector learn to map the rendered image to those symbolic
    tokens (mean squared error per patch); the decoder is frozen and does not run.
 3. **joint** (`joint_steps`): the whole model, end to end on the rendered images, on the answer loss plus the
@@ -19,13 +24,17 @@ have seen) and asks several questions about each image. The questions of one ima
 prompt prefix, `<s> USER: <image>x144`: each question block attends to that prefix and to itself only, and its
 positions restart right after the prefix, so every block is computed exactly as if it were the only question
 (the way evaluation asks it). Question families join phase 1 on a schedule (`unlock`): attribute questions
-alone first, the multi-hop families last, once the lookups they build on exist. During the first
-`place_until` steps of phase 1, `place_rows` more image rows each show a single object, with the background
-hidden, and ask where it is: that is where the decoder learns to read a place out of a visual token, which it
-does not learn among several objects, where reading a place and finding the object must both exist before
-either is rewarded. A few rows per step carry questions without any image (`USER: {question} ASSISTANT:`):
-they define what the model answers when the image is removed (the blind control) and can only teach it what
-the question implies.
+alone first, the multi-hop families last, once the lookups they build on exist. With a `gate`, a family whose
+step has come waits until the families asked so far have learned (their teacher-forced accuracy reaches the
+gate, or `gate_wait` steps have passed): a lookup forms after a plateau, and a new family that takes a share of
+the batch before it has formed lengthens that plateau. For `focus_steps` after it joins, a family can be given
+a `focus` share of the questions. During the first `place_steps` phase-1 steps after grounding joins,
+`place_rows` more image rows each show a single object, with the background hidden, and ask where it is: that
+is where the decoder learns to read a place out of a visual token, which it does not learn among several
+objects, where reading a place and finding the object must both exist before either is rewarded (those rows
+leave the hidden background out of the sequence altogether). From the step the blind-solvable family joins, a
+few rows per step carry questions without any image (`USER: {question} ASSISTANT:`): they define what the model answers when the image is removed (the blind
+control) and can only teach it what the question implies.
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
@@ -64,7 +73,7 @@ from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, MULTI_HOP_FAMILI
 from visroute.testbed.scenes import ALL_COLORS, GRID, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
 
 IGNORE = -100
-PHASES = ("symbolic", "tower", "joint")
+PHASES = ("symbolic", "deepen", "tower", "joint")
 
 
 @dataclass
@@ -75,6 +84,8 @@ class TrainConfig:
     out: str = field(default="runs/testbed", metadata={
         "help": "run folder: log, training state, exported model", "recipe": False})
     symbolic_steps: int = field(default=4000, metadata={"help": "phase 1: steps of the decoder on symbolic tokens"})
+    deepen_steps: int = field(default=0, metadata={
+        "help": "phase 1b: steps of the whole decoder on symbolic tokens once it has grown (see grow_from)"})
     tower_steps: int = field(default=400, metadata={"help": "phase 2: steps of the vision tower and projector"})
     joint_steps: int = field(default=1000, metadata={"help": "phase 3: steps of the whole model, end to end"})
     images: int = field(default=8, metadata={"help": "images per step"})
@@ -88,14 +99,22 @@ class TrainConfig:
         default=("attribute=0", "existence=250", "grounding=250", "blind_solvable=250", "counting=450",
                  "relation=450", "relation_attribute=900", "same_attribute=900", "relation_grounding=900"),
         metadata={"help": "family=step: the phase-1 step from which a family is asked (unlisted: from 0)"})
-    text_from: int = field(default=250, metadata={"help": "phase-1 step from which the image-free rows join"})
+    gate: float = field(default=0.0, metadata={
+        "help": "a family whose unlock step has come joins only once every family asked so far reaches this "
+                "teacher-forced accuracy in the last log line (0: it joins at its step)"})
+    gate_wait: int = field(default=1000, metadata={
+        "help": "with gate: the most steps a family waits after the previous ones joined"})
+    focus: float = field(default=0.0, metadata={
+        "help": "share of every image's questions given to the families that joined within the last focus_steps"})
+    focus_steps: int = field(default=400, metadata={"help": "phase-1 steps a newly joined family stays in focus"})
     curriculum: int = field(default=0, metadata={
         "help": "phase-1 steps over which scenes grow from 1 object to the full 3..6 (0: none)"})
     reveal: int = field(default=400, metadata={
         "help": "phase-1 steps over which the questions come to see the background tokens"})
     place_rows: int = field(default=12, metadata={
         "help": "extra rows per step of one object, background hidden, asking where it is"})
-    place_until: int = field(default=400, metadata={"help": "phase-1 steps that have the place rows"})
+    place_steps: int = field(default=400, metadata={
+        "help": "phase-1 steps that have the place rows, from the step grounding joins"})
     early: float = field(default=0.5, metadata={"help": "weight of the early-answer loss when phase 1 starts"})
     early_until: float = field(default=0.6, metadata={
         "help": "share of phase 1 over which the early-answer weight falls to 0"})
@@ -106,6 +125,9 @@ class TrainConfig:
     warmup: int = field(default=50, metadata={"help": "steps of linear warmup at the start of each phase"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the matrices"})
     size: str = field(default="deep", metadata={"help": "model size (visroute.testbed.modeling.MODEL_SIZES)"})
+    grow_from: int = field(default=0, metadata={
+        "help": "decoder layers trained in phase 1; the others join as identity layers, one before each trained "
+                "layer, when phase 1 ends (0: every layer from the start)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the training scenes"})
     plurals: float = field(default=0.5, metadata={
         "help": "plural word embeddings start as the singular's plus this times a random vector (0: independent)"})
@@ -133,18 +155,18 @@ class TrainConfig:
 
     @property
     def steps(self) -> int:
-        return self.symbolic_steps + self.tower_steps + self.joint_steps
+        return self.symbolic_steps + self.deepen_steps + self.tower_steps + self.joint_steps
 
     def phase(self, step: int) -> tuple[str, int, int]:
         """(phase name, step within the phase, length of the phase) of global step `step`."""
-        for name, n in zip(PHASES, (self.symbolic_steps, self.tower_steps, self.joint_steps)):
+        for name, n in zip(PHASES, (self.symbolic_steps, self.deepen_steps, self.tower_steps, self.joint_steps)):
             if step < n:
                 return name, step, n
             step -= n
         raise ValueError("step past the end of training")
 
     def unlock_steps(self) -> dict[str, int]:
-        """The phase-1 step from which each family is asked."""
+        """The phase-1 step from which each family may be asked (with a gate, it may join later)."""
         given = {fam: int(step) for fam, _, step in (e.partition("=") for e in self.unlock)}
         return {f: given.get(f, 0) for f in FAMILIES}
 
@@ -162,6 +184,7 @@ class PackedRows(NamedTuple):
     fams: list[list[str]]  # family of every labelled position ("" elsewhere)
     pixels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    shown: torch.Tensor | None = None  # (N, 144) bool: the patches whose tokens the rows hold (None: all)
 
 
 class _Tok:
@@ -226,6 +249,24 @@ def pack(prefixes: list[list[int]], blocks: list[list[tuple[list[int], list[int]
 HIDDEN = -2  # block index of prefix tokens the question blocks do not see (see background_visible)
 
 
+def drop_hidden(rows: PackedRows) -> PackedRows:
+    """`rows` without their hidden prefix tokens (the place rows hide the whole background: computing it would
+    cost more than the rest of the row). Every remaining token keeps its position id, so the question blocks
+    see what they saw; only the shown tokens no longer attend to the hidden ones."""
+    keep = rows.blk != HIDDEN
+    length = int(keep.sum(1).max())
+    out = []
+    for t, fill in ((rows.ids, PAD_ID), (rows.pos, 0), (rows.blk, -1), (rows.lab, IGNORE), (rows.early, IGNORE)):
+        packed = torch.full((t.shape[0], length), fill, dtype=t.dtype)
+        for i in range(t.shape[0]):
+            packed[i, :int(keep[i].sum())] = t[i][keep[i]]
+        out.append(packed)
+    fams = [[f for f, k in zip(row, m) if k] for row, m in zip(rows.fams, keep.tolist())]
+    fams = [row + [""] * (length - len(row)) for row in fams]
+    shown = torch.stack([keep[i][rows.ids[i] == IMAGE_ID] for i in range(keep.shape[0])])
+    return rows._replace(ids=out[0], pos=out[1], blk=out[2], lab=out[3], early=out[4], fams=fams, shown=shown)
+
+
 def block_mask(blk: torch.Tensor) -> torch.Tensor:
     """(B, 1, L, L) bool: causal; the prefix sees the prefix; a question block sees the visible prefix tokens
     (block 0, not HIDDEN) and itself; padding sees itself."""
@@ -250,13 +291,15 @@ def background_visible(cfg: TrainConfig, step: int) -> float:
     return min(1.0, d / cfg.reveal)
 
 
-def place_rows_at(cfg: TrainConfig, step: int) -> int:
-    """Extra rows at `step` that each show one object, with the background hidden, and ask where it is. Reading a
-    place out of the visual tokens and looking an object up among several are learned together only very
-    slowly (neither gives a gradient signal before the other exists); on a lone object the readout forms
-    within a few hundred steps, and the lookup then has something to serve."""
+def place_rows_at(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> int:
+    """Extra rows at `step` that each show one object, with the background hidden, and ask where it is: during
+    the first `cfg.place_steps` phase-1 steps after grounding joins. Reading a place out of the visual tokens
+    and looking an object up among several are learned together only very slowly (neither gives a gradient
+    signal before the other exists); on a lone object the readout forms within a few hundred steps, and the
+    lookup then has something to serve. (From the start of phase 1 they hold back the attribute lookups.)"""
     name, d, _ = cfg.phase(step)
-    return cfg.place_rows if name == "symbolic" and d < cfg.place_until else 0
+    start = (cfg.unlock_steps() if joined is None else joined).get("grounding")
+    return cfg.place_rows if name == "symbolic" and start is not None and start <= d < start + cfg.place_steps else 0
 
 
 def scene_sizes(cfg: TrainConfig, step: int) -> tuple[int, int]:
@@ -269,27 +312,71 @@ def scene_sizes(cfg: TrainConfig, step: int) -> tuple[int, int]:
     return min(3, most), most
 
 
-def unlocked(cfg: TrainConfig, step: int) -> set[str]:
-    """The question families asked at `step`: in phase 1 those whose `cfg.unlock` step has come, then all."""
+def unlocked(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> set[str]:
+    """The question families asked at `step`: in phase 1 those that have joined (`joined`: family -> the
+    phase-1 step it joined; default: each at its `cfg.unlock` step), then all."""
     name, d, _ = cfg.phase(step)
-    return {f for f, start in cfg.unlock_steps().items() if name != "symbolic" or d >= start}
+    joined = cfg.unlock_steps() if joined is None else joined
+    return set(FAMILIES) if name != "symbolic" else {f for f, start in joined.items() if d >= start}
 
 
-def text_rows_at(cfg: TrainConfig, step: int) -> int:
-    """Image-free rows at `step` (none in phase 2, none in phase 1 before `cfg.text_from`)."""
+def in_focus(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> list[str]:
+    """The families that joined within the last `cfg.focus_steps` phase-1 steps (not those of step 0, which
+    have the batch to themselves anyway; none outside phase 1)."""
     name, d, _ = cfg.phase(step)
-    return 0 if name == "tower" or (name == "symbolic" and d < cfg.text_from) else cfg.text_rows
+    if name != "symbolic" or cfg.focus <= 0:
+        return []
+    joined = cfg.unlock_steps() if joined is None else joined
+    return [f for f in FAMILIES if f in joined and 0 < joined[f] <= d < joined[f] + cfg.focus_steps]
 
 
-def make_batch(cfg: TrainConfig, step: int, tok: _Tok) -> dict[str, PackedRows]:
-    """The packed rows of training step `step` (a pure function of seed and step): "image" (the scenes with
-    their questions), "place" (the place rows, when there are any) and "text" (the image-free rows, when there
-    are any). Images are rendered only where the tower runs."""
-    image_prefix = [BOS_ID] + tok.user + [IMAGE_ID] * (GRID * GRID)
-    families = unlocked(cfg, step)
+def question_families(cfg: TrainConfig, step: int, rng: random.Random, joined: dict[str, int] | None = None
+                      ) -> list[str]:
+    """The families of one image's questions at `step`: `cfg.questions` restricted to the families asked and
+    repeated to its length; while families are in focus, a `cfg.focus` share of the slots goes to them."""
+    families = unlocked(cfg, step, joined)
     asked = [f for f in cfg.questions if f in families]
+    n = len(cfg.questions)
+    focus = in_focus(cfg, step, joined)
+    n_focus = round(cfg.focus * n) if focus else 0
+    fams = [focus[i % len(focus)] for i in range(n_focus)] + [asked[i % len(asked)] for i in range(n - n_focus)]
+    rng.shuffle(fams)
+    return fams
+
+
+def text_rows_at(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> int:
+    """Image-free rows at `step`: none in phase 2, none in phase 1 before the blind-solvable family joins."""
+    name, d, _ = cfg.phase(step)
+    start = (cfg.unlock_steps() if joined is None else joined).get("blind_solvable")
+    return 0 if name == "tower" or (name == "symbolic" and (start is None or d < start)) else cfg.text_rows
+
+
+def join_families(cfg: TrainConfig, step: int, joined: dict[str, int], accuracy: dict[str, float]) -> list[str]:
+    """With a gate, after the log line of phase-1 step `step` (whose teacher-forced accuracy per family is
+    `accuracy`): the next families in unlock order join at the next step if their unlock step has come and
+    every family asked so far reaches `cfg.gate`, or if `cfg.gate_wait` steps have passed since the last
+    families joined. Updates `joined`; returns the families that join."""
+    d = cfg.phase(step)[1] + 1
+    pending = sorted((start, f) for f, start in cfg.unlock_steps().items() if f not in joined)
+    if not pending or pending[0][0] > d:
+        return []
+    ready = all(accuracy.get(f, 0.0) >= cfg.gate for f in joined)
+    if not ready and d < max(pending[0][0], max(joined.values(), default=0)) + cfg.gate_wait:
+        return []
+    group = [f for f in FAMILIES if cfg.unlock_steps()[f] == pending[0][0] and f not in joined]
+    joined.update({f: d for f in group})
+    return group
+
+
+def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | None = None
+               ) -> dict[str, PackedRows]:
+    """The packed rows of training step `step` (a pure function of seed, step and the families `joined` so far,
+    see `unlocked`): "image" (the scenes with their questions), "place" (the place rows, when there are any)
+    and "text" (the image-free rows, when there are any). Images are rendered only where the tower runs."""
+    image_prefix = [BOS_ID] + tok.user + [IMAGE_ID] * (GRID * GRID)
+    families = unlocked(cfg, step, joined)
     forms = {t for f in families for t in TEMPLATES[f]}
-    draw = cfg.phase(step)[0] != "symbolic"
+    draw = cfg.phase(step)[0] in ("tower", "joint")
     first = len(image_prefix) - GRID * GRID
 
     def image_rows(scenes, visible: float, generator) -> PackedRows:
@@ -307,21 +394,21 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok) -> dict[str, PackedRows]:
     for row in range(cfg.images):
         rng = random.Random(f"visroute-train:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
-        fams = [asked[i % len(asked)] for i in range(len(cfg.questions))]
-        rng.shuffle(fams)
+        fams = question_families(cfg, step, rng, joined)
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
         scenes.append((objs, questions, background_seed))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     batch = {"image": image_rows(scenes, background_visible(cfg, step), g)}
     places = []
-    for row in range(place_rows_at(cfg, step)):
+    for row in range(place_rows_at(cfg, step, joined)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
         questions, objs = ask(rng, [], ["grounding"])
         places.append((objs, questions, background_seed))
     if places:
-        batch["place"] = image_rows(places, 0.0, g)  # the place rows never see the background
-    n_text = text_rows_at(cfg, step)
+        rows = drop_hidden(image_rows(places, 0.0, g))  # the place rows never see the background
+        batch["place"] = rows._replace(fams=[["place" if f else "" for f in row] for row in rows.fams])
+    n_text = text_rows_at(cfg, step, joined)
     text_blocks = []
     for row in range(n_text):
         rng = random.Random(f"visroute-train-text:{cfg.seed}:{step}:{row}")
@@ -436,14 +523,47 @@ def answer_loss(model, hidden, rows: PackedRows):
     return loss, int(sel.sum()), stats, early_loss
 
 
-def decoder_hidden(model, ids, pos, blk, visual: torch.Tensor | None):
+def decoder_hidden(model, ids, pos, blk, visual: torch.Tensor | None, layers: list[int] | None = None):
     """Last hidden states of the decoder over packed rows, with `visual` (B, 144, dim) at the image positions
-    (rows without an image pass None)."""
+    (rows without an image pass None). With `layers`, only those decoder layers run, in that order."""
     embeds = model.get_input_embeddings()(ids)
     if visual is not None:
         embeds = embeds.masked_scatter((ids == IMAGE_ID)[..., None], visual.to(embeds.dtype))
-    return model.model.language_model(inputs_embeds=embeds, attention_mask=block_mask(blk), position_ids=pos,
-                                      use_cache=False).last_hidden_state
+    decoder = model.model.language_model
+    if layers is None:
+        return decoder(inputs_embeds=embeds, attention_mask=block_mask(blk), position_ids=pos,
+                       use_cache=False).last_hidden_state
+    mask, rotary = block_mask(blk), decoder.rotary_emb(embeds, position_ids=pos)
+    hidden = embeds
+    for i in layers:
+        hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, position_ids=pos)
+    return decoder.norm(hidden)
+
+
+def grown_layers(cfg: TrainConfig, depth: int) -> list[int]:
+    """The decoder layers that phase 1 trains when the decoder grows (`cfg.grow_from` > 0): the last of every
+    group of depth / grow_from layers, so that each is preceded by the identity layers inserted when it grows
+    and keeps its place in the order of computation."""
+    if not 0 < cfg.grow_from < depth:
+        raise ValueError(f"grow_from must be between 1 and the decoder's {depth - 1} layers, not {cfg.grow_from}")
+    return [round((i + 1) * depth / cfg.grow_from) - 1 for i in range(cfg.grow_from)]
+
+
+def active_layers(cfg: TrainConfig, step: int, depth: int) -> list[int] | None:
+    """The decoder layers that run at `step` (None: all of them)."""
+    return grown_layers(cfg, depth) if cfg.grow_from and cfg.phase(step)[0] == "symbolic" else None
+
+
+def grow(model, cfg: TrainConfig) -> None:
+    """Turn the layers phase 1 did not train into identity layers (their attention and MLP outputs start at 0):
+    the grown decoder computes exactly what the trained layers computed, and the new layers learn from there."""
+    decoder = model.model.language_model
+    trained = set(grown_layers(cfg, len(decoder.layers)))
+    with torch.no_grad():
+        for i, layer in enumerate(decoder.layers):
+            if i not in trained:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
 
 
 def projected_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -476,12 +596,16 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _trainable(model, symbolic: SymbolicTokens, phase: str) -> list[torch.nn.Parameter]:
+def _trainable(model, symbolic: SymbolicTokens, phase: str, layers: list[int] | None = None
+               ) -> list[torch.nn.Parameter]:
     tower = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     if phase == "tower":
         return tower
-    decoder = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    return decoder + (list(symbolic.parameters()) if phase == "symbolic" else tower)
+    decoder = model.model.language_model
+    skipped = {id(p) for i, layer in enumerate(decoder.layers) if layers is not None and i not in layers
+               for p in layer.parameters()}
+    params = [p for p in decoder.parameters() if id(p) not in skipped] + list(model.lm_head.parameters())
+    return params + (list(symbolic.parameters()) if phase in ("symbolic", "deepen") else tower)
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
@@ -538,7 +662,8 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             loss.backward()
             window.add(patch=float(loss.detach()))
             return
-        tokens = target if phase == "symbolic" else projected_tokens(model, batch["image"].pixels)
+        tokens = target if phase in ("symbolic", "deepen") else projected_tokens(model, batch["image"].pixels)
+        layers = active_layers(cfg, step, len(model.model.language_model.layers))
         losses, early_losses, count = [], [], 0
         for name, rows in batch.items():
             visual = None
@@ -546,7 +671,9 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
                 visual = tokens
             elif rows.labels is not None:  # place rows: symbolic tokens (they exist in phase 1 only)
                 visual = symbolic(rows.labels, embed)
-            hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual)
+                if rows.shown is not None:
+                    visual = visual[rows.shown]
+            hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers)
             loss, n, stats, early_loss = answer_loss(model, hidden, rows)
             losses.append(loss)
             if early_loss is not None:
@@ -592,6 +719,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     tok = _Tok()
     symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
     start, elapsed, opt_state = 0, 0.0, None
+    joined = {f: s for f, s in cfg.unlock_steps().items() if s == 0} if cfg.gate else cfg.unlock_steps()
+    window = _Window()
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if _recipe(state["config"]) != _recipe(asdict(cfg)):
@@ -599,6 +728,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         model.load_state_dict(state["model"])
         symbolic.load_state_dict(state["symbolic"])
         start, elapsed = state["step"], state["elapsed"]
+        joined, window = state["joined"], state["window"]
         if start < cfg.steps and state["phase"] == cfg.phase(start)[0]:
             opt_state = state["optimizer"]
         log.truncate(log_path, start)
@@ -607,14 +737,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     processor = build_processor()
     held_out = make_items(cfg.eval_items, seed=HELDOUT_SEED + 1)  # a small set apart from the reported one
     model.train()
-    window = _Window()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
     t_last = time.perf_counter()
     opt, opt_phase = None, None
     for step in range(start, cfg.steps):
         phase, d, n = cfg.phase(step)
+        if step == cfg.symbolic_steps and cfg.grow_from:
+            grow(model, cfg)
         if phase != opt_phase:  # every phase trains its own parameters with a fresh optimizer
-            params = _trainable(model, symbolic, phase)
+            params = _trainable(model, symbolic, phase, active_layers(cfg, step, len(model.model.language_model.layers)))
             for p in list(model.parameters()) + list(symbolic.parameters()):
                 p.requires_grad_(False)
             for p in params:
@@ -627,7 +758,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
-        train_step(model, symbolic, cfg, step, make_batch(cfg, step, tok), window)
+        train_step(model, symbolic, cfg, step, make_batch(cfg, step, tok, joined), window)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         now = time.perf_counter()
@@ -640,9 +771,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
                     **window.summary()}
             if "loss" in line or "patch_loss" in line:
                 bar.set_postfix(loss=f"{line.get('loss', line.get('patch_loss')):.3f}")
+            if cfg.gate and phase == "symbolic" and done < cfg.symbolic_steps:
+                if group := join_families(cfg, step, joined, line.get("train_acc", {})):
+                    line["joined"] = group
             log.append(log_path, line)
             window = _Window()
-        tower_done = done == cfg.symbolic_steps + cfg.tower_steps
+        tower_done = done == cfg.symbolic_steps + cfg.deepen_steps + cfg.tower_steps
         if cfg.eval_every and (tower_done or (phase == "joint" and (d + 1) % cfg.eval_every == 0)
                                or done == cfg.steps):
             model.eval()
@@ -653,7 +787,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at:
             torch.save({"model": model.state_dict(), "symbolic": symbolic.state_dict(),
                         "optimizer": opt.state_dict(), "phase": phase, "step": done, "elapsed": elapsed,
-                        "config": asdict(cfg)}, state_path)
+                        "joined": joined, "window": window, "config": asdict(cfg)}, state_path)
             t_last = time.perf_counter()
         if done == stop_at:
             bar.close()
