@@ -16,3 +16,33 @@ def test_testbed_eval_takes_a_method_or_stages(capsys):
     assert "prune 2:16 [L2]" in out and "unrouted" in out
     assert main(["testbed", "eval", "--method", "pdrop@36", "--stages", "2:16"]) == 2
     assert "one of --config, --stages or --method" in capsys.readouterr().err
+
+
+def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, capsys):
+    """`visroute testbed bars` runs the unrouted model, the blind control, the oracle and random at one prune
+    stage; each check follows from the accuracies it prints, and the exit status says whether all are met."""
+    import json
+
+    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed.quality import UNROUTED_BARS
+
+    out = tmp_path / "bars.json"
+    status = main(["testbed", "bars", "--n", "18", "--layer", "2", "--keep", "6", "--json", str(out)])
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    acc, checks = report["accuracy"], report["checks"]
+    assert status == (0 if all(c["met"] for c in checks) else 1)
+    assert f"{sum(c['met'] for c in checks)} of {len(checks)} checks met" in text
+    model, processor = load_model()
+    items = make_items(18, HELDOUT_SEED)
+    assert Evaluator(model, processor, items, progress=False).run(None).accuracy() == acc["unrouted"]
+    for c in checks:
+        fam = c["family"]
+        if c["what"] == "unrouted":
+            assert c["met"] == (acc["unrouted"][fam] >= UNROUTED_BARS[fam])
+        elif c["what"] == "oracle loss @L2:6":
+            assert c["value"] == acc["unrouted"][fam] - acc["oracle"][fam]
+        elif c["what"] == "random loss @L2:6":
+            assert c["met"] == (acc["unrouted"][fam] - acc["random"][fam] >= 0.2 - 1e-9)
+    assert {c["what"] for c in checks if c["family"] == "relation_grounding"} == {
+        "unrouted", "blind - majority", "oracle loss @L2:6", "random loss @L2:6"}

@@ -44,6 +44,18 @@ def add_parser(sub) -> None:
     add_debug(e)
     e.set_defaults(func=run_eval)
 
+    b = tsub.add_parser("bars", help="check a testbed checkpoint against the quality it must reach to ship "
+                                     "(unrouted bars, blind control, discrimination at one prune stage)")
+    b.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
+    b.add_argument("--n", type=int, default=900, help="size of the generated held-out set (families take turns)")
+    b.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    b.add_argument("--layer", type=int, default=None, help="layer of the prune stage (default: the bar's, 3)")
+    b.add_argument("--keep", type=int, default=None, help="visual tokens it keeps (default: the bar's, 8)")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--json", help="write the accuracies and checks to this file")
+    add_debug(b)
+    b.set_defaults(func=run_bars)
+
 
 def run_make(args) -> int:
     from visroute.testbed.data import make_items, write_dataset
@@ -119,3 +131,21 @@ def run_eval(args) -> int:
         Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=1))
         print(f"reports written to {args.json}")
     return 0
+
+
+def run_bars(args) -> int:
+    """Exit status 0 when every bar is met, 1 when one is missed."""
+    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed.quality import KEEP, LAYER, check_bars, format_bars
+
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed)
+    model, processor = load_model(args.model)
+    ev = Evaluator(model, processor, items, batch_size=args.batch_size)
+    checks, acc = check_bars(ev, LAYER if args.layer is None else args.layer, KEEP if args.keep is None else args.keep)
+    print(f"model {args.model or 'shipped testbed checkpoint'}")
+    print(format_bars(checks, acc, len(items)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"accuracy": acc, "checks": [c.__dict__ for c in checks]}, indent=1))
+    return 0 if all(c.met for c in checks) else 1

@@ -1,0 +1,94 @@
+"""The quality the testbed model must reach to ship, and the check that a checkpoint reaches it
+(`visroute testbed bars`).
+
+On held-out items, greedy:
+- unrouted accuracy per family at least `UNROUTED_BARS` (boxes correct at IoU >= 0.5);
+- the blind control (the image removed) within `BLIND_MARGIN` of the majority rate of every vision family (the
+  model answers from the image, not from the question's words), and the blind-solvable family at its bar;
+- the instrument discriminates: with one prune stage at layer `LAYER` keeping `KEEP` visual tokens, the oracle
+  (the tokens of every hop: the objects the question names and the ones the answer is about) loses at most
+  `ORACLE_LOSS` on every family, and random selection loses at least `RANDOM_LOSS` on the multi-hop families:
+  the model still reads those tokens after its first layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from visroute.testbed.questions import FAMILIES, MULTI_HOP_FAMILIES, VISION_FAMILIES
+
+UNROUTED_BARS = {
+    "attribute": 0.95, "existence": 0.95, "counting": 0.75, "relation": 0.85, "grounding": 0.80,
+    "blind_solvable": 0.95, "relation_attribute": 0.80, "same_attribute": 0.80, "relation_grounding": 0.70,
+}
+BLIND_MARGIN = 0.10
+LAYER, KEEP = 3, 8
+ORACLE_LOSS = 0.05
+RANDOM_LOSS = 0.20
+
+
+@dataclass
+class Check:
+    """One bar: what is measured, the value, the bar and whether it is met."""
+
+    family: str
+    what: str
+    value: float
+    bar: str
+    met: bool
+
+
+def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Check], dict[str, dict[str, float]]]:
+    """Run the unrouted model, the blind control, and the oracle and random at one prune stage (`layer`,
+    `keep`) on the evaluator's items; returns every check and the accuracies per config and family (with the
+    majority rates under "majority")."""
+    from visroute import RoutingConfig, Stage
+    from visroute.testbed.evaluate import majority_rates
+
+    acc = {
+        "unrouted": evaluator.run(None, name="unrouted").accuracy(),
+        "blind": evaluator.run(None, blind=True, name="blind").accuracy(),
+        "oracle": evaluator.run(RoutingConfig("prune", "oracle", [Stage(layer, keep)]), name="oracle").accuracy(),
+        "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
+        "majority": majority_rates(evaluator.items),
+    }
+    checks = []
+    for fam in FAMILIES:
+        if fam not in acc["unrouted"]:
+            continue
+        u = acc["unrouted"][fam]
+        checks.append(Check(fam, "unrouted", u, f">= {UNROUTED_BARS[fam]:.2f}", u >= UNROUTED_BARS[fam]))
+        gap = acc["blind"][fam] - acc["majority"][fam]
+        if fam in VISION_FAMILIES:
+            checks.append(Check(fam, "blind - majority", gap, f"within +-{BLIND_MARGIN:.2f}",
+                                abs(gap) <= BLIND_MARGIN + 1e-9))
+        else:
+            b = acc["blind"][fam]
+            checks.append(Check(fam, "blind", b, f">= {UNROUTED_BARS[fam]:.2f}", b >= UNROUTED_BARS[fam]))
+            continue
+        loss = u - acc["oracle"][fam]
+        checks.append(Check(fam, f"oracle loss @L{layer}:{keep}", loss, f"<= {ORACLE_LOSS:.2f}",
+                            loss <= ORACLE_LOSS + 1e-9))
+        if fam in MULTI_HOP_FAMILIES:
+            loss = u - acc["random"][fam]
+            checks.append(Check(fam, f"random loss @L{layer}:{keep}", loss, f">= {RANDOM_LOSS:.2f}",
+                                loss >= RANDOM_LOSS - 1e-9))
+    return checks, acc
+
+
+def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: int) -> str:
+    """A Markdown table per family (accuracy of each config, majority rate) and the list of checks."""
+    cols = ["unrouted", "blind", "majority", "oracle", "random"]
+    lines = [f"{n_items} held-out items", "", "| family | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for fam in FAMILIES:
+        if fam in acc["unrouted"]:
+            lines.append(f"| {fam} | " + " | ".join(f"{acc[c][fam]:.3f}" for c in cols) + " |")
+    lines += ["", "| family | check | value | bar | met |", "|---|---|---|---|---|"]
+    for c in checks:
+        value = f"{c.value:+.3f}" if c.what not in ("unrouted", "blind") else f"{c.value:.3f}"
+        lines.append(f"| {c.family} | {c.what} | {value} | {c.bar} | {'yes' if c.met else '**no**'} |")
+    missed = [c for c in checks if not c.met]
+    lines += ["", f"{len(checks) - len(missed)} of {len(checks)} checks met"
+              + ("" if not missed else ": missed " + ", ".join(f"{c.family} {c.what}" for c in missed))]
+    return "\n".join(lines)
