@@ -28,8 +28,7 @@ alone first, the multi-hop families last, once the lookups they build on exist. 
 step has come waits until the families asked so far have learned (their teacher-forced accuracy reaches the
 gate, or `gate_wait` steps have passed): a lookup forms after a plateau, and a new family that takes a share of
 the batch before it has formed lengthens that plateau. For `focus_steps` after it joins, a family can be given
-a `focus` share of the questions. During the first `place_steps` phase-1 steps after grounding joins,
-`place_rows` more image rows each show a single object, with the background hidden, and ask where it is: that
+a `focus` share of the questions. During the first `place_steps` steps of phase 1, `place_rows` more image rows each show a single object, with the background hidden, and ask where it is: that
 is where the decoder learns to read a place out of a visual token, which it does not learn among several
 objects, where reading a place and finding the object must both exist before either is rewarded (those rows
 leave the hidden background out of the sequence altogether). From the step the blind-solvable family joins, a
@@ -38,7 +37,10 @@ control) and can only teach it what the question implies.
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
-word on; one-hop families only), which rewards looking the named object up as soon as it is named. AdamW with
+word on), which rewards looking the named object up as soon as it is named: for the families in
+`early_families` only (attribute: with it the attribute lookups form in about 400 steps, without it they take
+longer; on the place rows it kept the place readout from forming at all, because the same named word then has
+to predict a colour in one question and a coordinate in another). AdamW with
 a warmup and cosine decay in every phase, gradient clipping at 1. Decoder weights start at std fan_in**-0.5
 rather than Hugging Face's 0.02, and word embeddings at std 1: at 0.02 the small decoder stays at chance for
 hundreds of steps. With `bf16` the matrix products run in bfloat16 (autocast; attention and the loss stay in
@@ -69,7 +71,7 @@ import torch.nn.functional as F
 from visroute.testbed import log
 from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
-from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, MULTI_HOP_FAMILIES, TEMPLATES, answer_of, ask
+from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, answer_of, ask
 from visroute.testbed.scenes import ALL_COLORS, GRID, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
 
 IGNORE = -100
@@ -113,9 +115,10 @@ class TrainConfig:
         "help": "phase-1 steps over which the questions come to see the background tokens"})
     place_rows: int = field(default=12, metadata={
         "help": "extra rows per step of one object, background hidden, asking where it is"})
-    place_steps: int = field(default=400, metadata={
-        "help": "phase-1 steps that have the place rows, from the step grounding joins"})
+    place_steps: int = field(default=400, metadata={"help": "phase-1 steps that have the place rows"})
     early: float = field(default=0.5, metadata={"help": "weight of the early-answer loss when phase 1 starts"})
+    early_families: tuple[str, ...] = field(default=("attribute",), metadata={
+        "help": "families whose questions carry the early-answer loss"})
     early_until: float = field(default=0.6, metadata={
         "help": "share of phase 1 over which the early-answer weight falls to 0"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of phases 1 and 2"})
@@ -210,9 +213,10 @@ class _Tok:
         early_labels = [IGNORE] * first + [a[0]] * (len(q) - 1 - first) + [IGNORE] * (len(a) + 1)
         return q + a, [IGNORE] * (len(q) - 1) + a + [IGNORE], early_labels
 
-    def question_block(self, q, objs) -> tuple[list[int], list[int], list[int], str]:
-        """`block` of question `q` on the scene `objs`, with its family."""
-        return (*self.block(q.text, answer_of(q, objs), early=q.family not in MULTI_HOP_FAMILIES), q.family)
+    def question_block(self, q, objs, early: tuple[str, ...] = ()) -> tuple[list[int], list[int], list[int], str]:
+        """`block` of question `q` on the scene `objs`, with its family; early-answer labels for the families in
+        `early` only."""
+        return (*self.block(q.text, answer_of(q, objs), early=q.family in early), q.family)
 
     @functools.cached_property
     def names(self) -> set[int]:
@@ -291,15 +295,14 @@ def background_visible(cfg: TrainConfig, step: int) -> float:
     return min(1.0, d / cfg.reveal)
 
 
-def place_rows_at(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> int:
-    """Extra rows at `step` that each show one object, with the background hidden, and ask where it is: during
-    the first `cfg.place_steps` phase-1 steps after grounding joins. Reading a place out of the visual tokens
-    and looking an object up among several are learned together only very slowly (neither gives a gradient
-    signal before the other exists); on a lone object the readout forms within a few hundred steps, and the
-    lookup then has something to serve. (From the start of phase 1 they hold back the attribute lookups.)"""
+def place_rows_at(cfg: TrainConfig, step: int) -> int:
+    """Extra rows at `step` that each show one object, with the background hidden, and ask where it is (the
+    first `cfg.place_steps` steps of phase 1). Reading a place out of the visual tokens and looking an object up
+    among several are learned together only very slowly (neither gives a gradient signal before the other
+    exists); on a lone object the readout forms within a few hundred steps, and the lookup then has something to
+    serve. Started later, once the attribute lookups have formed, the same rows taught nothing in 400 steps."""
     name, d, _ = cfg.phase(step)
-    start = (cfg.unlock_steps() if joined is None else joined).get("grounding")
-    return cfg.place_rows if name == "symbolic" and start is not None and start <= d < start + cfg.place_steps else 0
+    return cfg.place_rows if name == "symbolic" and d < cfg.place_steps else 0
 
 
 def scene_sizes(cfg: TrainConfig, step: int) -> tuple[int, int]:
@@ -379,10 +382,10 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
     draw = cfg.phase(step)[0] in ("tower", "joint")
     first = len(image_prefix) - GRID * GRID
 
-    def image_rows(scenes, visible: float, generator) -> PackedRows:
+    def image_rows(scenes, visible: float, generator, early: tuple[str, ...] = ()) -> PackedRows:
         """Rows of (objects, questions, background seed); each background token stays visible to the
-        questions with probability `visible`."""
-        blocks = [[tok.question_block(q, objs) for q in questions] for objs, questions, _ in scenes]
+        questions with probability `visible`; early-answer labels for the families in `early`."""
+        blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _ in scenes]
         rows = pack([image_prefix] * len(scenes), blocks)
         labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
         hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=generator) >= visible)
@@ -398,9 +401,9 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
         scenes.append((objs, questions, background_seed))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    batch = {"image": image_rows(scenes, background_visible(cfg, step), g)}
+    batch = {"image": image_rows(scenes, background_visible(cfg, step), g, cfg.early_families)}
     places = []
-    for row in range(place_rows_at(cfg, step, joined)):
+    for row in range(place_rows_at(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
         questions, objs = ask(rng, [], ["grounding"])
