@@ -347,3 +347,29 @@ def test_training_with_a_gate_resumes_to_the_same_weights(tmp_path):
     assert logs[0] == [{**x, "elapsed_s": y["elapsed_s"]} for x, y in zip(logs[1], logs[0])]
     joins = {x["step"]: x["joined"] for x in logs[0] if "joined" in x}
     assert joins == {3: ["existence", "grounding"], 5: ["counting"]}  # by waiting: nothing learns in 6 steps
+
+
+def test_per_image_questions_and_scene_sizes_keep_training_scenes_like_held_out_ones():
+    """Every question may add an object to its scene: sixteen questions per image fill almost every scene to the
+    eight objects it may hold; a few questions per image on scenes that start small stay near the held-out
+    items' size (five objects on average)."""
+    from visroute.testbed.train import TrainConfig, _Tok, make_batch
+
+    tok = _Tok()
+
+    def objects(cfg):
+        counts = []
+        for step in range(4500, 4503):  # phase 3: every family asked
+            labels = make_batch(cfg, step, tok)["image"].labels
+            parts = labels[..., 2]
+            counts += ((parts == 1) | (parts == 2)).sum(1).tolist()  # a whole small object or a top-left quarter
+        return sum(counts) / len(counts)
+
+    crowded = objects(TrainConfig(images=8))
+    sparse = objects(TrainConfig(images=8, per_image=4, scene_objects=(1, 3)))
+    held_out = sum(len(it.objects) for it in make_items(270, seed=1000)) / 270
+    assert crowded > 7.5 and abs(sparse - held_out) < 1.0, (crowded, sparse, held_out)
+    cfg = TrainConfig(images=3, per_image=4, text_rows=0)
+    assert [len([b for b in set(r.tolist()) if b >= 1]) for r in make_batch(cfg, 4500, tok)["image"].blk] <= [4] * 3
+    with pytest.raises(ValueError, match="scene_objects"):
+        TrainConfig(scene_objects=(4, 2))

@@ -72,7 +72,7 @@ from visroute.testbed import log
 from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
 from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, answer_of, ask
-from visroute.testbed.scenes import ALL_COLORS, GRID, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
+from visroute.testbed.scenes import ALL_COLORS, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
 
 IGNORE = -100
 PHASES = ("symbolic", "deepen", "tower", "joint")
@@ -95,6 +95,12 @@ class TrainConfig:
         default=FAMILIES + ("relation_attribute", "same_attribute", "relation_grounding", "counting", "relation",
                             "grounding", "attribute"),
         metadata={"help": "question families asked of every image (unlocked ones only, repeated to this count)"})
+    per_image: int = field(default=0, metadata={
+        "help": "questions drawn for each image from those slots (0: all of them). Every question may edit the "
+                "scene, so many questions per image make crowded scenes: 16 fill almost every scene to the 8 "
+                "objects it may hold, where a held-out item has 5 on average"})
+    scene_objects: tuple[int, int] = field(default=(3, 6), metadata={
+        "help": "fewest and most objects a training scene starts with, before its questions edit it"})
     text_rows: int = field(default=1, metadata={"help": "rows of image-free questions per step (phases 1 and 3)"})
     text_questions: int = field(default=16, metadata={"help": "questions per image-free row"})
     unlock: tuple[str, ...] = field(
@@ -110,7 +116,7 @@ class TrainConfig:
         "help": "share of every image's questions given to the families that joined within the last focus_steps"})
     focus_steps: int = field(default=400, metadata={"help": "phase-1 steps a newly joined family stays in focus"})
     curriculum: int = field(default=0, metadata={
-        "help": "phase-1 steps over which scenes grow from 1 object to the full 3..6 (0: none)"})
+        "help": "phase-1 steps over which scenes grow from 1 object to scene_objects (0: none)"})
     reveal: int = field(default=400, metadata={
         "help": "phase-1 steps over which the questions come to see the background tokens"})
     place_rows: int = field(default=12, metadata={
@@ -155,6 +161,9 @@ class TrainConfig:
             fam, eq, step = entry.partition("=")
             if fam not in FAMILIES or not eq or not step.strip().isdigit():
                 raise ValueError(f"unlock entries are family=step with a known family, not {entry!r}")
+        low, high = self.scene_objects
+        if not 0 <= low <= high <= MAX_OBJECTS:
+            raise ValueError(f"scene_objects must be 0 <= fewest <= most <= {MAX_OBJECTS}, not {self.scene_objects}")
 
     @property
     def steps(self) -> int:
@@ -306,13 +315,15 @@ def place_rows_at(cfg: TrainConfig, step: int) -> int:
 
 
 def scene_sizes(cfg: TrainConfig, step: int) -> tuple[int, int]:
-    """(fewest, most) objects of an ordinary scene at `step`: one object at first, then more, up to 3..6 once
-    the curriculum is over (questions may still add or remove objects)."""
+    """(fewest, most) objects a training scene starts with, before its questions edit it (each edit may add an
+    object): `cfg.scene_objects`, or one object at first, growing to them, during the first `cfg.curriculum`
+    steps of phase 1."""
     name, d, _ = cfg.phase(step)
+    low, high = cfg.scene_objects
     if name != "symbolic" or cfg.curriculum <= 0 or d >= cfg.curriculum:
-        return 3, 6
-    most = 1 + (5 * d) // cfg.curriculum
-    return min(3, most), most
+        return low, high
+    most = 1 + ((high - 1) * d) // cfg.curriculum
+    return min(low, most), most
 
 
 def unlocked(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> set[str]:
@@ -336,7 +347,8 @@ def in_focus(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) 
 def question_families(cfg: TrainConfig, step: int, rng: random.Random, joined: dict[str, int] | None = None
                       ) -> list[str]:
     """The families of one image's questions at `step`: `cfg.questions` restricted to the families asked and
-    repeated to its length; while families are in focus, a `cfg.focus` share of the slots goes to them."""
+    repeated to its length; while families are in focus, a `cfg.focus` share of the slots goes to them. With
+    `cfg.per_image`, a random `per_image` of those slots."""
     families = unlocked(cfg, step, joined)
     asked = [f for f in cfg.questions if f in families]
     n = len(cfg.questions)
@@ -344,7 +356,7 @@ def question_families(cfg: TrainConfig, step: int, rng: random.Random, joined: d
     n_focus = round(cfg.focus * n) if focus else 0
     fams = [focus[i % len(focus)] for i in range(n_focus)] + [asked[i % len(asked)] for i in range(n - n_focus)]
     rng.shuffle(fams)
-    return fams
+    return fams[:cfg.per_image] if cfg.per_image else fams
 
 
 def text_rows_at(cfg: TrainConfig, step: int, joined: dict[str, int] | None = None) -> int:
