@@ -65,9 +65,9 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     from visroute.testbed.train import TrainConfig, train
 
     def cfg(out):
-        return TrainConfig(out=str(out), symbolic_steps=2, tower_steps=2, joint_steps=2, images=2, text_rows=1,
-                           text_questions=3, size="tiny", warmup=1, eval_every=0, save_every=10, log_every=1,
-                           threads=1)
+        return TrainConfig(out=str(out), symbolic_steps=2, deepen_steps=0, grow_from=0, tower_steps=2,
+                           joint_steps=2, images=2, text_rows=1, text_questions=3, size="tiny", warmup=1,
+                           eval_every=0, save_every=10, log_every=1, threads=1)
 
     straight = train(cfg(tmp_path / "a"), progress=False)
     assert train(cfg(tmp_path / "b"), progress=False, stop_at=3) is None
@@ -95,8 +95,8 @@ def test_training_logs_held_out_accuracy_from_the_end_of_phase_2(tmp_path):
     from visroute.testbed.questions import BOX_TEMPLATES
     from visroute.testbed.train import TrainConfig, train
 
-    cfg = TrainConfig(out=str(tmp_path), symbolic_steps=2, tower_steps=1, joint_steps=2, images=2, text_rows=1,
-                      text_questions=3, size="tiny", warmup=1, eval_every=1, eval_items=9, save_every=10,
+    cfg = TrainConfig(out=str(tmp_path), symbolic_steps=2, deepen_steps=0, grow_from=0, tower_steps=1,
+                      joint_steps=2, images=2, text_rows=1, text_questions=3, size="tiny", warmup=1, eval_every=1, eval_items=9, save_every=10,
                       log_every=1, threads=1)
     folder = train(cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -125,7 +125,8 @@ def test_phases_train_what_they_say():
     init_weights(model)
     tok = _Tok()
     symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
-    cfg = TrainConfig(symbolic_steps=1, tower_steps=1, joint_steps=1, images=2, text_rows=1, text_questions=2)
+    cfg = TrainConfig(symbolic_steps=1, deepen_steps=0, grow_from=0, tower_steps=1, joint_steps=1, images=2,
+                      text_rows=1, text_questions=2)
     for step, grads in ((0, {"language_model", "lm_head", "symbolic"}), (1, {"vision_tower", "multi_modal_projector"}),
                         (2, {"language_model", "lm_head", "vision_tower", "multi_modal_projector"})):
         model.zero_grad(set_to_none=True)
@@ -333,9 +334,9 @@ def test_training_with_a_gate_resumes_to_the_same_weights(tmp_path):
     from visroute.testbed.train import TrainConfig, train
 
     def cfg(out):
-        return TrainConfig(out=str(out), size="tiny", symbolic_steps=6, tower_steps=1, joint_steps=1, images=2,
-                           text_rows=1, text_questions=3, warmup=1, eval_every=0, save_every=10, log_every=1,
-                           threads=1, gate=0.99, gate_wait=2,
+        return TrainConfig(out=str(out), size="tiny", grow_from=0, symbolic_steps=6, deepen_steps=0, tower_steps=1,
+                           joint_steps=1, images=2, text_rows=1, text_questions=3, warmup=1, eval_every=0,
+                           save_every=10, log_every=1, threads=1, gate=0.99, gate_wait=2,
                            unlock=("attribute=0", "existence=1", "grounding=1", "counting=2", "relation=3"))
 
     straight = train(cfg(tmp_path / "a"), progress=False)
@@ -365,7 +366,7 @@ def test_per_image_questions_and_scene_sizes_keep_training_scenes_like_held_out_
             counts += ((parts == 1) | (parts == 2)).sum(1).tolist()  # a whole small object or a top-left quarter
         return sum(counts) / len(counts)
 
-    crowded = objects(TrainConfig(images=8))
+    crowded = objects(TrainConfig(images=8, per_image=0, scene_objects=(3, 6)))
     sparse = objects(TrainConfig(images=8, per_image=4, scene_objects=(1, 3)))
     held_out = sum(len(it.objects) for it in make_items(270, seed=1000)) / 270
     assert crowded > 7.5 and abs(sparse - held_out) < 1.0, (crowded, sparse, held_out)

@@ -76,7 +76,7 @@ MODEL_SIZES = {
     # decoder hidden / layers / heads / kv heads / mlp, tower hidden / layers / mlp; RoPE base (rope_theta, default
     # 10000: with 20 dimensions per head only a few of them then turn slowly enough over 150 positions to match
     # tokens by content; at 1e6 about half of them do)
-    "deep": dict(hidden=160, layers=12, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384,
+    "deep": dict(hidden=160, layers=12, heads=5, kv_heads=5, mlp=480, v_hidden=128, v_layers=2, v_mlp=384,
                  rope_theta=1e6),
     "small": dict(hidden=160, layers=8, heads=8, kv_heads=4, mlp=480, v_hidden=128, v_layers=2, v_mlp=384),
     "tiny": dict(hidden=64, layers=8, heads=4, kv_heads=2, mlp=128, v_hidden=32, v_layers=1, v_mlp=64),

@@ -85,43 +85,43 @@ class TrainConfig:
 
     out: str = field(default="runs/testbed", metadata={
         "help": "run folder: log, training state, exported model", "recipe": False})
-    symbolic_steps: int = field(default=4000, metadata={"help": "phase 1: steps of the decoder on symbolic tokens"})
-    deepen_steps: int = field(default=0, metadata={
+    symbolic_steps: int = field(default=6000, metadata={"help": "phase 1: steps of the decoder on symbolic tokens"})
+    deepen_steps: int = field(default=1500, metadata={
         "help": "phase 1b: steps of the whole decoder on symbolic tokens once it has grown (see grow_from)"})
     tower_steps: int = field(default=400, metadata={"help": "phase 2: steps of the vision tower and projector"})
     joint_steps: int = field(default=1000, metadata={"help": "phase 3: steps of the whole model, end to end"})
-    images: int = field(default=8, metadata={"help": "images per step"})
+    images: int = field(default=16, metadata={"help": "images per step"})
     questions: tuple[str, ...] = field(
         default=FAMILIES + ("relation_attribute", "same_attribute", "relation_grounding", "counting", "relation",
                             "grounding", "attribute"),
         metadata={"help": "question families asked of every image (unlocked ones only, repeated to this count)"})
-    per_image: int = field(default=0, metadata={
+    per_image: int = field(default=6, metadata={
         "help": "questions drawn for each image from those slots (0: all of them). Every question may edit the "
                 "scene, so many questions per image make crowded scenes: 16 fill almost every scene to the 8 "
                 "objects it may hold, where a held-out item has 5 on average"})
-    scene_objects: tuple[int, int] = field(default=(3, 6), metadata={
+    scene_objects: tuple[int, int] = field(default=(1, 3), metadata={
         "help": "fewest and most objects a training scene starts with, before its questions edit it"})
     text_rows: int = field(default=1, metadata={"help": "rows of image-free questions per step (phases 1 and 3)"})
     text_questions: int = field(default=16, metadata={"help": "questions per image-free row"})
     unlock: tuple[str, ...] = field(
-        default=("attribute=0", "existence=250", "grounding=250", "blind_solvable=250", "counting=450",
-                 "relation=450", "relation_attribute=900", "same_attribute=900", "relation_grounding=900"),
+        default=("attribute=0", "grounding=1", "relation_attribute=2", "relation_grounding=2", "same_attribute=3",
+                 "existence=4", "blind_solvable=4", "counting=5", "relation=6"),
         metadata={"help": "family=step: the phase-1 step from which a family is asked (unlisted: from 0)"})
-    gate: float = field(default=0.0, metadata={
+    gate: float = field(default=0.9, metadata={
         "help": "a family whose unlock step has come joins only once every family asked so far reaches this "
                 "teacher-forced accuracy in the last log line (0: it joins at its step)"})
-    gate_wait: int = field(default=1000, metadata={
+    gate_wait: int = field(default=600, metadata={
         "help": "with gate: the most steps a family waits after the previous ones joined"})
-    focus: float = field(default=0.0, metadata={
+    focus: float = field(default=0.5, metadata={
         "help": "share of every image's questions given to the families that joined within the last focus_steps"})
-    focus_steps: int = field(default=400, metadata={"help": "phase-1 steps a newly joined family stays in focus"})
+    focus_steps: int = field(default=300, metadata={"help": "phase-1 steps a newly joined family stays in focus"})
     curriculum: int = field(default=0, metadata={
         "help": "phase-1 steps over which scenes grow from 1 object to scene_objects (0: none)"})
     reveal: int = field(default=400, metadata={
         "help": "phase-1 steps over which the questions come to see the background tokens"})
     place_rows: int = field(default=12, metadata={
         "help": "extra rows per step of one object, background hidden, asking where it is"})
-    place_steps: int = field(default=400, metadata={"help": "phase-1 steps that have the place rows"})
+    place_steps: int = field(default=600, metadata={"help": "phase-1 steps that have the place rows"})
     early: float = field(default=0.5, metadata={"help": "weight of the early-answer loss when phase 1 starts"})
     early_families: tuple[str, ...] = field(default=("attribute",), metadata={
         "help": "families whose questions carry the early-answer loss"})
@@ -134,7 +134,7 @@ class TrainConfig:
     warmup: int = field(default=50, metadata={"help": "steps of linear warmup at the start of each phase"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the matrices"})
     size: str = field(default="deep", metadata={"help": "model size (visroute.testbed.modeling.MODEL_SIZES)"})
-    grow_from: int = field(default=0, metadata={
+    grow_from: int = field(default=6, metadata={
         "help": "decoder layers trained in phase 1; the others join as identity layers, one before each trained "
                 "layer, when phase 1 ends (0: every layer from the start)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the training scenes"})
