@@ -221,3 +221,20 @@ def test_answers_are_balanced_within_each_question_form():
         assert share <= 1.6 / len(counts), (template, counts)
     pope = Counter((it.subtype, it.answer) for it in items if it.family == "existence")
     assert {s for s, _ in pope} == {"random", "popular", "adversarial"}
+
+
+def test_bordering_tokens_widen_every_hop_by_the_tokens_sharing_an_edge():
+    from dataclasses import replace
+
+    from visroute.testbed import with_bordering_tokens
+
+    item = make_items(1, seed=3, families=["relation_grounding"])[0]
+    # a small object in the top-left corner (hop 1) and a large one at rows 5-6, columns 10-11 (hop 2)
+    corner, block = [0], [5 * 12 + 10, 5 * 12 + 11, 6 * 12 + 10, 6 * 12 + 11]
+    item = replace(item, hops=[corner, block], relevant_tokens=sorted(corner + block))
+    wide = with_bordering_tokens(item)
+    assert wide.hops[0] == [0, 1, 12]
+    assert wide.hops[1] == [4 * 12 + 10, 4 * 12 + 11, 5 * 12 + 9, 5 * 12 + 10, 5 * 12 + 11, 6 * 12 + 9,
+                            6 * 12 + 10, 6 * 12 + 11, 7 * 12 + 10, 7 * 12 + 11]  # column 12 is off the grid
+    assert wide.relevant_tokens == sorted(set(wide.hops[0]) | set(wide.hops[1]))
+    assert item.hops == [corner, block] and wide.answer == item.answer  # the item itself is left as it was

@@ -44,5 +44,11 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
             assert c["value"] == acc["unrouted"][fam] - acc["oracle"][fam]
         elif c["what"] == "random loss @L2:6":
             assert c["met"] == (acc["unrouted"][fam] - acc["random"][fam] >= 0.2 - 1e-9)
+    from visroute import RoutingConfig, Stage
+    from visroute.testbed import with_bordering_tokens
+
+    wide = Evaluator(model, processor, [with_bordering_tokens(it) for it in items], progress=False)
+    assert wide.run(RoutingConfig("prune", "oracle", [Stage(2, 6)])).accuracy() == acc["oracle+border"]
+    assert "| oracle+border |" in text
     assert {c["what"] for c in checks if c["family"] == "relation_grounding"} == {
         "unrouted", "blind - majority", "oracle loss @L2:6", "random loss @L2:6"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from visroute.testbed.data import Item, make_item, make_items, read_dataset, write_dataset
+from visroute.testbed.data import Item, make_item, make_items, read_dataset, with_bordering_tokens, write_dataset
 from visroute.testbed.evaluate import (
     HELDOUT_SEED,
     EvalReport,
@@ -48,6 +48,7 @@ def load_model(path: str | Path | None = None, dtype=None):
 
 __all__ = [
     "checkpoint_path", "load_model", "Item", "make_item", "make_items", "read_dataset", "write_dataset",
+    "with_bordering_tokens",
     "Evaluator", "EvalReport", "ItemResult", "evaluate", "format_table", "majority_rates", "score", "box_iou",
     "HELDOUT_SEED", "FAMILIES", "VISION_FAMILIES",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -113,6 +113,26 @@ class Item:
 def relevant_tokens(objs: list[Obj], targets: list[int]) -> list[int]:
     """Sorted visual-token indices covered by the objects `targets`."""
     return sorted({t for i in targets for t in object_tokens(objs[i])})
+
+
+def with_bordering_tokens(item: Item) -> Item:
+    """A copy of `item` whose every hop also holds the visual tokens sharing an edge with one of its tokens.
+    The testbed model reads a box where the object meets the background: kept alone after layer 3, an object's
+    own tokens lose much of its box, with these tokens they keep it (TRAINING.md). Relevance itself stays the
+    painted tokens; this is the wider oracle to compare box answers with."""
+    rows, cols = item.grid
+
+    def widen(tokens: list[int]) -> list[int]:
+        out = set(tokens)
+        for t in tokens:
+            r, c = divmod(t, cols)
+            for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                if 0 <= r + dr < rows and 0 <= c + dc < cols:
+                    out.add((r + dr) * cols + c + dc)
+        return sorted(out)
+
+    hops = [widen(h) for h in item.hops]
+    return replace(item, hops=hops, relevant_tokens=sorted({t for h in hops for t in h}))
 
 
 def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int) -> Item:

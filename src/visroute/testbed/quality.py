@@ -9,6 +9,8 @@ On held-out items, greedy:
   (the tokens of every hop: the objects the question names and the ones the answer is about) loses at most
   `ORACLE_LOSS` on every family, and random selection loses at least `RANDOM_LOSS` on the multi-hop families:
   the model still reads those tokens after its first layers.
+Beside them, without a bar, the oracle that also keeps the tokens bordering each relevant one ("oracle+border",
+`with_bordering_tokens`): the tokens a box answer needs on the testbed model (TRAINING.md).
 """
 
 from __future__ import annotations
@@ -41,15 +43,20 @@ class Check:
 def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Check], dict[str, dict[str, float]]]:
     """Run the unrouted model, the blind control, and the oracle and random at one prune stage (`layer`,
     `keep`) on the evaluator's items; returns every check and the accuracies per config and family (with the
-    majority rates under "majority")."""
+    majority rates under "majority"; "oracle+border", without a bar, the oracle on `with_bordering_tokens`)."""
     from visroute import RoutingConfig, Stage
-    from visroute.testbed.evaluate import majority_rates
+    from visroute.testbed.data import with_bordering_tokens
+    from visroute.testbed.evaluate import Evaluator, majority_rates
 
     acc = {
         "unrouted": evaluator.run(None, name="unrouted").accuracy(),
         "blind": evaluator.run(None, blind=True, name="blind").accuracy(),
         "oracle": evaluator.run(RoutingConfig("prune", "oracle", [Stage(layer, keep)]), name="oracle").accuracy(),
         "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
+        "oracle+border": Evaluator(evaluator.model, evaluator.processor,
+                                   [with_bordering_tokens(it) for it in evaluator.items],
+                                   batch_size=evaluator.batch_size, progress=evaluator.progress)
+        .run(RoutingConfig("prune", "oracle", [Stage(layer, keep)]), name="oracle+border").accuracy(),
         "majority": majority_rates(evaluator.items),
     }
     checks = []
@@ -78,7 +85,7 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
 
 def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: int) -> str:
     """A Markdown table per family (accuracy of each config, majority rate) and the list of checks."""
-    cols = ["unrouted", "blind", "majority", "oracle", "random"]
+    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border"]
     lines = [f"{n_items} held-out items", "", "| family | " + " | ".join(cols) + " |",
              "|---|" + "---|" * len(cols)]
     for fam in FAMILIES:
