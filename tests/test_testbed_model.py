@@ -96,8 +96,8 @@ def test_training_logs_held_out_accuracy_from_the_end_of_phase_2(tmp_path):
     from visroute.testbed.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path), symbolic_steps=2, deepen_steps=0, grow_from=0, tower_steps=1,
-                      joint_steps=2, images=2, text_rows=1, text_questions=3, size="tiny", warmup=1, eval_every=1, eval_items=9, save_every=10,
-                      log_every=1, threads=1)
+                      joint_steps=2, images=2, text_rows=1, text_questions=3, size="tiny", warmup=1, eval_every=1,
+                      eval_items=9, save_every=10, log_every=1, threads=1)
     folder = train(cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     evals = [x for x in lines if "eval" in x]

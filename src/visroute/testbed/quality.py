@@ -48,15 +48,15 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
     from visroute.testbed.data import with_bordering_tokens
     from visroute.testbed.evaluate import Evaluator, majority_rates
 
+    oracle = RoutingConfig("prune", "oracle", [Stage(layer, keep)])
+    bordered = Evaluator(evaluator.model, evaluator.processor, [with_bordering_tokens(it) for it in evaluator.items],
+                         batch_size=evaluator.batch_size, progress=evaluator.progress)
     acc = {
         "unrouted": evaluator.run(None, name="unrouted").accuracy(),
         "blind": evaluator.run(None, blind=True, name="blind").accuracy(),
-        "oracle": evaluator.run(RoutingConfig("prune", "oracle", [Stage(layer, keep)]), name="oracle").accuracy(),
+        "oracle": evaluator.run(oracle, name="oracle").accuracy(),
         "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
-        "oracle+border": Evaluator(evaluator.model, evaluator.processor,
-                                   [with_bordering_tokens(it) for it in evaluator.items],
-                                   batch_size=evaluator.batch_size, progress=evaluator.progress)
-        .run(RoutingConfig("prune", "oracle", [Stage(layer, keep)]), name="oracle+border").accuracy(),
+        "oracle+border": bordered.run(oracle, name="oracle+border").accuracy(),
         "majority": majority_rates(evaluator.items),
     }
     checks = []

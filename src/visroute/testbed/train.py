@@ -72,7 +72,9 @@ from visroute.testbed import log
 from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
 from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, answer_of, ask
-from visroute.testbed.scenes import ALL_COLORS, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
+from visroute.testbed.scenes import (
+    ALL_COLORS, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render,
+)
 
 IGNORE = -100
 PHASES = ("symbolic", "deepen", "tower", "joint")
