@@ -374,3 +374,28 @@ def test_per_image_questions_and_scene_sizes_keep_training_scenes_like_held_out_
     assert [len([b for b in set(r.tolist()) if b >= 1]) for r in make_batch(cfg, 4500, tok)["image"].blk] <= [4] * 3
     with pytest.raises(ValueError, match="scene_objects"):
         TrainConfig(scene_objects=(4, 2))
+
+
+def test_background_hidden_hides_a_share_of_each_images_background_never_an_object():
+    """With background_hidden, every image's questions lose a share of its background tokens, drawn per image
+    (from a few to nearly all), and never an object's token; without it, phase 3 hides nothing."""
+    from visroute.testbed.train import HIDDEN, TrainConfig, _Tok, block_mask, make_batch
+
+    tok, step = _Tok(), 7950  # phase 3 of the default recipe
+    plain = make_batch(TrainConfig(images=16), step, tok)["image"]
+    assert not bool((plain.blk == HIDDEN).any())
+    rows = make_batch(TrainConfig(images=16, background_hidden=1.0), step, tok)["image"]
+    first = int((rows.ids[0] == IMAGE_ID).nonzero()[0])
+    hidden = rows.blk[:, first:first + 144] == HIDDEN
+    objects = rows.labels[..., 0] > 0
+    assert not bool((hidden & objects).any())
+    shares = (hidden.sum(1) / (~objects).sum(1)).tolist()
+    assert min(shares) < 0.25 and max(shares) > 0.75 and len({round(s, 2) for s in shares}) > 8, shares
+    # the hidden tokens are out of every question's sight: a question token attends to none of them
+    mask = block_mask(rows.blk)[:, 0]
+    question = rows.lab != -100
+    for r in range(4):
+        q = int(question[r].nonzero()[0])
+        assert not bool(mask[r, q, first:first + 144][hidden[r]].any())
+        assert bool(mask[r, q, first:first + 144][objects[r]].all())
+

@@ -33,7 +33,10 @@ is where the decoder learns to read a place out of a visual token, which it does
 objects, where reading a place and finding the object must both exist before either is rewarded (those rows
 leave the hidden background out of the sequence altogether). From the step the blind-solvable family joins, a
 few rows per step carry questions without any image (`USER: {question} ASSISTANT:`): they define what the model answers when the image is removed (the blind
-control) and can only teach it what the question implies.
+control) and can only teach it what the question implies. With `background_hidden`, every image then hides a
+share of its background tokens from its questions (drawn per image): a model that has always seen the whole
+background reads a box off the tokens bordering the object, which a context pruned to the object's own tokens
+lacks.
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
@@ -121,6 +124,10 @@ class TrainConfig:
         "help": "phase-1 steps over which scenes grow from 1 object to scene_objects (0: none)"})
     reveal: int = field(default=400, metadata={
         "help": "phase-1 steps over which the questions come to see the background tokens"})
+    background_hidden: float = field(default=0.0, metadata={
+        "help": "after the reveal, every image hides a share of its background tokens from its questions, drawn "
+                "uniformly from [0, background_hidden] (0: none): the answers cannot lean on the tokens next to "
+                "an object"})
     place_rows: int = field(default=12, metadata={
         "help": "extra rows per step of one object, background hidden, asking where it is"})
     place_steps: int = field(default=600, metadata={"help": "phase-1 steps that have the place rows"})
@@ -396,12 +403,14 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
     draw = cfg.phase(step)[0] in ("tower", "joint")
     first = len(image_prefix) - GRID * GRID
 
-    def image_rows(scenes, visible: float, generator, early: tuple[str, ...] = ()) -> PackedRows:
+    def image_rows(scenes, visible, generator, early: tuple[str, ...] = ()) -> PackedRows:
         """Rows of (objects, questions, background seed); each background token stays visible to the
-        questions with probability `visible`; early-answer labels for the families in `early`."""
+        questions with probability `visible` (a number, or one per row); early-answer labels for the families
+        in `early`."""
         blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _ in scenes]
         rows = pack([image_prefix] * len(scenes), blocks)
         labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
+        visible = torch.as_tensor(visible, dtype=torch.float).reshape(-1, 1)
         hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=generator) >= visible)
         rows.blk[:, first:first + GRID * GRID][hide] = HIDDEN
         pixels = pixel_values([render(objs, seed) for objs, _, seed in scenes]) if draw else None
@@ -415,7 +424,10 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
         scenes.append((objs, questions, background_seed))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    batch = {"image": image_rows(scenes, background_visible(cfg, step), g, cfg.early_families)}
+    visible = background_visible(cfg, step)
+    if cfg.background_hidden > 0:
+        visible = visible * (1 - cfg.background_hidden * torch.rand(len(scenes), generator=g))
+    batch = {"image": image_rows(scenes, visible, g, cfg.early_families)}
     places = []
     for row in range(place_rows_at(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
