@@ -398,4 +398,3 @@ def test_background_hidden_hides_a_share_of_each_images_background_never_an_obje
         q = int(question[r].nonzero()[0])
         assert not bool(mask[r, q, first:first + 144][hidden[r]].any())
         assert bool(mask[r, q, first:first + 144][objects[r]].all())
-

@@ -302,15 +302,20 @@ def block_mask(blk: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def background_visible(cfg: TrainConfig, step: int) -> float:
-    """Share of the background visual tokens the questions may attend to at `step`: none when phase 1 starts,
-    all once `cfg.reveal` of its steps are done, and in the later phases. Object tokens (of every object, asked
-    about or not) are always visible. A decoder learning from scratch finds the few informative tokens among
-    144 only slowly; this lets it first learn to read objects, then to ignore the background."""
+def background_visible(cfg: TrainConfig, step: int, images: int = 1,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(images,) share of each image's background visual tokens its questions may attend to at `step`: none
+    when phase 1 starts, all once `cfg.reveal` of its steps are done, and in the later phases; with
+    `cfg.background_hidden`, less a share drawn per image from [0, background_hidden] (from `generator`).
+    Object tokens (of every object, asked about or not) are always visible. A decoder learning from scratch
+    finds the few informative tokens among 144 only slowly; this lets it first learn to read objects, then to
+    ignore the background."""
     name, d, _ = cfg.phase(step)
-    if name != "symbolic" or cfg.reveal <= 0:
-        return 1.0
-    return min(1.0, d / cfg.reveal)
+    share = 1.0 if name != "symbolic" or cfg.reveal <= 0 else min(1.0, d / cfg.reveal)
+    visible = torch.full((images,), share)
+    if cfg.background_hidden > 0:
+        visible = visible * (1 - cfg.background_hidden * torch.rand(images, generator=generator))
+    return visible
 
 
 def place_rows_at(cfg: TrainConfig, step: int) -> int:
@@ -403,10 +408,10 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
     draw = cfg.phase(step)[0] in ("tower", "joint")
     first = len(image_prefix) - GRID * GRID
 
-    def image_rows(scenes, visible, generator, early: tuple[str, ...] = ()) -> PackedRows:
+    def image_rows(scenes, visible: torch.Tensor | float, generator, early: tuple[str, ...] = ()) -> PackedRows:
         """Rows of (objects, questions, background seed); each background token stays visible to the
-        questions with probability `visible` (a number, or one per row); early-answer labels for the families
-        in `early`."""
+        questions with probability `visible` (one per row, or one for all); early-answer labels for the
+        families in `early`."""
         blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _ in scenes]
         rows = pack([image_prefix] * len(scenes), blocks)
         labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
@@ -424,10 +429,7 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
         scenes.append((objs, questions, background_seed))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    visible = background_visible(cfg, step)
-    if cfg.background_hidden > 0:
-        visible = visible * (1 - cfg.background_hidden * torch.rand(len(scenes), generator=g))
-    batch = {"image": image_rows(scenes, visible, g, cfg.early_families)}
+    batch = {"image": image_rows(scenes, background_visible(cfg, step, len(scenes), g), g, cfg.early_families)}
     places = []
     for row in range(place_rows_at(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
