@@ -104,7 +104,7 @@ class Store:
             raise FileNotFoundError(f"no results database at {self.path}")
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self.conn, timeout)
             self.conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a killed process
             with self.transaction():
                 for statement in _SCHEMA.split(";"):  # executescript would commit the open transaction
@@ -205,6 +205,20 @@ class Store:
 def _describe(identity: dict) -> str:
     model = identity.get("model", {})
     return f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.get('path')!r}"
+
+
+def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL mode, retrying while another process holds the lock: unlike other statements, the switch
+    fails at once with "database is locked" instead of waiting (two processes opening a new database)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class _Transaction:
