@@ -398,3 +398,70 @@ def test_background_hidden_hides_a_share_of_each_images_background_never_an_obje
         q = int(question[r].nonzero()[0])
         assert not bool(mask[r, q, first:first + 144][hidden[r]].any())
         assert bool(mask[r, q, first:first + 144][objects[r]].all())
+
+
+def test_hop_pointer_targets_are_the_tokens_of_the_object_the_answer_names():
+    """Every multi-hop question of the pointer families points, at its last question token, at the patches of
+    one object, and the patch labels of those patches give the question's own answer (its colour or shape, or
+    its box); without hop_pointer there are no pointers."""
+    from visroute.testbed.train import COLOR_IDS, SHAPE_IDS, TrainConfig, _Tok, make_batch
+
+    tok, step = _Tok(), 7950  # phase 3: every listed family is asked
+    families = ("relation_attribute", "relation_grounding")
+    cfg = TrainConfig(images=16, questions=families + ("attribute",), text_rows=0, hop_pointer=0.5,
+                      hop_pointer_families=families)
+    rows = make_batch(cfg, step, tok)["image"]
+    assert make_batch(TrainConfig(images=16, questions=cfg.questions, text_rows=0), step, tok)["image"].pointer is None
+    colors = {i: c for c, i in COLOR_IDS.items()}
+    shapes = {i: s for s, i in SHAPE_IDS.items()}
+    asked = sum(1 for r in range(16) for k in set(rows.blk[r].tolist()) if k >= 1
+                and rows.fams[r][int(((rows.blk[r] == k) & (rows.lab[r] != -100)).nonzero()[0])] in families)
+    assert asked >= 16 and len(rows.pointer) == asked
+    for r, at, *patches in rows.pointer.tolist():
+        on = [i for i, x in enumerate(patches) if x]
+        assert rows.fams[r][at] in families and rows.lab[r, at - 1] == -100  # the first answer token's position
+        block = rows.blk[r] == rows.blk[r, at]
+        answer = tok.tok.decode(rows.lab[r][block & (rows.lab[r] != -100)][:-1].tolist())
+        color, shape = {int(x) for x in rows.labels[r, on, 0]}, {int(x) for x in rows.labels[r, on, 1]}
+        assert len(on) in (1, 4) and len(color) == 1 and len(shape) == 1
+        if rows.fams[r][at] == "relation_attribute":
+            assert answer in (colors[color.pop()], shapes[shape.pop()])
+        else:
+            ys, xs = [i // 12 for i in on], [i % 12 for i in on]
+            assert answer == f"{min(xs)} {min(ys)} {max(xs) + 1} {max(ys) + 1}"
+
+
+def test_pointer_loss_and_the_tapped_layer_against_slow_references():
+    """The pointer loss is -log of the softmax mass on the pointed tokens, computed here by hand; the tapped
+    hidden state is the output of that decoder layer (the model's own hidden_states), the last one unchanged."""
+    import math
+
+    from visroute.testbed.train import SymbolicTokens, TrainConfig, _Tok, decoder_hidden, make_batch, pointer_loss
+
+    gen = torch.Generator().manual_seed(0)
+    tapped, visual = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 144, 8, generator=gen)
+    pointer = torch.zeros(2, 146, dtype=torch.long)
+    pointer[0, :2], pointer[1, :2] = torch.tensor([1, 3]), torch.tensor([0, 4])
+    pointer[0, 2 + 7] = pointer[0, 2 + 8] = pointer[1, 2 + 100] = 1
+    expected = 0.0
+    for row, at, on in ((1, 3, [7, 8]), (0, 4, [100])):
+        scores = [sum(tapped[row, at, d].item() * visual[row, t, d].item() for d in range(8)) / math.sqrt(8)
+                  for t in range(144)]
+        expected -= math.log(sum(math.exp(scores[t]) for t in on) / sum(math.exp(s) for s in scores)) / 2
+    assert pointer_loss(tapped, visual, pointer).item() == pytest.approx(expected, rel=1e-5)
+
+    model = build_model("tiny", seed=1).eval()
+    tok = _Tok()
+    rows = make_batch(TrainConfig(size="tiny", images=2, text_rows=0), 7950, tok)["image"]
+    visual = SymbolicTokens(model.config.text_config.hidden_size, tok)(rows.labels, model.get_input_embeddings().weight)
+    with torch.no_grad():
+        last, layer_3 = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, tap=3)
+        assert torch.allclose(last, decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual), atol=1e-5)
+        from visroute.testbed.train import block_mask
+
+        embeds = model.get_input_embeddings()(rows.ids).masked_scatter((rows.ids == IMAGE_ID)[..., None], visual)
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=block_mask(rows.blk),
+                                         position_ids=rows.pos, output_hidden_states=True)
+        assert torch.allclose(layer_3, out.hidden_states[4], atol=1e-5)
+        with pytest.raises(ValueError, match="does not run"):
+            decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, [1, 5, 7], tap=3)

@@ -36,7 +36,9 @@ few rows per step carry questions without any image (`USER: {question} ASSISTANT
 control) and can only teach it what the question implies. With `background_hidden`, every image then hides a
 share of its background tokens from its questions (drawn per image): a model that has always seen the whole
 background reads a box off the tokens bordering the object, which a context pruned to the object's own tokens
-lacks.
+lacks. With `hop_pointer`, a multi-hop question's hidden state after a middle layer must point at the
+object its answer is about (a dot product with every visual token, no new weights): without it the model finds
+that object for a box but not for a colour or shape, and reads the whole side instead (TRAINING.md).
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
@@ -74,7 +76,7 @@ import torch.nn.functional as F
 from visroute.testbed import log
 from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
-from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, answer_of, ask
+from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, answer_of, ask, hop_targets_of
 from visroute.testbed.scenes import (
     ALL_COLORS, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render,
 )
@@ -136,6 +138,14 @@ class TrainConfig:
         "help": "families whose questions carry the early-answer loss"})
     early_until: float = field(default=0.6, metadata={
         "help": "share of phase 1 over which the early-answer weight falls to 0"})
+    hop_pointer: float = field(default=0.0, metadata={
+        "help": "weight of the hop-2 pointer loss (0: none): at the last question token of the families in "
+                "hop_pointer_families, the hidden state after decoder layer hop_pointer_layer, dotted with every "
+                "visual token, must point at the tokens of the object the answer is about"})
+    hop_pointer_layer: int = field(default=7, metadata={
+        "help": "decoder layer whose output the hop-2 pointer reads (one that phase 1 trains, see grow_from)"})
+    hop_pointer_families: tuple[str, ...] = field(default=("relation_attribute",), metadata={
+        "help": "multi-hop families whose questions carry the hop-2 pointer loss"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of phases 1 and 2"})
     joint_lr: float = field(default=3e-4, metadata={"help": "peak learning rate of phase 3"})
     patch_weight: float = field(default=1.0, metadata={"help": "weight of the per-patch loss in phase 3"})
@@ -206,6 +216,7 @@ class PackedRows(NamedTuple):
     pixels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     shown: torch.Tensor | None = None  # (N, 144) bool: the patches whose tokens the rows hold (None: all)
+    pointer: torch.Tensor | None = None  # (P, 2 + 144): row, position, hop-2 patches of each pointer question
 
 
 class _Tok:
@@ -414,6 +425,8 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         families in `early`."""
         blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _ in scenes]
         rows = pack([image_prefix] * len(scenes), blocks)
+        if cfg.hop_pointer:
+            rows = rows._replace(pointer=_pointer_targets(rows, scenes, cfg.hop_pointer_families))
         labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
         visible = torch.as_tensor(visible, dtype=torch.float).reshape(-1, 1)
         hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=generator) >= visible)
@@ -451,6 +464,32 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
     if n_text:
         batch["text"] = pack([[BOS_ID] + tok.user] * n_text, text_blocks)
     return batch
+
+
+def _pointer_targets(rows: PackedRows, scenes, families: tuple[str, ...]) -> torch.Tensor | None:
+    """(P, 2 + 144) for every question of `families`: its row, the position of its last question token (whose
+    next-token label is the first answer token) and the patches of its hop-2 object (1 where they are)."""
+    out = []
+    for i, (objs, questions, _) in enumerate(scenes):
+        for k, q in enumerate(questions, start=1):
+            if q.family not in families:
+                continue
+            hop2 = objs[hop_targets_of(q, objs)[1][0]]
+            at = int(((rows.blk[i] == k) & (rows.lab[i] != IGNORE)).nonzero()[0])
+            target = torch.zeros(2 + GRID * GRID, dtype=torch.long)
+            target[0], target[1] = i, at
+            target[2 + torch.tensor(object_tokens(hop2))] = 1
+            out.append(target)
+    return torch.stack(out) if out else None
+
+
+def pointer_loss(tapped: torch.Tensor, visual: torch.Tensor, pointer: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the hop-2 pointer: softmax over the 144 visual tokens of (hidden . token) / sqrt(dim)
+    at each pointer question's last question token, against the share of its hop-2 object's tokens."""
+    h = tapped[pointer[:, 0], pointer[:, 1]].float()
+    logits = torch.einsum("pd,ptd->pt", h, visual[pointer[:, 0]].float()) / h.shape[-1] ** 0.5
+    on = pointer[:, 2:].bool()
+    return -(torch.logsumexp(logits.masked_fill(~on, float("-inf")), -1) - torch.logsumexp(logits, -1)).mean()
 
 
 COLOR_IDS = {c: i + 1 for i, c in enumerate(ALL_COLORS)}  # 0: no object
@@ -554,21 +593,27 @@ def answer_loss(model, hidden, rows: PackedRows):
     return loss, int(sel.sum()), stats, early_loss
 
 
-def decoder_hidden(model, ids, pos, blk, visual: torch.Tensor | None, layers: list[int] | None = None):
+def decoder_hidden(model, ids, pos, blk, visual: torch.Tensor | None, layers: list[int] | None = None,
+                   tap: int | None = None):
     """Last hidden states of the decoder over packed rows, with `visual` (B, 144, dim) at the image positions
-    (rows without an image pass None). With `layers`, only those decoder layers run, in that order."""
+    (rows without an image pass None). With `layers`, only those decoder layers run, in that order. With `tap`,
+    returns (last hidden states, the output of decoder layer `tap`)."""
     embeds = model.get_input_embeddings()(ids)
     if visual is not None:
         embeds = embeds.masked_scatter((ids == IMAGE_ID)[..., None], visual.to(embeds.dtype))
     decoder = model.model.language_model
-    if layers is None:
+    if layers is None and tap is None:
         return decoder(inputs_embeds=embeds, attention_mask=block_mask(blk), position_ids=pos,
                        use_cache=False).last_hidden_state
     mask, rotary = block_mask(blk), decoder.rotary_emb(embeds, position_ids=pos)
-    hidden = embeds
-    for i in layers:
+    hidden, tapped = embeds, None
+    for i in range(len(decoder.layers)) if layers is None else layers:
         hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, position_ids=pos)
-    return decoder.norm(hidden)
+        if i == tap:
+            tapped = hidden
+    if tap is not None and tapped is None:
+        raise ValueError(f"decoder layer {tap} does not run at this step (running: {layers})")
+    return decoder.norm(hidden) if tap is None else (decoder.norm(hidden), tapped)
 
 
 def grown_layers(cfg: TrainConfig, depth: int) -> list[int]:
@@ -695,7 +740,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             return
         tokens = target if phase in ("symbolic", "deepen") else projected_tokens(model, batch["image"].pixels)
         layers = active_layers(cfg, step, len(model.model.language_model.layers))
-        losses, early_losses, count = [], [], 0
+        losses, early_losses, objective_extra, count = [], [], [], 0
         for name, rows in batch.items():
             visual = None
             if name == "image":
@@ -704,7 +749,14 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
                 visual = symbolic(rows.labels, embed)
                 if rows.shown is not None:
                     visual = visual[rows.shown]
-            hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers)
+            if rows.pointer is not None:
+                hidden, tapped = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers,
+                                                tap=cfg.hop_pointer_layer)
+                pointer = pointer_loss(tapped, visual, rows.pointer)
+                objective_extra.append(cfg.hop_pointer * pointer)
+                window.add(pointer=float(pointer.detach()))
+            else:
+                hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers)
             loss, n, stats, early_loss = answer_loss(model, hidden, rows)
             losses.append(loss)
             if early_loss is not None:
@@ -712,7 +764,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             count += n
             window.add_stats(stats)
         total = torch.stack(losses).sum() / count
-        objective = total
+        objective = total + sum(objective_extra)
         if early_losses:
             early_total = torch.stack(early_losses).mean()
             objective = objective + early_weight(cfg, step) * early_total
@@ -853,7 +905,7 @@ class _Window:
         out = {}
         if self.sums.get("tokens"):
             out["loss"] = self.sums["loss"] / self.sums["tokens"]
-        for k in ("patch", "early"):
+        for k in ("patch", "early", "pointer"):
             if k in self.sums:
                 out[f"{k}_loss"] = self.sums[k] / self.steps[k]
         if self.stats:
