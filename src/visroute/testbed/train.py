@@ -740,7 +740,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             return
         tokens = target if phase in ("symbolic", "deepen") else projected_tokens(model, batch["image"].pixels)
         layers = active_layers(cfg, step, len(model.model.language_model.layers))
-        losses, early_losses, objective_extra, count = [], [], [], 0
+        losses, early_losses, count, pointer_term = [], [], 0, 0.0
         for name, rows in batch.items():
             visual = None
             if name == "image":
@@ -753,7 +753,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
                 hidden, tapped = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers,
                                                 tap=cfg.hop_pointer_layer)
                 pointer = pointer_loss(tapped, visual, rows.pointer)
-                objective_extra.append(cfg.hop_pointer * pointer)
+                pointer_term = pointer_term + cfg.hop_pointer * pointer
                 window.add(pointer=float(pointer.detach()))
             else:
                 hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers)
@@ -764,7 +764,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             count += n
             window.add_stats(stats)
         total = torch.stack(losses).sum() / count
-        objective = total + sum(objective_extra)
+        objective = total + pointer_term
         if early_losses:
             early_total = torch.stack(early_losses).mean()
             objective = objective + early_weight(cfg, step) * early_total
