@@ -431,6 +431,26 @@ def test_hop_pointer_targets_are_the_tokens_of_the_object_the_answer_names():
             assert answer == f"{min(xs)} {min(ys)} {max(xs) + 1} {max(ys) + 1}"
 
 
+def test_hop_pointer_starts_at_its_step_and_older_states_read_as_the_default():
+    """With hop_pointer_start, the steps before it carry no pointers and the steps from it on carry the same
+    pointers as a run that points from the start; a saved config without the field (written before it existed)
+    is the default recipe, so such a run still resumes."""
+    from dataclasses import asdict
+
+    from visroute.testbed.train import TrainConfig, _recipe, _Tok, make_batch
+
+    tok, step = _Tok(), 7950
+    families = ("relation_attribute", "relation_grounding")
+    kw = dict(images=16, questions=families, text_rows=0, hop_pointer=0.5, hop_pointer_families=families)
+    always = make_batch(TrainConfig(**kw), step, tok)["image"].pointer
+    assert make_batch(TrainConfig(**kw, hop_pointer_start=step + 1), step, tok)["image"].pointer is None
+    assert torch.equal(make_batch(TrainConfig(**kw, hop_pointer_start=step), step, tok)["image"].pointer, always)
+    old = asdict(TrainConfig())
+    del old["hop_pointer_start"]
+    assert _recipe(old) == _recipe(asdict(TrainConfig()))
+    assert _recipe(old) != _recipe(asdict(TrainConfig(hop_pointer_start=100)))
+
+
 def test_pointer_loss_and_the_tapped_layer_against_slow_references():
     """The pointer loss is -log of the softmax mass on the pointed tokens, computed here by hand; the tapped
     hidden state is the output of that decoder layer (the model's own hidden_states), the last one unchanged."""

@@ -36,7 +36,8 @@ few rows per step carry questions without any image (`USER: {question} ASSISTANT
 control) and can only teach it what the question implies. With `background_hidden`, every image then hides a
 share of its background tokens from its questions (drawn per image): a model that has always seen the whole
 background reads a box off the tokens bordering the object, which a context pruned to the object's own tokens
-lacks. With `hop_pointer`, a multi-hop question's hidden state after a middle layer must point at the
+lacks. With `hop_pointer` (from step `hop_pointer_start` on), a multi-hop question's hidden state after a middle
+layer must point at the
 object its answer is about (a dot product with every visual token, no new weights): without it the model finds
 that object for a box but not for a colour or shape, and reads the whole side instead (TRAINING.md).
 
@@ -146,6 +147,8 @@ class TrainConfig:
         "help": "decoder layer whose output the hop-2 pointer reads (one that phase 1 trains, see grow_from)"})
     hop_pointer_families: tuple[str, ...] = field(default=("relation_attribute",), metadata={
         "help": "multi-hop families whose questions carry the hop-2 pointer loss"})
+    hop_pointer_start: int = field(default=0, metadata={
+        "help": "first step that carries the hop-2 pointer loss (0: from the start)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of phases 1 and 2"})
     joint_lr: float = field(default=3e-4, metadata={"help": "peak learning rate of phase 3"})
     patch_weight: float = field(default=1.0, metadata={"help": "weight of the per-patch loss in phase 3"})
@@ -425,7 +428,7 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         families in `early`."""
         blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _ in scenes]
         rows = pack([image_prefix] * len(scenes), blocks)
-        if cfg.hop_pointer:
+        if cfg.hop_pointer and step >= cfg.hop_pointer_start:
             rows = rows._replace(pointer=_pointer_targets(rows, scenes, cfg.hop_pointer_families))
         labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
         visible = torch.as_tensor(visible, dtype=torch.float).reshape(-1, 1)
@@ -926,6 +929,9 @@ def export(model, folder: str | Path) -> Path:
 
 
 def _recipe(cfg: dict) -> dict:
-    """The settings that decide the trained weights: every field but those marked `"recipe": False`."""
-    skip = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("recipe", True)}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k not in skip}
+    """The settings that decide the trained weights: every field but those marked `"recipe": False`. A field
+    missing from `cfg` (a state saved before the field existed) counts as its default, which is what that run
+    did."""
+    recipe = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("recipe", True)]
+    values = {f.name: cfg.get(f.name, f.default) for f in recipe}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
