@@ -38,7 +38,8 @@ share of its background tokens from its questions (drawn per image): a model tha
 background reads a box off the tokens bordering the object, which a context pruned to the object's own tokens
 lacks. With `hop_pointer` (from step `hop_pointer_start` on), a multi-hop question's hidden state after a middle
 layer must point at the object its answer is about (a dot product with every visual token, no new weights):
-without it the model finds that object for a box but not for a colour or shape, and reads the whole side instead (TRAINING.md).
+without it the model finds that object for a box but not for a colour or shape, and reads the whole side instead
+(TRAINING.md).
 
 The answer loss is cross-entropy on the answer tokens and the closing </s>, plus, early in phase 1, an
 early-answer loss (the first answer token predicted at every question token from the first colour or shape
