@@ -407,7 +407,7 @@ def test_hop_pointer_targets_are_the_tokens_of_the_object_the_answer_names():
     from visroute.testbed.train import COLOR_IDS, SHAPE_IDS, TrainConfig, _Tok, make_batch
 
     tok, step = _Tok(), 7950  # phase 3: every listed family is asked
-    families = ("relation_attribute", "relation_grounding")
+    families = ("relation_attribute", "relation_grounding", "same_attribute")
     cfg = TrainConfig(images=16, questions=families + ("attribute",), text_rows=0, hop_pointer=0.5,
                       hop_pointer_families=families)
     rows = make_batch(cfg, step, tok)["image"]
@@ -424,7 +424,7 @@ def test_hop_pointer_targets_are_the_tokens_of_the_object_the_answer_names():
         answer = tok.tok.decode(rows.lab[r][block & (rows.lab[r] != -100)][:-1].tolist())
         color, shape = {int(x) for x in rows.labels[r, on, 0]}, {int(x) for x in rows.labels[r, on, 1]}
         assert len(on) in (1, 4) and len(color) == 1 and len(shape) == 1
-        if rows.fams[r][at] == "relation_attribute":
+        if rows.fams[r][at] != "relation_grounding":
             assert answer in (colors[color.pop()], shapes[shape.pop()])
         else:
             ys, xs = [i // 12 for i in on], [i % 12 for i in on]
