@@ -382,7 +382,7 @@ def test_background_hidden_hides_a_share_of_each_images_background_never_an_obje
     from visroute.testbed.train import HIDDEN, TrainConfig, _Tok, block_mask, make_batch
 
     tok, step = _Tok(), 7950  # phase 3 of the default recipe
-    plain = make_batch(TrainConfig(images=16), step, tok)["image"]
+    plain = make_batch(TrainConfig(images=16, background_hidden=0.0), step, tok)["image"]
     assert not bool((plain.blk == HIDDEN).any())
     rows = make_batch(TrainConfig(images=16, background_hidden=1.0), step, tok)["image"]
     first = int((rows.ids[0] == IMAGE_ID).nonzero()[0])
@@ -411,7 +411,8 @@ def test_hop_pointer_targets_are_the_tokens_of_the_object_the_answer_names():
     cfg = TrainConfig(images=16, questions=families + ("attribute",), text_rows=0, hop_pointer=0.5,
                       hop_pointer_families=families)
     rows = make_batch(cfg, step, tok)["image"]
-    assert make_batch(TrainConfig(images=16, questions=cfg.questions, text_rows=0), step, tok)["image"].pointer is None
+    plain = TrainConfig(images=16, questions=cfg.questions, text_rows=0, hop_pointer=0.0)
+    assert make_batch(plain, step, tok)["image"].pointer is None
     colors = {i: c for c, i in COLOR_IDS.items()}
     shapes = {i: s for s, i in SHAPE_IDS.items()}
     asked = sum(1 for r in range(16) for k in set(rows.blk[r].tolist()) if k >= 1

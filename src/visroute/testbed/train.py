@@ -127,7 +127,7 @@ class TrainConfig:
         "help": "phase-1 steps over which scenes grow from 1 object to scene_objects (0: none)"})
     reveal: int = field(default=400, metadata={
         "help": "phase-1 steps over which the questions come to see the background tokens"})
-    background_hidden: float = field(default=0.0, metadata={
+    background_hidden: float = field(default=1.0, metadata={
         "help": "after the reveal, every image hides a share of its background tokens from its questions, drawn "
                 "uniformly from [0, background_hidden] (0: none): the answers cannot lean on the tokens next to "
                 "an object"})
@@ -139,13 +139,14 @@ class TrainConfig:
         "help": "families whose questions carry the early-answer loss"})
     early_until: float = field(default=0.6, metadata={
         "help": "share of phase 1 over which the early-answer weight falls to 0"})
-    hop_pointer: float = field(default=0.0, metadata={
+    hop_pointer: float = field(default=0.5, metadata={
         "help": "weight of the hop-2 pointer loss (0: none): at the last question token of the families in "
                 "hop_pointer_families, the hidden state after decoder layer hop_pointer_layer, dotted with every "
                 "visual token, must point at the tokens of the object the answer is about"})
-    hop_pointer_layer: int = field(default=7, metadata={
+    hop_pointer_layer: int = field(default=5, metadata={
         "help": "decoder layer whose output the hop-2 pointer reads (one that phase 1 trains, see grow_from)"})
-    hop_pointer_families: tuple[str, ...] = field(default=("relation_attribute",), metadata={
+    hop_pointer_families: tuple[str, ...] = field(
+        default=("relation_attribute", "relation_grounding", "same_attribute"), metadata={
         "help": "multi-hop families whose questions carry the hop-2 pointer loss"})
     hop_pointer_start: int = field(default=0, metadata={
         "help": "first step that carries the hop-2 pointer loss (0: from the start)"})
