@@ -86,9 +86,9 @@ def test_unknown_grid_key():
 
 
 def test_layer_outside_the_model(tmp_path):
-    deep = {"name": "deep", "config": {"action": "prune", "scorer": "random", "stages": [{"layer": 8, "keep": 4}]}}
+    deep = {"name": "deep", "config": {"action": "prune", "scorer": "random", "stages": [{"layer": 12, "keep": 4}]}}
     db = tmp_path / "r.sqlite"
-    with pytest.raises(ValueError, match=r"config 'deep': .*layer.* 8"):
+    with pytest.raises(ValueError, match=r"config 'deep': .*layer.* 12"):
         run_grid(parse_grid(grid(configs=[deep])), db, progress=False)
     assert not db.exists()
     with pytest.raises(ValueError, match=r"relative stage layer must lie in \[0, 1\)"):

@@ -91,8 +91,8 @@ def test_costs_and_recall_per_row(study):
     s = {x.name: x for x in summarize(store)["testbed"]}
     store.close()
     assert s["unrouted"].avg_T == 144.0 and s["unrouted"].flops == pytest.approx(1.0) and s["blind"].avg_T == 0.0
-    # one stage at layer 4 of 8 keeping 14 of 144 tokens: avg_T = (4 * 144 + 4 * 14) / 8
-    assert s["prune/random/L4/k0.1"].avg_T == pytest.approx((4 * 144 + 4 * 14) / 8)
+    # one stage at layer 4 of 12 keeping 14 of 144 tokens: avg_T = (4 * 144 + 8 * 14) / 12
+    assert s["prune/random/L4/k0.1"].avg_T == pytest.approx((4 * 144 + 8 * 14) / 12)
     assert 0 < s["prune/random/L4/k0.1"].flops < 1 and 0 < s["prune/random/L4/k0.1"].kv < 1
     # equal schedules, equal budgets: prune and reroute hold the same avg_T
     assert s["prune/last_token_attention/L1-3-5/k0.1"].avg_T == s["reroute/last_token_attention/L1-3-5/k0.1"].avg_T

@@ -27,7 +27,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def items():
-    return make_items(180, seed=TEST_SEED)  # 30 of every family
+    return make_items(180, seed=TEST_SEED)  # 20 of every family
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_checkpoint_is_a_plain_llava_folder_that_loads_offline():
     assert isinstance(processor, LlavaProcessor)
     assert model.config.vision_config.model_type == "clip_vision_model"
     assert model.config.text_config.model_type == "llama"
-    assert model.config.text_config.num_hidden_layers >= 8
+    assert model.config.text_config.num_hidden_layers >= 12
     assert model.dtype == torch.float32
     image = make_items(1, seed=0)[0].image()
     inputs = processor(images=[image], text=["USER: <image>\nwhat color is the circle? ASSISTANT:"],
@@ -63,15 +63,12 @@ def unrouted(evaluator):
     return evaluator.run(None).accuracy()
 
 
-def test_unrouted_accuracy_meets_the_bar(unrouted):
+def test_unrouted_accuracy_meets_every_family_bar(unrouted):
+    from visroute.testbed.quality import UNROUTED_BARS
+
     assert set(unrouted) >= set(VISION_FAMILIES) | {"blind_solvable"}
-    assert unrouted["attribute"] >= 0.9, unrouted
-    assert unrouted["existence"] >= 0.9, unrouted
-    assert unrouted["blind_solvable"] >= 0.9, unrouted
-
-
-def test_unrouted_grounding_meets_the_bar(unrouted):
-    assert unrouted["grounding"] >= 0.6, unrouted
+    missed = {f: (round(unrouted[f], 3), bar) for f, bar in UNROUTED_BARS.items() if unrouted[f] < bar}
+    assert not missed, missed
 
 
 def test_blind_control_falls_to_the_majority_rate_except_for_the_blind_solvable_family(shipped):

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="compare pruning, rerouting and scorers on the shipped testbed model, offline")
     p.add_argument("--n", type=int, default=240, help="questions (families take turns; default 240)")
     p.add_argument("--keep", type=int, default=16, help="visual tokens FastV keeps (default 16 of 144)")
-    p.add_argument("--layer", type=int, default=0, help="layer of FastV's stage, the first of every schedule")
+    p.add_argument("--layer", type=int, default=3, help="layer of FastV's stage, the first of every schedule")
     p.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--json", help="also write the reports to this JSON file")
