@@ -149,7 +149,7 @@ class TrainConfig:
         default=("relation_attribute", "relation_grounding", "same_attribute"), metadata={
         "help": "multi-hop families whose questions carry the hop-2 pointer loss"})
     hop_pointer_start: int = field(default=0, metadata={
-        "help": "first step that carries the hop-2 pointer loss (0: from the start)"})
+        "help": "first step that carries the hop-2 pointer loss (0: from the start)", "absent": 0})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of phases 1 and 2"})
     joint_lr: float = field(default=3e-4, metadata={"help": "peak learning rate of phase 3"})
     patch_weight: float = field(default=1.0, metadata={"help": "weight of the per-patch loss in phase 3"})
@@ -931,8 +931,14 @@ def export(model, folder: str | Path) -> Path:
 
 def _recipe(cfg: dict) -> dict:
     """The settings that decide the trained weights: every field but those marked `"recipe": False`. A field
-    missing from `cfg` (a state saved before the field existed) counts as its default, which is what that run
-    did."""
-    recipe = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("recipe", True)]
-    values = {f.name: cfg.get(f.name, f.default) for f in recipe}
+    missing from `cfg` (a state saved before the field existed) counts as its `"absent"` metadata, the value that
+    does what runs did before it existed; without one it stays missing, so such a state does not match."""
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("recipe", True):
+            continue
+        if f.name in cfg:
+            values[f.name] = cfg[f.name]
+        elif "absent" in f.metadata:
+            values[f.name] = f.metadata["absent"]
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
