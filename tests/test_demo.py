@@ -8,6 +8,7 @@ import json
 import pytest
 
 from visroute.cli.demo import demo_configs
+from visroute.testbed.questions import VISION_FAMILIES
 
 
 def test_configs_share_the_fastv_budget():
@@ -38,7 +39,9 @@ def test_demo_runs_every_config(tmp_path, capsys):
         assert name in text
     reports = json.loads(out.read_text())
     assert reports["unrouted"]["flops_relative"] == 1.0
-    assert reports["unrouted"]["accuracy"]["attribute"] > reports["blind"]["accuracy"]["attribute"]
+    vision = [f for f in VISION_FAMILIES if f in reports["unrouted"]["accuracy"]]  # two items each: pooled
+    mean = {k: sum(reports[k]["accuracy"][f] for f in vision) / len(vision) for k in ("unrouted", "blind")}
+    assert mean["unrouted"] > mean["blind"] + 0.3, mean
     for name, rep in reports.items():
         if name not in ("unrouted", "blind"):
             assert rep["flops_relative"] < 0.6, name

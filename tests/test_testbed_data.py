@@ -210,9 +210,10 @@ def test_only_prior_shapes_wear_prior_colours_and_questions_use_known_words(item
         assert tok.unk_token_id not in ids
 
 
-def test_answers_are_balanced_within_each_question_form():
-    """The blind control relies on it: the words of a question do not give its answer away."""
-    items = make_items(600, seed=3, families=["existence", "counting", "attribute", "relation"])
+def test_the_generator_draws_answers_uniformly_within_each_question_form():
+    """The blind control relies on it: the words of a question do not give its answer away (training draws
+    this way; evaluation sets are balanced on top of it)."""
+    items = make_items(600, seed=3, families=["existence", "counting", "attribute", "relation"], balanced=False)
     by = {}
     for it in items:
         by.setdefault(it.template, Counter())[it.answer] += 1
@@ -238,3 +239,51 @@ def test_bordering_tokens_widen_every_hop_by_the_tokens_sharing_an_edge():
                             6 * 12 + 10, 6 * 12 + 11, 7 * 12 + 10, 7 * 12 + 11]  # column 12 is off the grid
     assert wide.relevant_tokens == sorted(set(wide.hops[0]) | set(wide.hops[1]))
     assert item.hops == [corner, block] and wide.answer == item.answer  # the item itself is left as it was
+
+
+def test_answer_choices_are_exactly_the_answers_the_generator_draws():
+    from visroute.testbed.questions import TEMPLATES, VISION_FAMILIES, answer_choices
+
+    seen: dict[tuple[str, str], set[str]] = {}
+    for it in make_items(2400, seed=8, families=list(VISION_FAMILIES), balanced=False):
+        seen.setdefault((it.family, it.template), set()).add(it.answer)
+    for fam in VISION_FAMILIES:
+        for template in TEMPLATES[fam]:
+            choices = answer_choices(fam, template)
+            if template in ("where", "related_where"):
+                assert choices is None
+            else:
+                assert set(choices) == seen[(fam, template)], (fam, template)
+    assert answer_choices("blind_solvable", "color_of_shape") is None
+    with pytest.raises(ValueError, match="unknown question form"):
+        answer_choices("attribute", "what_size")
+
+
+def test_balanced_sets_give_every_answer_of_a_form_in_turn_and_keep_their_prefixes():
+    from visroute.testbed.evaluate import majority_rates
+    from visroute.testbed.questions import TEMPLATES, answer_choices
+
+    fams = ["attribute", "counting", "relation", "same_attribute", "grounding"]
+    items = make_items(5 * 60, seed=9, families=fams)
+    assert [a.to_dict() for a in items[:45]] == [b.to_dict() for b in make_items(45, seed=9, families=fams)]
+    for fam in fams:
+        forms = Counter(it.template for it in items if it.family == fam)
+        assert set(forms) == set(TEMPLATES[fam]) and max(forms.values()) - min(forms.values()) <= 1
+        for template in TEMPLATES[fam]:
+            answers = Counter(it.answer for it in items if it.family == fam and it.template == template)
+            choices = answer_choices(fam, template)
+            if choices is None:
+                continue
+            assert set(answers) == set(choices), (template, answers)
+            assert max(answers.values()) - min(answers.values()) <= 1, (template, answers)
+    # 30 counting items per form, four answers: 8, 8, 7, 7 -> majority 8 / 30
+    assert majority_rates(items)["counting"] == pytest.approx(8 / 30)
+    assert majority_rates(items)["relation"] == pytest.approx(0.5)
+
+
+def test_a_form_or_answer_the_generator_never_draws_is_a_clear_error(monkeypatch):
+    import visroute.testbed.data as data
+
+    monkeypatch.setattr(data, "MAX_DRAWS", 30)
+    with pytest.raises(ValueError, match="answer '7'"):
+        data.make_item(1, 0, "counting", "count_color", "7")

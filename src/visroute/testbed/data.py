@@ -1,7 +1,8 @@
 """Testbed items: one image, one question, its answer and the relevance of every visual token.
 
-`make_items(n, seed)` is deterministic: item i depends only on (seed, i). Families cycle through `FAMILIES`, so
-any prefix of a set is balanced across them. `write_dataset` stores PNG images plus one `items.jsonl`;
+`make_items(n, seed)` is deterministic: item i depends only on (seed, i) (and the families asked for). Families
+cycle through `FAMILIES`, so any prefix of a set is balanced across them; within a family the question forms and
+their answers are balanced too (`balanced_target`). `write_dataset` stores PNG images plus one `items.jsonl`;
 `read_dataset` loads them back.
 
 JSONL fields: id, image (path relative to the JSONL), family, subtype, template, question, answer, box
@@ -24,7 +25,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, Question, answer_of, ask, hop_targets_of
+from visroute.testbed.questions import (
+    BOX_TEMPLATES,
+    FAMILIES,
+    TEMPLATES,
+    Question,
+    answer_choices,
+    answer_of,
+    ask,
+    hop_targets_of,
+)
 from visroute.testbed.scenes import GRID, Obj, object_tokens, random_scene, render
 
 
@@ -151,24 +161,57 @@ def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int)
     )
 
 
-def make_item(seed: int, index: int, family: str | None = None) -> Item:
-    """Item `index` of the set `seed` (family: FAMILIES[index % len(FAMILIES)] unless given)."""
+def make_item(seed: int, index: int, family: str | None = None, template: str | None = None,
+              answer: str | None = None) -> Item:
+    """Item `index` of the set `seed` (family: FAMILIES[index % len(FAMILIES)] unless given). With `template`
+    and/or `answer`, the item's draws go on until the question has that form and answer: the item is then drawn
+    from the generator's distribution given them."""
     family = family or FAMILIES[index % len(FAMILIES)]
     rng = random.Random(f"visroute-testbed:{seed}:{index}")
-    while True:
+    for _ in range(MAX_DRAWS):
         background_seed = rng.getrandbits(32)
-        questions, objs = ask(rng, random_scene(rng), [family])
-        if questions:
+        questions, objs = ask(rng, random_scene(rng), [family], templates={template} if template else None)
+        if questions and (answer is None or answer_of(questions[0], objs) == answer):
             return build_item(f"{seed}-{index:06d}", questions[0], objs, background_seed)
+    raise ValueError(f"no {family} item of form {template!r} with answer {answer!r} in {MAX_DRAWS} draws")
 
 
-def make_items(n: int, seed: int = 0, families: list[str] | None = None) -> list[Item]:
-    """`n` items of the set `seed`, families cycling through `families` (default: all of them)."""
+MAX_DRAWS = 10_000  # far above what any reachable form and answer needs (a few dozen at most)
+
+
+def balanced_target(seed: int, family: str, j: int) -> tuple[str, str | None]:
+    """The question form and answer of the `j`-th item of `family` in a balanced set: forms in turn, and within
+    a form every answer once per round, in an order shuffled per round (answer None: no finite set)."""
+    templates = TEMPLATES[family]
+    template, k = templates[j % len(templates)], j // len(templates)
+    choices = answer_choices(family, template)
+    if choices is None:
+        return template, None
+    order = list(choices)
+    random.Random(f"visroute-testbed-balance:{seed}:{family}:{template}:{k // len(order)}").shuffle(order)
+    return template, order[k % len(order)]
+
+
+def make_items(n: int, seed: int = 0, families: list[str] | None = None, balanced: bool = True) -> list[Item]:
+    """`n` items of the set `seed`, families cycling through `families` (default: all of them).
+
+    `balanced` (the default, for every evaluation set): within each family the question forms come in turn,
+    and within each form every answer once per round (`balanced_target`), so the set's majority rate per form is
+    its chance rate, and a blind control cannot gain or lose by how the answers happened to fall, as in
+    answer-balanced benchmarks (VQA v2, GQA). Each item is still drawn from the generator given its form and
+    answer. `balanced=False` draws forms and answers at random, as training does."""
     fams = list(families or FAMILIES)
     for f in fams:
         if f not in FAMILIES:
             raise ValueError(f"unknown family {f!r}; families: {', '.join(FAMILIES)}")
-    return [make_item(seed, i, fams[i % len(fams)]) for i in range(n)]
+    if not balanced:
+        return [make_item(seed, i, fams[i % len(fams)]) for i in range(n)]
+    out = []
+    for i in range(n):
+        fam = fams[i % len(fams)]
+        template, answer = balanced_target(seed, fam, i // len(fams))
+        out.append(make_item(seed, i, fam, template, answer))
+    return out
 
 
 def write_dataset(items: list[Item], out: str | Path) -> Path:

@@ -70,6 +70,22 @@ DIRECTIONS = ("left", "right", "above", "below")  # the subtypes of the relation
 DIRECTION_WORDS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 MAX_COUNT = 3
 
+
+def answer_choices(family: str, template: str) -> tuple[str, ...] | None:
+    """The answers a vision question of this form is drawn from (uniformly), or None where there is no finite set
+    to balance: boxes, and the blind-solvable family, whose answer the named shape decides."""
+    if family == "blind_solvable" or template in BOX_TEMPLATES:
+        return None
+    if template not in {t for f in VISION_FAMILIES for t in TEMPLATES[f]}:
+        raise ValueError(f"unknown question form {template!r}")
+    if template.startswith("count_"):
+        return tuple(str(n) for n in range(MAX_COUNT + 1))
+    if template in ("exists", "left", "above"):
+        return ("no", "yes")
+    if template in ("color_of_shape", "related_color", "color_of_same_shape"):
+        return tuple(sorted(COLORS))
+    return SHAPES  # shape_of_color, related_shape, shape_of_same_color
+
 Generated = tuple  # (Question, edited scene or None, the answer drawn for it)
 
 
