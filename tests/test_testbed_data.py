@@ -279,6 +279,8 @@ def test_balanced_sets_give_every_answer_of_a_form_in_turn_and_keep_their_prefix
     # 30 counting items per form, four answers: 8, 8, 7, 7 -> majority 8 / 30
     assert majority_rates(items)["counting"] == pytest.approx(8 / 30)
     assert majority_rates(items)["relation"] == pytest.approx(0.5)
+    twice = make_items(16, seed=9, families=["counting", "counting"])  # a family named twice takes turns too
+    assert sorted(it.answer for it in twice if it.template == "count_color") == ["0", "0", "1", "1", "2", "2", "3", "3"]
 
 
 def test_a_form_or_answer_the_generator_never_draws_is_a_clear_error(monkeypatch):

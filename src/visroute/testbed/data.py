@@ -161,6 +161,9 @@ def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int)
     )
 
 
+MAX_DRAWS = 10_000  # draws of one item; far above what any reachable form and answer needs (a few dozen)
+
+
 def make_item(seed: int, index: int, family: str | None = None, template: str | None = None,
               answer: str | None = None) -> Item:
     """Item `index` of the set `seed` (family: FAMILIES[index % len(FAMILIES)] unless given). With `template`
@@ -174,9 +177,6 @@ def make_item(seed: int, index: int, family: str | None = None, template: str | 
         if questions and (answer is None or answer_of(questions[0], objs) == answer):
             return build_item(f"{seed}-{index:06d}", questions[0], objs, background_seed)
     raise ValueError(f"no {family} item of form {template!r} with answer {answer!r} in {MAX_DRAWS} draws")
-
-
-MAX_DRAWS = 10_000  # far above what any reachable form and answer needs (a few dozen at most)
 
 
 def balanced_target(seed: int, family: str, j: int) -> tuple[str, str | None]:
@@ -207,9 +207,11 @@ def make_items(n: int, seed: int = 0, families: list[str] | None = None, balance
     if not balanced:
         return [make_item(seed, i, fams[i % len(fams)]) for i in range(n)]
     out = []
+    seen: dict[str, int] = {}  # items of each family so far
     for i in range(n):
         fam = fams[i % len(fams)]
-        template, answer = balanced_target(seed, fam, i // len(fams))
+        template, answer = balanced_target(seed, fam, seen.get(fam, 0))
+        seen[fam] = seen.get(fam, 0) + 1
         out.append(make_item(seed, i, fam, template, answer))
     return out
 
