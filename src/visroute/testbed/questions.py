@@ -86,6 +86,7 @@ def answer_choices(family: str, template: str) -> tuple[str, ...] | None:
         return tuple(sorted(COLORS))
     return SHAPES  # shape_of_color, related_shape, shape_of_same_color
 
+
 Generated = tuple  # (Question, edited scene or None, the answer drawn for it)
 
 
