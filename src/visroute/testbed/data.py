@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -204,14 +205,11 @@ def make_items(n: int, seed: int = 0, families: list[str] | None = None, balance
     for f in fams:
         if f not in FAMILIES:
             raise ValueError(f"unknown family {f!r}; families: {', '.join(FAMILIES)}")
-    if not balanced:
-        return [make_item(seed, i, fams[i % len(fams)]) for i in range(n)]
-    out = []
-    seen: dict[str, int] = {}  # items of each family so far
+    out, seen = [], Counter()  # seen: items of each family so far
     for i in range(n):
         fam = fams[i % len(fams)]
-        template, answer = balanced_target(seed, fam, seen.get(fam, 0))
-        seen[fam] = seen.get(fam, 0) + 1
+        template, answer = balanced_target(seed, fam, seen[fam]) if balanced else (None, None)
+        seen[fam] += 1
         out.append(make_item(seed, i, fam, template, answer))
     return out
 
