@@ -50,5 +50,19 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     wide = Evaluator(model, processor, [with_bordering_tokens(it) for it in items], progress=False)
     assert wide.run(RoutingConfig("prune", "oracle", [Stage(2, 6)])).accuracy() == acc["oracle+border"]
     assert "| oracle+border |" in text
+    # the oracle split by budget, against the items' own relevant tokens and runs on the items that fit
+    fits = [it for it in items if len(set(it.relevant_tokens)) <= 6]
+    for fam in acc["unrouted"]:
+        if fam == "all":
+            continue
+        of_fam = [it for it in items if it.family == fam]
+        assert acc["over budget"][fam] == sum(it not in fits for it in of_fam) / len(of_fam)
+    small = Evaluator(model, processor, fits, progress=False)
+    unrouted_fits = small.run(None).accuracy()
+    oracle_fits = small.run(RoutingConfig("prune", "oracle", [Stage(2, 6)])).accuracy()
+    assert acc["oracle loss, fits"].keys() == {it.family for it in fits}
+    for fam, loss in acc["oracle loss, fits"].items():
+        assert abs(loss - (unrouted_fits[fam] - oracle_fits[fam])) < 1e-9
+    assert 0 < sum(acc["over budget"].values())  # the set holds items that do not fit in 6 tokens
     assert {c["what"] for c in checks if c["family"] == "relation_grounding"} == {
         "unrouted", "blind - majority", "oracle loss @L2:6", "random loss @L2:6"}

@@ -9,15 +9,21 @@ On held-out items, greedy:
   (the tokens of every hop: the objects the question names and the ones the answer is about) loses at most
   `ORACLE_LOSS` on every family, and random selection loses at least `RANDOM_LOSS` on the multi-hop families:
   the model still reads those tokens after its first layers.
-Beside them, without a bar, the oracle that also keeps the tokens bordering each relevant one ("oracle+border",
-`with_bordering_tokens`): the tokens a box answer needs on the testbed model (TRAINING.md).
+Beside them, without a bar: the oracle that also keeps the tokens bordering each relevant one ("oracle+border",
+`with_bordering_tokens`), the tokens a box answer needs on the testbed model (TRAINING.md); and, since the oracle
+cannot keep what does not fit in `KEEP` tokens, the share of items whose relevant tokens it could not all keep
+("over budget") and its loss on the other items ("oracle loss, fits").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from visroute.testbed.questions import FAMILIES, MULTI_HOP_FAMILIES, VISION_FAMILIES
+
+if TYPE_CHECKING:
+    from visroute.testbed.evaluate import ItemResult
 
 UNROUTED_BARS = {
     "attribute": 0.95, "existence": 0.95, "counting": 0.75, "relation": 0.85, "grounding": 0.80,
@@ -51,13 +57,15 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
     oracle = RoutingConfig("prune", "oracle", [Stage(layer, keep)])
     bordered = Evaluator(evaluator.model, evaluator.processor, [with_bordering_tokens(it) for it in evaluator.items],
                          batch_size=evaluator.batch_size, progress=evaluator.progress)
+    unrouted, oracle_run = evaluator.run(None, name="unrouted"), evaluator.run(oracle, name="oracle")
     acc = {
-        "unrouted": evaluator.run(None, name="unrouted").accuracy(),
+        "unrouted": unrouted.accuracy(),
         "blind": evaluator.run(None, blind=True, name="blind").accuracy(),
-        "oracle": evaluator.run(oracle, name="oracle").accuracy(),
+        "oracle": oracle_run.accuracy(),
         "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
         "oracle+border": bordered.run(oracle, name="oracle+border").accuracy(),
         "majority": majority_rates(evaluator.items),
+        **split_by_budget(unrouted.results, oracle_run.results),
     }
     checks = []
     for fam in FAMILIES:
@@ -83,14 +91,32 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
     return checks, acc
 
 
+def split_by_budget(unrouted: list[ItemResult], oracle: list[ItemResult]) -> dict[str, dict[str, float]]:
+    """Per family, from the per-item results of the same items unrouted and under the oracle: "over budget", the
+    share of items whose relevant tokens the oracle did not all keep (retention recall below 1 in some stage), and
+    "oracle loss, fits", the oracle's loss on the other items (absent where there are none)."""
+    over: dict[str, list[bool]] = {}
+    kept: dict[str, list[float]] = {}
+    by_id = {o.id: o for o in oracle}
+    for u in unrouted:
+        o = by_id[u.id]
+        fits = all(r is None or r >= 1 - 1e-9 for r in o.recall)
+        over.setdefault(u.family, []).append(not fits)
+        if fits:
+            kept.setdefault(u.family, []).append(float(u.correct) - float(o.correct))
+    return {"over budget": {f: sum(v) / len(v) for f, v in over.items()},
+            "oracle loss, fits": {f: sum(v) / len(v) for f, v in kept.items()}}
+
+
 def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: int) -> str:
-    """A Markdown table per family (accuracy of each config, majority rate) and the list of checks."""
-    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border"]
+    """A Markdown table per family (accuracy of each config, majority rate, the oracle split by budget) and the
+    list of checks."""
+    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border", "over budget", "oracle loss, fits"]
     lines = [f"{n_items} held-out items", "", "| family | " + " | ".join(cols) + " |",
              "|---|" + "---|" * len(cols)]
     for fam in FAMILIES:
         if fam in acc["unrouted"]:
-            lines.append(f"| {fam} | " + " | ".join(f"{acc[c][fam]:.3f}" for c in cols) + " |")
+            lines.append(f"| {fam} | " + " | ".join(f"{acc[c][fam]:.3f}" if fam in acc[c] else "-" for c in cols) + " |")
     lines += ["", "| family | check | value | bar | met |", "|---|---|---|---|---|"]
     for c in checks:
         value = f"{c.value:+.3f}" if c.what not in ("unrouted", "blind") else f"{c.value:.3f}"
