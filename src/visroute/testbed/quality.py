@@ -116,7 +116,8 @@ def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: 
              "|---|" + "---|" * len(cols)]
     for fam in FAMILIES:
         if fam in acc["unrouted"]:
-            lines.append(f"| {fam} | " + " | ".join(f"{acc[c][fam]:.3f}" if fam in acc[c] else "-" for c in cols) + " |")
+            cells = (f"{acc[c][fam]:.3f}" if fam in acc[c] else "-" for c in cols)
+            lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     lines += ["", "| family | check | value | bar | met |", "|---|---|---|---|---|"]
     for c in checks:
         value = f"{c.value:+.3f}" if c.what not in ("unrouted", "blind") else f"{c.value:.3f}"
