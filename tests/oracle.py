@@ -92,6 +92,8 @@ def masked_run(model, inputs, image_token_id, stages, action, generated=None, po
     stages:    list of (layer, active), active a (B, Nv) bool tensor of the visual tokens active from that layer.
                From each stage layer on, inactive visual tokens are masked out as keys for every query; under
                reroute their layer output is also replaced by their layer input (residual bypass).
+    action:    "prune" or "reroute", or one per stage (a config whose stages name their own action): the bypass
+               applies in the layers of a reroute stage.
     generated: (B, T) tokens that follow the prompt (the decode steps of `generate`): text, active everywhere.
     position_ids: the position ids the decoder runs with (default: those the unmodified model computes)
     """
@@ -122,6 +124,9 @@ def masked_run(model, inputs, image_token_id, stages, action, generated=None, po
         return a
 
     stage_at = {layer: act for layer, act in stages}
+    actions = [action] * len(stages) if isinstance(action, str) else list(action)
+    action_at = {layer: a for (layer, _), a in zip(stages, actions)}
+    current = "prune"  # before the first stage every token runs: no bypass to apply
     present = valid.clone()
     h = embeds
     hidden, presents, captured = [h], [], None
@@ -129,6 +134,7 @@ def masked_run(model, inputs, image_token_id, stages, action, generated=None, po
     for li, layer in enumerate(lm.layers):
         if li in stage_at:
             present = token_active(stage_at[li])
+            current = action_at[li]
         presents.append(present)
         allowed = causal[None] & present[:, None, :]
         mask = torch.zeros(b, 1, length, length, dtype=h.dtype).masked_fill(~allowed[:, None], torch.finfo(h.dtype).min)
@@ -142,7 +148,7 @@ def masked_run(model, inputs, image_token_id, stages, action, generated=None, po
             hook.remove()
             captured = holder["w"]
         out = out[0] if isinstance(out, tuple) else out
-        h = torch.where(present[..., None], out, h) if action == "reroute" else out
+        h = torch.where(present[..., None], out, h) if current == "reroute" else out
         if deepstack is not None and li < len(deepstack):
             h = h.clone()
             h[deep_mask] = h[deep_mask] + deepstack[li].to(h.dtype)

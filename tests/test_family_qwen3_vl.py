@@ -98,11 +98,14 @@ def test_bypassed_tokens_carry_their_features_and_resume_with_them(name, monkeyp
     original = Qwen3VLAdapter.after_layer
 
     def compact_rows_only(self, layer_index, hidden, index, valid, state):
-        action, state.record.action = state.record.action, "prune"  # skips the carried states
+        actions = [st.action for st in state.record.stages]
+        for st in state.record.stages:  # as if every stage pruned: skips the carried states
+            st.action = "prune"
         try:
             return original(self, layer_index, hidden, index, valid, state)
         finally:
-            state.record.action = action
+            for st, action in zip(state.record.stages, actions):
+                st.action = action
 
     monkeypatch.setattr(Qwen3VLAdapter, "after_layer", compact_rows_only)
     with apply_routing(model, cfg) as router, torch.no_grad(), router.replaying(record):

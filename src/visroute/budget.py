@@ -32,7 +32,8 @@ def active_per_layer(
     schedule: RoutingConfig | Sequence[Stage], num_layers: int, num_visual: int, action: str | None = None
 ) -> list[int]:
     """Visual tokens active in each decoder layer for a sample with `num_visual` visual tokens, as the engine
-    runs it: under prune a stage can keep at most what the previous stage kept; under reroute at most all."""
+    runs it: a prune stage can keep at most what the previous stage kept; a reroute stage at most what no prune
+    stage removed. `action` overrides the config's (stages naming their own action keep it)."""
     stages = _stages_of(schedule)
     if action is None:
         action = schedule.action if isinstance(schedule, RoutingConfig) else "prune"
@@ -40,11 +41,14 @@ def active_per_layer(
         raise ValueError(f"Unknown action {action!r}; choose one of {', '.join(ACTIONS)}")
     _check_layers([s.layer for s in stages], num_layers)
     at = {s.layer: s for s in stages}
-    active, out = num_visual, []
+    active, alive, out = num_visual, num_visual, []
     for layer in range(num_layers):
         if layer in at:
-            cap = active if action == "prune" else num_visual
+            stage_action = at[layer].action or action
+            cap = active if stage_action == "prune" else alive
             active = min(at[layer].keep_count(num_visual), cap)
+            if stage_action == "prune":
+                alive = active
         out.append(active)
     return out
 

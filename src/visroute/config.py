@@ -12,7 +12,8 @@ import torch
 from visroute.tensors import floor_keep
 
 ACTIONS = ("prune", "reroute")
-_STAGE_FIELDS = ("layer", "keep", "scorer", "scorer_options", "score_layer", "merge", "merge_options")
+DEFAULT_REENTRY = "reference"
+_STAGE_FIELDS = ("layer", "keep", "scorer", "scorer_options", "score_layer", "merge", "merge_options", "action")
 
 
 def check_increasing(layers: list[int] | tuple[int, ...]) -> None:
@@ -39,6 +40,10 @@ class Stage:
                                `layer` itself.
       merge, merge_options     a stage at layer 0 may merge what it drops into what it keeps (a registered
                                merge, `visroute.merge`): kept tokens enter the decoder with merged features.
+      action                   "prune" or "reroute" for this stage instead of the config's: a prune stage
+                               chooses among the tokens active before it and the rest are gone for good; a
+                               reroute stage chooses among every token no earlier prune stage removed (Nüwa +
+                               Reroute: prune and merge at layer 0, then reroute among the survivors).
     """
 
     layer: int
@@ -48,8 +53,11 @@ class Stage:
     score_layer: int | None = None
     merge: str | None = None
     merge_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    action: str | None = None
 
     def __post_init__(self) -> None:
+        if self.action is not None and self.action not in ACTIONS:
+            raise ValueError(f"Unknown stage action {self.action!r}; choose one of {', '.join(ACTIONS)}")
         if not _is_int(self.layer):
             raise TypeError(f"Stage.layer must be an int, got {self.layer!r}")
         if self.layer < 0:
@@ -124,18 +132,26 @@ class RoutingConfig:
     """What to do with the visual tokens: `action` ("prune" or "reroute"), the registered `scorer` that ranks
     them (a stage may name its own), the `stages` of the schedule (strictly increasing layers), the scorer's
     `scorer_options`, and `family_options` for the model family's adapter (e.g. LLaVA-NeXT's newline tokens).
-    `RoutingConfig()` has no stage: every visual token stays active (keep-all)."""
+    `reentry` names the re-entry policy of the reroute stages (`visroute.reentry`: "reference", the plain top
+    `keep` over all candidates, or one that keeps some of a pruning cascade's filtering) with its
+    `reentry_options`. `RoutingConfig()` has no stage: every visual token stays active (keep-all)."""
 
     action: str = "prune"
     scorer: str = "last_token_attention"
     stages: list[Stage] = field(default_factory=list)
     scorer_options: dict[str, Any] = field(default_factory=dict)
     family_options: dict[str, Any] = field(default_factory=dict)
+    reentry: str = DEFAULT_REENTRY
+    reentry_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"Unknown action {self.action!r}; choose one of {', '.join(ACTIONS)}")
+        from visroute.reentry import get_reentry_class
         from visroute.scoring import get_scorer_class
+
+        self.reentry_options = dict(self.reentry_options or {})
+        get_reentry_class(self.reentry).check_options(self.reentry_options)
 
         self.scorer_options = dict(self.scorer_options or {})
         self.family_options = dict(self.family_options or {})
@@ -149,6 +165,18 @@ class RoutingConfig:
                     f"(layer {prev.layer}) has chosen its tokens; score_layer must lie in {prev.layer}..{cur.layer}"
                 )
         self.stages = stages
+        if (self.reentry != DEFAULT_REENTRY or self.reentry_options) and stages and \
+                "reroute" not in self.stage_actions:
+            raise ValueError(f"The re-entry policy {self.reentry!r} applies to reroute stages; this config has none")
+
+    def action_of(self, stage: Stage) -> str:
+        """The action of `stage`: its own, else the config's."""
+        return stage.action or self.action
+
+    @property
+    def stage_actions(self) -> list[str]:
+        """Each stage's action, in schedule order."""
+        return [self.action_of(s) for s in self.stages]
 
     def scorer_of(self, stage: Stage) -> tuple[str, dict[str, Any]]:
         """(scorer name, options) that rank `stage`: its own, else the config's."""
@@ -173,11 +201,15 @@ class RoutingConfig:
         }
         if self.family_options:
             out["family_options"] = dict(self.family_options)
+        if self.reentry != DEFAULT_REENTRY or self.reentry_options:  # only when set, so older configs stay as they were
+            out["reentry"] = self.reentry
+            out["reentry_options"] = dict(self.reentry_options)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoutingConfig":
-        unknown = set(data) - {"action", "scorer", "stages", "scorer_options", "family_options"}
+        unknown = set(data) - {"action", "scorer", "stages", "scorer_options", "family_options", "reentry",
+                               "reentry_options"}
         if unknown:
             raise ValueError(f"Unknown RoutingConfig fields: {sorted(unknown)}")
         stages = data.get("stages") or []
@@ -189,6 +221,8 @@ class RoutingConfig:
             stages=[Stage.from_dict(s) if isinstance(s, dict) else s for s in stages],
             scorer_options=data.get("scorer_options") or {},
             family_options=data.get("family_options") or {},
+            reentry=data.get("reentry") or DEFAULT_REENTRY,
+            reentry_options=data.get("reentry_options") or {},
         )
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -226,8 +260,8 @@ def _parse_keep(text: str) -> int | float:
 
 def parse_stages(spec: str) -> list[Stage]:
     """Parse the command-line form of a schedule: stages separated by ",", each `layer:keep` (keep with a "."
-    is a fraction, else a count) followed by optional `:key=value` parts for `scorer`, `score_layer` and `merge`,
-    e.g. "0:112:scorer=vision_cls_attention,16:16:score_layer=15". Per-stage options need a YAML config."""
+    is a fraction, else a count) followed by optional `:key=value` parts for `scorer`, `score_layer`, `merge` and
+    `action`, e.g. "0:112:scorer=vision_cls_attention,16:16:score_layer=15". Per-stage options need a YAML config."""
     import yaml
 
     stages = []
@@ -242,8 +276,8 @@ def parse_stages(spec: str) -> list[Stage]:
             extras: dict[str, Any] = {}
             for piece in pieces[2:]:
                 key, sep, value = piece.partition("=")
-                if not sep or key not in ("scorer", "score_layer", "merge"):
-                    raise ValueError(f"{piece!r} is not scorer=..., score_layer=... or merge=...")
+                if not sep or key not in ("scorer", "score_layer", "merge", "action"):
+                    raise ValueError(f"{piece!r} is not scorer=..., score_layer=..., merge=... or action=...")
                 extras[key] = yaml.safe_load(value)
             stages.append(Stage(layer=int(pieces[0]), keep=_parse_keep(pieces[1]), **extras))
         except (TypeError, ValueError) as e:

@@ -46,6 +46,7 @@ from visroute.config import RoutingConfig
 from visroute.families import CallInputs, FamilyAdapter, adapter_for
 from visroute.merge import Merge, get_merge_class
 from visroute.record import RoutingRecord, StageRecord, VisualLayout
+from visroute.reentry import ReentryPolicy, build_reentry, select_top
 from visroute.scoring import build_scorer
 from visroute.scoring.base import Scorer, StageContext
 from visroute.tensors import compact_index, gather_rows, scatter_rows_
@@ -63,18 +64,6 @@ def _causal_mask(key_valid: torch.Tensor, n_query: int, eager: bool, dtype: torc
             ~allowed, torch.finfo(dtype).min
         )
     return allowed
-
-
-def select_top(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(B, Nv) bool: per sample the `min(keep, #candidates)` candidates with the highest scores (ties go to the
-    lower index)."""
-    big = torch.finfo(torch.float32).max
-    s = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big)
-    s = torch.where(candidates, s, torch.full_like(s, float("-inf")))
-    k = torch.minimum(keep, candidates.sum(1))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    take = torch.arange(s.shape[1], device=s.device)[None, :] < k[:, None]
-    return torch.zeros_like(candidates).scatter_(1, order, take)
 
 
 # Keyword inputs the text decoder may receive that routing handles (the output flags must be off).
@@ -97,6 +86,7 @@ class _Prefill:
     input_ids: torch.Tensor | None  # (B, L)
     record: RoutingRecord
     active: torch.Tensor  # (B, Nv) the visual tokens active in the current segment
+    alive: torch.Tensor  # (B, Nv) the visual tokens no prune stage has removed: a reroute stage's candidates
     decoder_kwargs: dict[str, Any]  # the family's own decoder inputs (FamilyAdapter.decoder_inputs)
     pending: dict[int, tuple]  # stage index -> (scores, their FLOPs) taken at its earlier score_layer
 
@@ -122,6 +112,7 @@ class Router:
         self._stage_merges: list[Merge | None] = [
             get_merge_class(st.merge)(**st.merge_options) if st.merge else None for st in config.stages
         ]
+        self.reentry: ReentryPolicy = build_reentry(config.reentry, config.reentry_options)
         self.last_record: RoutingRecord | None = None
         self.measure_scorer_flops = measure_scorer_flops
         self._pending: CallInputs | None = None
@@ -360,11 +351,12 @@ class Router:
                 active_tokens=torch.zeros(num_layers, b, dtype=torch.long),
                 active_visual=torch.zeros(num_layers, b, dtype=torch.long),
             ),
-            active=layout.valid.clone(), decoder_kwargs=family_kwargs, pending={},
+            active=layout.valid.clone(), alive=layout.valid.clone(), decoder_kwargs=family_kwargs, pending={},
         )
         record, full = state.record, state.full
         for part in self._parts():
             part.begin_prefill()
+        self.reentry.begin_prefill()
         cache, room, progress = self._prefill_cache(given_cache, use_cache, length, dev)
         kv_valid: list[torch.Tensor] = []
         stage_at = {s.layer: i for i, s in enumerate(cfg.stages)}
@@ -379,7 +371,7 @@ class Router:
             if start in stage_at:
                 state.active = self._run_stage(stage_at[start], state)
             for i in scores_at.get(start, []):
-                state.pending[i] = self._score(i, state, self._candidates(state))
+                state.pending[i] = self._score(i, state, self._candidates(i, state))
             active = state.active
             present = state.text.clone().scatter_(1, layout.positions, active)
             present[:, length] = False  # (B, L+1): the tokens that run in this segment
@@ -429,10 +421,12 @@ class Router:
         cache.layers = [None] * self.adapter.num_layers  # each filled by the prefill before its layer runs
         return cache, room, Progress(0, dev, static)
 
-    def _candidates(self, state: _Prefill) -> torch.Tensor:
-        """(B, Nv) the visual tokens a stage may choose among: prune, the ones active so far; reroute, all. Pinned
-        tokens (always active, e.g. LLaVA-NeXT's newline tokens when kept) are never candidates."""
-        candidates = state.active if self.config.action == "prune" else state.layout.valid
+    def _candidates(self, i: int, state: _Prefill) -> torch.Tensor:
+        """(B, Nv) the visual tokens stage i may choose among: a prune stage, the ones active so far; a reroute
+        stage, every one no earlier prune stage removed. Pinned tokens (always active, e.g. LLaVA-NeXT's newline
+        tokens when kept) are never candidates."""
+        prune = self.config.action_of(self.config.stages[i]) == "prune"
+        candidates = state.active if prune else state.alive
         if state.layout.pinned is not None:
             candidates = candidates & ~state.layout.pinned
         return candidates
@@ -456,7 +450,7 @@ class Router:
     def _context(self, i: int, state: _Prefill, candidates, key_mask, layer_index: int) -> StageContext:
         stage = self.config.stages[i]
         return StageContext(
-            stage_index=i, layer_index=layer_index, action=self.config.action, layer=self.adapter.layers[layer_index],
+            stage_index=i, layer_index=layer_index, action=self.config.action_of(stage), layer=self.adapter.layers[layer_index],
             hidden=state.full, inputs_embeds=state.embeds_x, valid=state.valid_x, text=state.text,
             layout=state.layout, candidates=candidates, key_mask=key_mask, cos=state.cos, sin=state.sin,
             last_index=state.last_index, input_ids=state.input_ids, adapter=self.adapter, extras=self._extras,
@@ -468,7 +462,8 @@ class Router:
         returns the new (B, Nv) active set."""
         stage, layout = self.config.stages[i], state.layout
         counts = layout.counts
-        candidates = self._candidates(state)
+        action = self.config.action_of(stage)
+        candidates = self._candidates(i, state)
         pinned = layout.pinned if layout.pinned is not None else torch.zeros_like(candidates)
         requested = stage.keep_counts(counts)
         scores, scorer_flops = None, None
@@ -482,7 +477,13 @@ class Router:
             else:
                 scores, scorer_flops = self._score(i, state, candidates)
             # pinned tokens count towards the budget: the candidates fill what they leave
-            new = select_top(scores, candidates, (requested - pinned.sum(1)).clamp(min=0)) | pinned
+            budget = (requested - pinned.sum(1)).clamp(min=0)
+            if action == "reroute":
+                new = self.reentry.select(scores, candidates, state.active & ~pinned, budget) | pinned
+            else:
+                new = select_top(scores, candidates, budget) | pinned
+        if action == "prune":
+            state.alive = new.clone()
         merge = self._stage_merges[i]
         if merge is not None:
             key_mask = state.text.clone().scatter_(1, layout.positions, candidates)
@@ -494,7 +495,7 @@ class Router:
             StageRecord(layer=stage.layer, keep=stage.keep, active=new.cpu(), requested=requested.cpu(),
                         candidates=candidates.sum(1).cpu(), num_visual=counts.cpu(),
                         scores=None if scores is None else scores.detach().float().cpu(), scorer_flops=scorer_flops,
-                        score_layer=stage.scoring_layer)
+                        score_layer=stage.scoring_layer, action=action)
         )
         return new
 

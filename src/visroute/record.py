@@ -46,7 +46,8 @@ class StageRecord:
     """One stage of a prefill. `active` (B, Nv) marks the visual tokens that ran in this stage;
     `requested` the keep count each sample asked for, `candidates` how many tokens it could choose from;
     `scores` what the scorer returned (None when the decisions were replayed); `scorer_flops` the FLOPs the
-    scoring took, when the router measures them; `score_layer` the layer the scores were taken at."""
+    scoring took, when the router measures them; `score_layer` the layer the scores were taken at; `action`
+    the stage's action ("prune" or "reroute")."""
 
     layer: int
     keep: int | float
@@ -57,6 +58,7 @@ class StageRecord:
     scores: torch.Tensor | None = None
     scorer_flops: int | None = None
     score_layer: int | None = None
+    action: str | None = None
 
     @property
     def selected(self) -> list[torch.Tensor]:
@@ -71,6 +73,29 @@ class StageRecord:
     @property
     def kept(self) -> torch.Tensor:
         return self.active.sum(1)
+
+
+@dataclass
+class Decision:
+    """What one stage changed, per sample (B,): `evicted` tokens active in the segment before it and inactive
+    after it; `readmitted` tokens inactive before it and active after it (only a reroute stage re-admits);
+    `ages` per sample the age of each re-admitted token, in layers it skipped since it last ran (a token never run
+    since the first stage counts from that stage's layer); with relevance given, `relevant_evicted` and
+    `relevant_readmitted` count the relevant tokens among them (else None)."""
+
+    layer: int
+    action: str | None
+    evicted: torch.Tensor
+    readmitted: torch.Tensor
+    ages: list[list[int]]
+    relevant_evicted: torch.Tensor | None = None
+    relevant_readmitted: torch.Tensor | None = None
+
+    @property
+    def mean_age(self) -> float:
+        """Mean age over every re-admitted token of the batch (nan when none)."""
+        ages = [a for row in self.ages for a in row]
+        return float(sum(ages) / len(ages)) if ages else float("nan")
 
 
 @dataclass
@@ -109,3 +134,34 @@ class RoutingRecord:
     def avg_T(self) -> float:
         """avg_T averaged over the batch."""
         return float(self.avg_visual_tokens.mean())
+
+    def decisions(self, relevance: list[torch.Tensor | None] | None = None) -> list[Decision]:
+        """One `Decision` per stage: tokens evicted and re-admitted, the age of re-entrants, and (where
+        `relevance` gives per sample a (Nv,) mask or weights, > 0 meaning relevant) the relevant ones among them.
+        Computed from the stages' `active` sets alone."""
+        if not self.stages:
+            return []
+        nv = self.stages[0].active.shape[1]
+        before = torch.arange(nv)[None, :] < self.num_visual[:, None]  # every token runs before the first stage
+        # the layer each token last ran up to (exclusive), per sample: the first stage's layer for all at first
+        last_ran = torch.full(before.shape, self.stages[0].layer, dtype=torch.long)
+        relevant = None
+        if relevance is not None:
+            relevant = torch.zeros_like(before)
+            for b, r in enumerate(relevance):
+                if r is not None:
+                    r = torch.as_tensor(r).flatten().cpu()
+                    relevant[b, :r.shape[0]] = r > 0
+        out = []
+        for i, st in enumerate(self.stages):
+            cur = st.active.cpu().bool()
+            evicted, readmitted = before & ~cur, cur & ~before
+            ages = [(st.layer - last_ran[b][readmitted[b]]).tolist() for b in range(cur.shape[0])]
+            out.append(Decision(
+                layer=st.layer, action=st.action, evicted=evicted.sum(1), readmitted=readmitted.sum(1), ages=ages,
+                relevant_evicted=None if relevant is None else (evicted & relevant).sum(1),
+                relevant_readmitted=None if relevant is None else (readmitted & relevant).sum(1)))
+            end = self.stages[i + 1].layer if i + 1 < len(self.stages) else self.num_layers
+            last_ran = torch.where(cur, torch.full_like(last_ran, end), last_ran)
+            before = cur
+        return out

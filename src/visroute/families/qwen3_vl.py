@@ -138,7 +138,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         feats = hidden.new_zeros(b, length + 1, hidden.shape[-1])
         feats[:, :length][mask.to(hidden.device)] = deep[layer_index].to(hidden.device, hidden.dtype)
         hidden = hidden + gather_rows(feats, index)
-        if state.record.action == "reroute":
+        if any(st.action == "reroute" for st in state.record.stages):  # a bypassed token may come back
             layout, full = state.layout, state.full
             dummy = torch.full_like(layout.positions, length)
             carried = torch.where(layout.valid & ~state.active, layout.positions, dummy)
