@@ -61,7 +61,7 @@ def test_every_method_reaches_its_tier(shape, layers, visual, family, name):
 @pytest.mark.parametrize("shape,layers,visual,family", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
 def test_each_reroute_variant_runs_at_exactly_its_bases_avg_T(shape, layers, visual, family):
     variants = [m for m in METHODS.values() if m.base is not None]
-    assert {m.name for m in variants} == {"reroute-fastv", "reroute-pdrop", "reroute-nuwa"}
+    assert {m.name for m in variants} == {"reroute-fastv", "reroute-pdrop", "reroute-nuwa", "reroute-nuwa-layer0"}
     for m in variants:
         for tier in TIERS:
             cfg = m.config(tier, layers, visual, family)
@@ -80,8 +80,11 @@ def test_the_papers_layers_and_signals():
         assert (second.layer, second.keep, second.score_layer) == (16, k2, 15)
         assert nuwa[tier].scorer == "last_token_attention" and nuwa[tier].scorer_options == {}
     rr = method_config("reroute-nuwa@64", 32, 576)
-    assert [(s.layer, s.keep, s.score_layer) for s in rr.stages] == [
-        (0, 112, None), (16, 16, 15), (20, 16, 19), (24, 16, 23), (28, 16, 27)]
+    assert [(s.layer, s.keep, s.score_layer, s.action) for s in rr.stages] == [
+        (0, 112, None, "prune"), (16, 16, 15, None), (20, 16, None, None), (24, 16, None, None), (28, 16, None, None)]
+    rr = method_config("reroute-nuwa-layer0@64:scoring=previous", 32, 576)
+    assert [(s.layer, s.keep, s.score_layer, s.action) for s in rr.stages] == [
+        (0, 112, None, None), (16, 16, 15, None), (20, 16, 19, None), (24, 16, 23, None), (28, 16, 27, None)]
     qwen = method_config("nuwa@64", 28, 576, "qwen2_5_vl")
     assert [(s.layer, s.score_layer) for s in qwen.stages] == [(0, None), (15, 14)]
     assert qwen.scorer_options == {"queries": 3, "heads": "max"} and qwen.stages[0].merge_options == {"variant": "qwen"}

@@ -5,6 +5,7 @@
     cfg = method_config("nuwa@64", num_layers=32, num_visual=576)                 # LLaVA-1.5-7B
     cfg = method_config("pdrop@128", 28, 391, family="qwen2_5_vl")                 # Qwen2.5-VL-7B, a 640x480 image
     cfg = method_preset("reroute-nuwa", 64, "llava-1.5-7b")                        # by bench shape name
+    cfg = method_config("reroute-fastv@128:scoring=previous:reentry=hysteresis", 32, 576)   # with options
     for name, m in methods().items(): print(name, m.description)
 
 Every config is solved with integer keeps (`visroute.budget.solve`) so that its avg_T (the mean over decoder
@@ -13,13 +14,20 @@ runs at exactly the avg_T of its base method. Stage layers are the papers' on a 
 depths by round(l x L / 32) (FastV's K = 3 is a fixed depth), except where a family has its own released
 schedule (Nüwa on Qwen2.5-VL). `visroute.budget.preset` keeps the Reroute reference code's configs (scores taken
 at the decision layer itself); the methods here follow each paper's own convention, said in each description.
+
+The Reroute variants take options (`NAME@TIER:key=value:...`): `scoring` says where a re-selection takes its
+scores: "decision" (default: the decision layer's own attention, as the Reroute reference code,
+elmma/mllm-reroute `models/router.py`, scores every decision) or "previous" (layer l-1, FastV's K-1 convention
+carried over); the first decision is always scored as the base method scores it. `reentry` names the re-entry
+policy of the reroute stages (`visroute.reentry`; default "reference", the plain top keep).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from visroute.budget import (
     FASTV_LAYER,
@@ -33,28 +41,56 @@ from visroute.budget import (
     solve,
 )
 from visroute.config import RoutingConfig, Stage
+from visroute.options import HasOptions, NoOptions, option
 
-Builder = Callable[[float, int, int, "str | None"], RoutingConfig]
+Builder = Callable[[float, int, int, "str | None", Any], RoutingConfig]
+SCORING = ("decision", "previous")
+
+
+@dataclass(frozen=True)
+class RerouteOptions:
+    """Options of the Reroute variants (see the module docstring)."""
+
+    scoring: str = option("decision", "where re-selections take their scores: the decision layer itself (the "
+                          "Reroute reference code) or the layer before it (FastV's K-1)", choices=SCORING)
+    reentry: str = option("reference", "re-entry policy of the reroute stages (visroute.reentry)")
+
+    def __post_init__(self):
+        from visroute.reentry import get_reentry_class
+
+        get_reentry_class(self.reentry)  # an unknown policy names the registered ones
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named method. `config(tier, num_layers, num_visual, family)` solves it; `base` is the method a Reroute
-    variant is matched to (same avg_T), None for the others."""
+    """A named method. `config(tier, num_layers, num_visual, family, **options)` solves it; `base` is the method a
+    Reroute variant is matched to (same avg_T), None for the others; `Options` its typed options."""
 
     name: str
     description: str
     build: Builder
     base: str | None = None
+    Options: type = NoOptions
 
-    def config(self, tier: float, num_layers: int, num_visual: int, family: str | None = None) -> RoutingConfig:
+    def build_options(self, options: dict[str, Any] | None = None) -> Any:
+        """The typed options from a plain dict; unknown names, wrong types and values are errors naming them."""
+        holder = type("MethodOptions", (HasOptions,), {"name": self.name, "kind": "method", "Options": self.Options})
+        return holder.build_options(options)
+
+    def option_specs(self):
+        holder = type("MethodOptions", (HasOptions,), {"name": self.name, "kind": "method", "Options": self.Options})
+        return holder.option_specs()
+
+    def config(self, tier: float, num_layers: int, num_visual: int, family: str | None = None,
+               **options: Any) -> RoutingConfig:
+        opts = self.build_options(options)
         if num_layers <= 0 or num_visual <= 0:
             raise ValueError(f"{self.name} needs a positive number of layers and visual tokens, got {num_layers} "
                              f"and {num_visual}")
         if not 0 < tier <= num_visual:
             raise ValueError(f"{self.name}@{tier:g} is out of reach: avg_T lies in (0, {num_visual}] for an image "
                              f"of {num_visual} visual tokens")
-        return self.build(tier, num_layers, num_visual, family)
+        return self.build(tier, num_layers, num_visual, family, opts)
 
 
 # ---- FastV and PyramidDrop ---------------------------------------------------------------------------------------
@@ -62,19 +98,31 @@ def _fastv_keep(tier: float, num_layers: int, num_visual: int) -> int:
     return solve(Shape.fastv(FASTV_LAYER), num_layers, num_visual, tier).keeps[0]
 
 
-def _fastv(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _fastv(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     keep = _fastv_keep(tier, num_layers, num_visual)
     return RoutingConfig("prune", "last_token_attention", [Stage(FASTV_LAYER, keep, score_layer=FASTV_LAYER - 1)])
 
 
-def _reroute_fastv(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _rescored(first: Stage, later: list[Stage], opts: RerouteOptions) -> list[Stage]:
+    """The first decision as the base method scores it; the re-selections at the decision layer itself, or at
+    the layer before it (`scoring="previous"`)."""
+    if opts.scoring == "previous":
+        later = [Stage(s.layer, s.keep, score_layer=s.layer - 1) for s in later]
+    return [first, *later]
+
+
+def _reroute_config(stages: list[Stage], opts: RerouteOptions, **kw) -> RoutingConfig:
+    return RoutingConfig("reroute", "last_token_attention", stages, reentry=opts.reentry, **kw)
+
+
+def _reroute_fastv(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     keep = _fastv_keep(tier, num_layers, num_visual)
-    layers = [FASTV_LAYER] + [l for l in scale_layers(REROUTE_FASTV_RESELECT, num_layers) if l > FASTV_LAYER]
-    return RoutingConfig("reroute", "last_token_attention",
-                         [Stage(l, keep, score_layer=l - 1) for l in sorted(set(layers))])
+    later = sorted({l for l in scale_layers(REROUTE_FASTV_RESELECT, num_layers) if l > FASTV_LAYER})
+    first = Stage(FASTV_LAYER, keep, score_layer=FASTV_LAYER - 1)
+    return _reroute_config(_rescored(first, [Stage(l, keep) for l in later], opts), opts)
 
 
-def _pdrop(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _pdrop(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     return solve(Shape.pdrop(scale_layers(PDROP_LAYERS, num_layers)), num_layers, num_visual, tier).config("prune")
 
 
@@ -87,14 +135,14 @@ def _exactly(shape: Shape, num_layers: int, num_visual: int, target: float):
     return None
 
 
-def _reroute_pdrop(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _reroute_pdrop(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     base = _pdrop(tier, num_layers, num_visual, family)
     target = schedule_avg_T(base, num_layers, num_visual)
     layers = scale_layers(PDROP_LAYERS, num_layers)
     sol = _exactly(Shape.weighted(layers, REROUTE_PDROP_WEIGHTS), num_layers, num_visual, target)
-    if sol is None:  # no [a, a, a/2, a/4] keeps land on the base's avg_T: its own counts, re-selected
-        return RoutingConfig("reroute", "last_token_attention", [Stage(s.layer, s.keep) for s in base.stages])
-    return sol.config("reroute")
+    # no [a, a, a/2, a/4] keeps landing on the base's avg_T: its own counts, re-selected
+    stages = [Stage(s.layer, s.keep) for s in (base.stages if sol is None else sol.stages)]
+    return _reroute_config(_rescored(stages[0], stages[1:], opts), opts)
 
 
 # ---- SparseVLM, VisionZip, DART, DivPrune ------------------------------------------------------------------------
@@ -106,7 +154,7 @@ def _nearest(tier: float, table) -> int:
     return min(table, key=lambda t: (abs(t - tier), t))
 
 
-def _sparsevlm(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _sparsevlm(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     counts = SPARSEVLM_KEEPS[_nearest(tier, SPARSEVLM_KEEPS)]
     scored = scale_layers(SPARSEVLM_LAYERS, num_layers)
     layers = [l + 1 for l in scored]
@@ -116,7 +164,7 @@ def _sparsevlm(tier, num_layers, num_visual, family) -> RoutingConfig:
 
 
 def _before_decoder(scorer: str, merge: str | None = None) -> Builder:
-    def build(tier, num_layers, num_visual, family) -> RoutingConfig:
+    def build(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
         keep = int(math.floor(tier + 0.5))
         return RoutingConfig("prune", scorer, [Stage(0, keep, merge=merge)])
     return build
@@ -125,7 +173,7 @@ def _before_decoder(scorer: str, merge: str | None = None) -> Builder:
 DART_LAYER = 2
 
 
-def _dart(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _dart(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     sol = solve(Shape.fastv(DART_LAYER), num_layers, num_visual, tier)
     return RoutingConfig("prune", "duplication", sol.stages, scorer_options={"pivot_visual": 4, "pivot_text": 4})
 
@@ -179,7 +227,7 @@ def _nuwa_stage1(plan: NuwaPlan, family: str | None) -> Stage:
                  merge_options=merge_options)
 
 
-def _nuwa(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _nuwa(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     plan = nuwa_plan(tier, num_layers, num_visual, family)
     return RoutingConfig("prune", "last_token_attention",
                          [_nuwa_stage1(plan, family), Stage(plan.layer2, plan.keep2, score_layer=plan.layer2 - 1)],
@@ -192,11 +240,24 @@ def reroute_nuwa_layers(layer2: int, num_layers: int, decisions: int = REROUTE_N
     return sorted({layer2 + int(math.floor(i * span / decisions + 0.5)) for i in range(decisions)})
 
 
-def _reroute_nuwa(tier, num_layers, num_visual, family) -> RoutingConfig:
+def _nuwa_decisions(plan: NuwaPlan, num_layers: int, opts: RerouteOptions) -> list[Stage]:
+    """Stage 2's decisions: the first scored as Nüwa scores stage 2 (one layer before), the others by `scoring`."""
+    layers = reroute_nuwa_layers(plan.layer2, num_layers)
+    first = Stage(layers[0], plan.keep2, score_layer=layers[0] - 1)
+    return _rescored(first, [Stage(l, plan.keep2) for l in layers[1:]], opts)
+
+
+def _reroute_nuwa(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
     plan = nuwa_plan(tier, num_layers, num_visual, family)
-    later = [Stage(l, plan.keep2, score_layer=l - 1) for l in reroute_nuwa_layers(plan.layer2, num_layers)]
-    return RoutingConfig("reroute", "last_token_attention", [_nuwa_stage1(plan, family), *later],
-                         scorer_options=plan.stage2_options)
+    stage1 = dataclasses.replace(_nuwa_stage1(plan, family), action="prune")
+    return _reroute_config([stage1, *_nuwa_decisions(plan, num_layers, opts)], opts,
+                           scorer_options=plan.stage2_options)
+
+
+def _reroute_nuwa_layer0(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
+    plan = nuwa_plan(tier, num_layers, num_visual, family)
+    return _reroute_config([_nuwa_stage1(plan, family), *_nuwa_decisions(plan, num_layers, opts)], opts,
+                           scorer_options=plan.stage2_options)
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------
@@ -226,15 +287,26 @@ _METHODS = (
            "scored one layer before stage 2 acts (LLaVA-1.5: layer 15 for 16, mean over heads, K2 = K1/7: 112 + 16, "
            "224 + 32, 336 + 48 give avg_T 64 / 128 / 192 exactly; Qwen2.5-VL: layer 14 for 15, the last 3 text "
            "tokens, max over heads, its released ratios solved to the tier); the budget split per image", _nuwa),
-    Method("reroute-fastv", "Reroute matched to FastV: FastV's keep re-selected at [3, 7, 15, 23] (scaled), "
-           "reroute, each decision scored with the layer before it as FastV scores", _reroute_fastv, base="fastv"),
-    Method("reroute-pdrop", "Reroute matched to PyramidDrop: keeps [a, a, a/2, a/4] at [2, 7, 15, 23] (scaled), "
-           "reroute, solved to exactly PyramidDrop's avg_T", _reroute_pdrop, base="pdrop"),
-    Method("reroute-nuwa", "Reroute matched to Nüwa (option C of the design notes): stage 1 becomes a routing stage "
-           "at layer 0 (kept tokens enter merged; the others are carried with their own unmerged embedding and may "
-           "re-enter), and stage 2's budget K2 is re-decided at 4 layers (LLaVA-1.5: 16, 20, 24, 28) over all "
-           "visual tokens, each scored with the layer before it: Nüwa's per-layer counts and avg_T", _reroute_nuwa,
-           base="nuwa"),
+    Method("reroute-fastv", "Reroute matched to FastV (the reference's ours_vs_fastv): FastV's keep re-selected at "
+           "[3, 7, 15, 23] (scaled) over all visual tokens; the first decision scored as FastV scores it (layer 2 "
+           "for 3), the re-selections at their own layer as the reference code does (scoring=previous: at l-1)",
+           _reroute_fastv, base="fastv", Options=RerouteOptions),
+    Method("reroute-pdrop", "Reroute matched to PyramidDrop (the reference's ours_vs_pdrop): keeps [a, a, a/2, a/4] at "
+           "[2, 7, 15, 23] (scaled), reroute, solved to exactly PyramidDrop's avg_T; every decision scored at its "
+           "own layer (scoring=previous: re-selections at l-1). Its schedule differs from PyramidDrop's geometric "
+           "one, so compare it with prune on the same schedule too (the study's 2 x 2)", _reroute_pdrop,
+           base="pdrop", Options=RerouteOptions),
+    Method("reroute-nuwa", "Reroute matched to Nüwa (the Reroute reference code has no Nüwa variant; this is the "
+           "closest reading of 'Nüwa + Reroute'): Nüwa's stage 1 as released (regional [CLS] selection and merge "
+           "before the decoder, a prune), then stage 2's budget K2 re-decided at 4 layers (LLaVA-1.5: 16, 20, 24, "
+           "28) among the K1 survivors, rerouted; the first decision scored as Nüwa scores stage 2 (one layer "
+           "before), the others at their own layer (scoring=previous: at l-1). Nüwa's per-layer counts and avg_T",
+           _reroute_nuwa, base="nuwa", Options=RerouteOptions),
+    Method("reroute-nuwa-layer0", "Reroute matched to Nüwa, routing from layer 0 (visroute's earlier design): stage "
+           "1 is a routing stage too (kept tokens enter merged; the others are carried with their own unmerged "
+           "embedding and may re-enter at any later decision), and stage 2's K2 is re-decided at 4 layers over all "
+           "visual tokens, scored as reroute-nuwa's: Nüwa's per-layer counts and avg_T", _reroute_nuwa_layer0,
+           base="nuwa", Options=RerouteOptions),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
@@ -251,9 +323,30 @@ def get_method(name: str) -> Method:
         raise ValueError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
+def parse_method_spec(spec: str) -> tuple[str, float, dict[str, Any]]:
+    """"reroute-fastv@64:scoring=previous" -> ("reroute-fastv", 64, {"scoring": "previous"}): NAME@TIER, then
+    the method's options as `:key=value` parts (values read as YAML), checked against the method."""
+    import yaml
+
+    head, *parts = str(spec).split(":")
+    name, tier = parse_method(head)
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Bad option {part!r} in {spec!r}: expected NAME@TIER:key=value, e.g. "
+                             "reroute-fastv@72:scoring=previous")
+        options[key] = yaml.safe_load(value)
+    get_method(name).build_options(options)
+    return name, tier, options
+
+
 def parse_method(spec: str) -> tuple[str, float]:
     """"nuwa@64" -> ("nuwa", 64); the tier is an avg_T (64, 128, 192 are the papers' tiers; any positive
-    number is taken)."""
+    number is taken). Options after the tier (`:key=value`) are checked and left out (`parse_method_spec`)."""
+    if ":" in str(spec):
+        name, tier, _ = parse_method_spec(spec)
+        return name, tier
     name, sep, tier = str(spec).partition("@")
     if not sep or not tier:
         raise ValueError(f"Bad method {spec!r}: expected NAME@TIER, e.g. nuwa@64 (methods: {', '.join(METHODS)})")
@@ -268,11 +361,11 @@ def parse_method(spec: str) -> tuple[str, float]:
 
 
 def method_config(spec: str, num_layers: int, num_visual: int, family: str | None = None) -> RoutingConfig:
-    """The RoutingConfig of `spec` ("NAME@TIER") for a decoder of `num_layers` layers and an image of `num_visual`
+    """The RoutingConfig of `spec` ("NAME@TIER", options as `:key=value`) for a decoder of `num_layers` layers and an image of `num_visual`
     visual tokens; `family` (a model family's registry name, e.g. "llava", "qwen2_5_vl") picks a family's own
     released variant where a method has one (Nüwa), None the LLaVA-1.5 one."""
-    name, tier = parse_method(spec)
-    return get_method(name).config(tier, num_layers, num_visual, family)
+    name, tier, options = parse_method_spec(spec)
+    return get_method(name).config(tier, num_layers, num_visual, family, **options)
 
 
 def method_preset(name: str, tier: float, model: str = "llava-1.5", num_visual: int | None = None,
@@ -293,7 +386,8 @@ def listing(num_layers: int = 32, num_visual: int = 576, family: str | None = No
     rows = []
     for m in METHODS.values():
         for tier in tiers:
-            row = {"method": m.name, "tier": tier, "description": m.description, "base": m.base}
+            row = {"method": m.name, "tier": tier, "description": m.description, "base": m.base,
+                   "options": m.option_specs()}
             try:
                 cfg = m.config(tier, num_layers, num_visual, family)
                 row.update(config=cfg, avg_T=schedule_avg_T(cfg, num_layers, num_visual))
@@ -303,5 +397,5 @@ def listing(num_layers: int = 32, num_visual: int = 576, family: str | None = No
     return rows
 
 
-__all__ = ["METHODS", "Method", "NuwaPlan", "get_method", "listing", "method_config", "method_preset", "methods",
-           "nuwa_plan", "parse_method", "reroute_nuwa_layers"]
+__all__ = ["METHODS", "Method", "NuwaPlan", "RerouteOptions", "get_method", "listing", "method_config",
+           "method_preset", "methods", "nuwa_plan", "parse_method", "parse_method_spec", "reroute_nuwa_layers"]

@@ -31,9 +31,21 @@ def schedule_text(cfg) -> str:
             extra.append(f"scored at {s.score_layer}")
         if s.merge:
             extra.append(f"merge {s.merge}")
+        if s.action and s.action != cfg.action:
+            extra.append(s.action)
         parts.append(f"{s.layer}:{s.keep}" + (f" ({', '.join(extra)})" if extra else ""))
     opts = "".join(f" {k}={v}" for k, v in cfg.scorer_options.items())
-    return f"{cfg.action}, {cfg.scorer}{opts}: " + ", ".join(parts)
+    reentry = f", re-entry {cfg.reentry}" if cfg.reentry != "reference" else ""
+    return f"{cfg.action}{reentry}, {cfg.scorer}{opts}: " + ", ".join(parts)
+
+
+def scoring_text(cfg) -> str:
+    """Where each decision takes its scores: at its own layer, or at an earlier one."""
+    own = [s.layer for s in cfg.stages if s.scoring_layer == s.layer]
+    earlier = [f"{s.layer} at {s.scoring_layer}" for s in cfg.stages if s.scoring_layer != s.layer]
+    parts = ([f"at its own layer: {', '.join(map(str, own))}"] if own else []) + (
+        [f"earlier: {', '.join(earlier)}"] if earlier else [])
+    return "scored " + "; ".join(parts)
 
 
 def run(args) -> int:
@@ -52,9 +64,14 @@ def run(args) -> int:
             print()
             print(row["method"])
             print(textwrap.fill(row["description"], 110, initial_indent="    ", subsequent_indent="    "))
+            for spec in row["options"]:
+                choices = f" ({' or '.join(map(str, spec.choices))})" if spec.choices else ""
+                print(f"    option {spec.name}={spec.default}{choices}: {spec.help}")
         tier = f"{row['tier']:g}"
         if row["config"] is None:
             print(f"  @{tier:<4} out of reach: {row['error']}")
         else:
             print(f"  @{tier:<4} avg_T {row['avg_T']:7.2f}  {schedule_text(row['config'])}")
+            if row["config"].stages:
+                print(f"{'':8}{scoring_text(row['config'])}")
     return 0
