@@ -19,6 +19,8 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
       - {name: fastv, config: {action: prune, scorer: last_token_attention, stages: [{layer: 2, keep: 0.25}]}}
       - {name: mine, config: configs/mine.yaml}
       - {name: pdrop, method: pdrop@128}   # visroute.methods, solved for the model (optional: scorer)
+      - {name: flat-prune, method: reroute-pdrop@128, action: prune}  # a method's schedule under another action
+      - {name: rr-prev, method: "reroute-fastv@128:scoring=previous:reentry=quota"}  # a method's options
     sweep:                         # products over action x scorer x stage layers x budget
       - action: [prune, reroute]
         scorer: [last_token_attention, random]
@@ -119,6 +121,7 @@ class ConfigSpec:
     routing: dict[str, Any] | None = None
     method: str | None = None
     scorer: str | None = None
+    action: str | None = None  # a method's schedule under this action (the 2 x 2 of schedule and action)
     avg_T: float | None = None  # for a sweep budget given as avg_T
     every_layer: bool = False  # one single-stage config per decoder layer (the name holds "{layer}")
 
@@ -147,6 +150,8 @@ class ConfigSpec:
                 cfg = method_config(self.method, num_layers, num_visual, family)
                 if self.scorer is not None:  # the method's schedule with another scorer
                     cfg = RoutingConfig.from_dict({**cfg.to_dict(), "scorer": self.scorer, "scorer_options": {}})
+                if self.action is not None:
+                    cfg = with_action(cfg, self.action)
                 return cfg
             routing = copy.deepcopy(self.routing)
             layers = [resolve_layer(s["layer"], num_layers) for s in routing["stages"]]
@@ -164,6 +169,19 @@ class ConfigSpec:
             return cfg
         except ValueError as e:
             raise ValueError(f"config {self.name!r}: {e}") from None
+
+
+def with_action(cfg: RoutingConfig, action: str) -> RoutingConfig:
+    """`cfg`'s schedule under `action`: "prune" prunes at every stage (re-entry policy dropped); "reroute"
+    reroutes at every stage that does not name its own action (Nüwa's stage 1 stays a prune)."""
+    data = cfg.to_dict()
+    data["action"] = action
+    if action == "prune":
+        data.pop("reentry", None)
+        data.pop("reentry_options", None)
+        for stage in data["stages"]:
+            stage.pop("action", None)
+    return RoutingConfig.from_dict(data)
 
 
 def resolve_layer(layer: int | float, num_layers: int) -> int:
@@ -244,13 +262,19 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
 
 
 def _listed_config(entry: dict[str, Any], root: Path, where: str) -> ConfigSpec:
-    _check_keys(entry, {"name", "config", "method", "scorer"}, where)
+    _check_keys(entry, {"name", "config", "method", "scorer", "action"}, where)
     if "name" not in entry:
         raise ValueError(f"{where}: a listed config needs a name")
     if ("config" in entry) == ("method" in entry):
         raise ValueError(f"{where}: give exactly one of config (a dict or YAML path) or method (name@tier)")
+    if "action" in entry and "method" not in entry:
+        raise ValueError(f"{where}: action overrides a method's action; a listed config names its own")
     if "method" in entry:
-        return ConfigSpec(name=str(entry["name"]), method=str(entry["method"]), scorer=entry.get("scorer"))
+        action = entry.get("action")
+        if action is not None and action not in ("prune", "reroute"):
+            raise ValueError(f"{where}: action must be prune or reroute, got {action!r}")
+        return ConfigSpec(name=str(entry["name"]), method=str(entry["method"]), scorer=entry.get("scorer"),
+                          action=action)
     cfg = entry["config"]
     if isinstance(cfg, str):
         p = Path(cfg) if Path(cfg).is_absolute() else root / cfg

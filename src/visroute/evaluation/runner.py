@@ -191,6 +191,8 @@ class Session:
         seq = inputs["attention_mask"].sum(1).tolist()
         full_seq = batch.inputs["attention_mask"].sum(1).tolist()
         layers = self.adapter.num_layers
+        decisions = None if record is None else record.decisions(
+            [None if rel is None else _relevance(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)])
         rows = []
         for b, (it, text) in enumerate(zip(batch.items, texts)):
             prediction = text.strip()
@@ -212,7 +214,9 @@ class Session:
                                # a plain grid only: the position analyses do not read tiled layouts
                                "grid": [frames[0].rows, frames[0].cols]
                                if len(frames) == 1 and frames[0].num_tokens == frames[0].rows * frames[0].cols
-                               else None}
+                               else None,
+                               # per stage: tokens evicted / re-admitted, re-entrants' ages, relevant ones among them
+                               "decisions": [_decision_row(d, b) for d in decisions]}
             else:
                 row.avg_T = 0.0 if blind else float(batch.num_visual[b])
                 row.kv_entries = int(seq[b]) * layers
@@ -354,6 +358,15 @@ def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
         if idx:
             r[idx] = 1.0
     return r
+
+
+def _decision_row(d, b: int) -> dict[str, Any]:
+    """Sample b's share of a `visroute.record.Decision`, as plain numbers for the database."""
+    relevant = d.relevant_evicted is not None
+    return {"layer": d.layer, "action": d.action, "evicted": int(d.evicted[b]), "readmitted": int(d.readmitted[b]),
+            "ages": list(d.ages[b]),
+            "relevant_evicted": int(d.relevant_evicted[b]) if relevant else None,
+            "relevant_readmitted": int(d.relevant_readmitted[b]) if relevant else None}
 
 
 def _recall(active_row: torch.Tensor, tokens: list[int]) -> float | None:
