@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from visroute.evaluation import metrics as M
+from visroute.evaluation import reroute_study
 from visroute.evaluation.report import (
     CONTROLS,
     HORIZON_POINTS,
@@ -327,6 +328,7 @@ def study_sections(db: str | Path, out: Path, seed: int = 0) -> list[str]:
         for group, by_task in grouped.items():
             lines += _differences_section(f"{group} families ({label})", by_task.get(label, []), seed)
         lines += _reroute_section(label, grouped, everything[label], seed)
+        lines += reroute_study.section(everything[label], family_groups(), _family, out, safe, seed)
         lines += _blind_section(label, everything[label], grouped)
     return lines
 
