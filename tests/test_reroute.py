@@ -350,3 +350,49 @@ def test_the_diagnostics_equal_a_recount_from_the_selections(fam):
             got = (int(d.evicted[b]), int(d.readmitted[b]), sorted(d.ages[b]), int(d.relevant_evicted[b]),
                    int(d.relevant_readmitted[b]))
             assert got == want[b][i]
+
+
+# ---- third-party policies -----------------------------------------------------------------------------------------
+POLICY_PLUGIN = '''
+from visroute.reentry import ReentryPolicy, select_top
+
+
+class Incumbents(ReentryPolicy):
+    """Only tokens that ran before may run again (a pruning cascade), scored as given."""
+
+    name = "incumbents_only"
+    description = "third-party test policy"
+
+    def select(self, scores, candidates, previous, keep):
+        return select_top(scores, candidates & previous, keep)
+'''
+
+
+def test_a_policy_published_through_the_entry_point_group_is_used_and_a_taken_name_refused(tmp_path, monkeypatch):
+    import textwrap
+
+    import visroute.reentry as reentry_module
+
+    package = tmp_path / "visroute_plugin_policy"
+    package.mkdir()
+    (package / "__init__.py").write_text(POLICY_PLUGIN)
+    info = tmp_path / "visroute_plugin_policy-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: visroute_plugin_policy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent("""
+        [visroute.reentry]
+        incumbents_only = visroute_plugin_policy:Incumbents
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(reentry_module.REENTRY, "entries", dict(reentry_module.REENTRY.entries))
+    monkeypatch.setattr(reentry_module.REENTRY, "loaded", False)
+    assert "incumbents_only" in reentry_policies()
+    from tiny import llava_batch, tiny_llava
+
+    model = tiny_llava()
+    inputs = llava_batch(model, [[1, 5, 6, 7], [1, 8]], [1, 2])
+    cfg = RoutingConfig("reroute", "random", [Stage(1, 6), Stage(3, 4)], reentry="incumbents_only")
+    _, rec = _route(model, inputs, cfg)
+    assert not (rec.stages[1].active & ~rec.stages[0].active).any()  # nothing bypassed came back
+    with pytest.raises(ValueError, match="already registered"):
+        reentry_module.register_reentry(type("Other", (reentry_module.ReentryPolicy,), {"name": "quota"}))
