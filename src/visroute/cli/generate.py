@@ -47,12 +47,15 @@ def run(args) -> int:
         raise ValueError("--max-new-tokens must be at least 1")
 
     import torch
-    from PIL import Image
 
     from visroute.engine import apply_routing
-    from visroute.loading import load_model
+    from visroute.evaluation.tasks.base import to_image
+    from visroute.loading import check_device, check_model_path, load_model
 
-    image = Image.open(image_path).convert("RGB")
+    image = to_image(str(image_path.resolve()), image_path.parent)  # a truncated file or a non-image fails here
+    check_device(args.device)
+    if args.model:
+        check_model_path(args.model)
     model, processor = load_model(args.model or default_model_path(), args.dtype, args.device)
     inputs = build_inputs(model, processor, [image], args.prompt)
     inputs = {k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}

@@ -47,8 +47,6 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any
     else:
         from visroute.loading import load_model as load_pretrained
 
-        if not Path(spec.path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"model {spec.path!r}: no such folder, and the hub is offline")
         model, processor = load_pretrained(spec.path, dtype, device=None if target is None else str(target),
                                            device_map=None if device is not None else spec.device_map)
     return model, processor
@@ -137,8 +135,9 @@ class Session:
             out[k] = v
         return out
 
-    def batch(self, task: Task, items: list[TaskItem]) -> Batch:
-        images = [it.images() for it in items]
+    def batch(self, task: Task, items: list[TaskItem], images: list[list] | None = None) -> Batch:
+        """The items processed once; `images` (per item, its PIL images) when the caller read them already."""
+        images = [it.images() for it in items] if images is None else images
         texts = [self.adapter.prompt(task.text(it), len(im), self.processor) for it, im in zip(items, images)]
         flat = [im for ims in images for im in ims]
         if flat:
@@ -209,6 +208,8 @@ class Session:
                 frames = batch.frames[b]
                 row.routing = {"selected": [st.active[b].nonzero().flatten().tolist() for st in record.stages],
                                "relevant": batch.relevant[b],
+                               # per stage: the keep asked for more tokens than there were, so all were kept
+                               "clipped": [bool(st.clipped[b]) for st in record.stages],
                                # a plain grid only: the position analyses do not read tiled layouts
                                "grid": [frames[0].rows, frames[0].cols]
                                if len(frames) == 1 and frames[0].num_tokens == frames[0].rows * frames[0].cols
@@ -236,10 +237,11 @@ class Runner:
     """Runs a grid into a database: `Runner(grid, db).run()` (a loaded `model`, `processor` may be given)."""
 
     def __init__(self, grid: Grid, db: str | Path, *, limit: int | None = None, progress: bool = True,
-                 ctx: Context | None = None, model=None, processor=None):
+                 ctx: Context | None = None, model=None, processor=None, strict: bool = False):
         self.grid = grid
         self.db = Path(db)
         self.limit = limit
+        self.strict = strict  # stop at the first item that cannot be run, instead of recording it as skipped
         self.progress = progress
         self.ctx = ctx or context()
         self.model, self.processor = model, processor
@@ -256,6 +258,9 @@ class Runner:
             items = task.items()
             if not items:
                 raise ValueError(f"task {spec.label!r} has no items")
+            bad = [it for it in items if it.problem is not None]
+            if bad and self.strict:
+                raise ValueError(_bad_item(spec.label, task, bad[0].id, bad[0].problem))
             out.append((spec.label, task, items))
         return out
 
@@ -264,7 +269,7 @@ class Runner:
         num_visual = None
         if any(c.needs_num_visual() for c in self.grid.configs):
             _, task, items = tasks[0]
-            num_visual = session.batch(task, items[:1]).num_visual[0]
+            num_visual = session.batch(task, [_first_readable(items)]).num_visual[0]
         out, seen = [], {}
         for spec in [one for listed in self.grid.configs for one in listed.expand(num_layers)]:
             cfg = spec.resolve(num_layers, num_visual, getattr(session.adapter, "name", None))
@@ -278,7 +283,33 @@ class Runner:
 
     def _say(self, text: str) -> None:
         if self.ctx.is_main:
-            print(text, file=sys.stderr)
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)  # above a running progress bar, not through it
+
+    def _readable(self, store: Store, label: str, task: Task, chunk: list[TaskItem], jobs: list[Job],
+                  bar) -> tuple[list[TaskItem], list[list]]:
+        """The items of `chunk` whose images can be read, and their images. The others are recorded as skipped
+        (under --strict: the run stops naming the item); an item skipped before that reads now is unskipped."""
+        good, images, bad = [], [], {}
+        for it in chunk:
+            try:
+                images.append(it.images())
+                good.append(it)
+            except (OSError, ValueError) as e:
+                if self.strict:
+                    raise ValueError(_bad_item(label, task, it.id, str(e))) from None
+                bad[it.id] = str(e)
+        if bad:
+            store.skip(label, bad)
+            for item_id, reason in bad.items():
+                self._say(f"skipped: {_bad_item(label, task, item_id, reason)}")
+            for job in jobs:
+                lost = job.pending & set(bad)
+                job.pending -= lost
+                bar.update(len(lost))
+        store.unskip(label, [it.id for it in good if it.id in self._skipped.get(label, {})])
+        return good, images
 
     # ---- running -------------------------------------------------------------------------------------------
     def run(self) -> dict[str, dict[str, int]]:
@@ -287,10 +318,18 @@ class Runner:
 
         from visroute.scoring import get_scorer_class
 
-        if self.db.exists():  # refuse another grid's database before loading anything
+        if self.db.exists():  # refuse another grid's database (or a folder, or another program's) before loading
             Store(self.db, self.grid.identity()).close()
+        elif not self.db.parent.is_dir():
+            raise FileNotFoundError(f"--db {self.db}: no folder {self.db.parent}")
         tasks = self._tasks()
         if self.model is None:
+            from visroute.loading import check_device, check_model_path
+
+            if self.ctx.device is None:
+                check_device(self.grid.model.device)
+            if self.grid.model.path != "testbed":
+                check_model_path(self.grid.model.path)
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
         session = Session(self.model, self.processor, default_box_frame(self.grid.model, self.model), self.ctx.rank)
         configs = self._configs(session, tasks)  # a layer outside the model fails here, before the database is written
@@ -298,8 +337,15 @@ class Runner:
         store = Store(self.db, self.grid.identity())
 
         plan = []
+        self._skipped = store.skipped()  # items skipped before are retried (their file may have been fixed)
         for label, task, items in tasks:
+            store.set_items(label, len(items))
             mine = self.ctx.share(items)
+            unposed = {it.id: it.problem for it in mine if it.problem is not None}
+            store.skip(label, unposed)
+            for item_id, reason in unposed.items():
+                self._say(f"skipped: {_bad_item(label, task, item_id, reason)}")
+            mine = [it for it in mine if it.problem is None]
             ids = {it.id for it in mine}
             jobs = []
             for name, kind, cfg in [(UNROUTED, UNROUTED, None), (BLIND, BLIND, None)] + \
@@ -316,6 +362,7 @@ class Runner:
             plan.append((label, task, mine, jobs))
 
         written: dict[str, dict[str, int]] = {}
+        noted: set[str] = set()
         total = sum(len(j.pending) for *_, jobs in plan for j in jobs)
         bar = tqdm(total=total, desc="study", unit="item", disable=not (self.progress and self.ctx.is_main),
                    dynamic_ncols=True)
@@ -325,25 +372,55 @@ class Runner:
                 todo = [it for it in mine if any(it.id in j.pending for j in jobs)]
                 bs = self.grid.model.batch_size
                 for start in range(0, len(todo), bs):
-                    chunk = todo[start:start + bs]
-                    batch = session.batch(task, chunk)
+                    chunk, images = self._readable(store, label, task, todo[start:start + bs], jobs, bar)
+                    if not chunk:
+                        continue
+                    batch = session.batch(task, chunk, images)
                     for job in jobs:
                         want = [it for it in chunk if it.id in job.pending]
+                        # re-plan: another process on this database may have stored some of them since
+                        taken = store.done_among(job.run_id, [it.id for it in want])
+                        if taken:
+                            job.pending -= taken
+                            bar.update(len(taken))
+                            want = [it for it in want if it.id not in taken]
                         if not want:
                             continue
                         # a resumed run may lack only part of a batch: those items get a batch of their own
-                        sub = batch if len(want) == len(chunk) else session.batch(task, want)
+                        by_id = {it.id: im for it, im in zip(chunk, images)}
+                        sub = batch if len(want) == len(chunk) else session.batch(task, want, [by_id[it.id] for it in want])
                         bar.set_postfix_str(f"{label}: {job.name}", refresh=False)
                         rows, _ = session.generate(task, sub, job.config, blind=job.kind == BLIND)
-                        store.add(job.run_id, rows)
+                        written[label][job.name] += store.add(job.run_id, rows)
                         job.pending -= {r.item_id for r in rows}
-                        written[label][job.name] += len(rows)
                         bar.update(len(rows))
+                        clipped = sum(any((r.routing or {}).get("clipped") or []) for r in rows)
+                        if clipped and job.name not in noted:
+                            noted.add(job.name)
+                            self._say(f"note: {job.name} on {label!r}: a stage's keep exceeds the visual tokens "
+                                      f"of some items, so that stage keeps them all (the report counts them)")
         finally:
             bar.close()
             store.close()
         self.ctx.wait()
         return written
+
+
+def _first_readable(items: list[TaskItem]) -> TaskItem:
+    """The first item that can be posed and whose images read (it sizes the methods' budgets)."""
+    for it in items:
+        if it.problem is None:
+            try:
+                it.images()
+                return it
+            except (OSError, ValueError):
+                continue
+    raise ValueError("no item of the first task can be read, so the methods' budgets cannot be sized")
+
+
+def _bad_item(label: str, task: Task, item_id: str, reason: str) -> str:
+    data = task.data.get("data")
+    return f"task {label!r}" + (f" ({data})" if data else "") + f", item {item_id}: {reason}"
 
 
 def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:

@@ -10,9 +10,15 @@ Tables:
           stage and hop (JSON), the routing itself (JSON: each stage's selected visual tokens, the item's
           relevant tokens per hop and its token grid, for the analyses of position bias and re-entry),
           seconds, the process rank that wrote it.
+  tasks   task -> the number of items it was asked to run (after the limit; the largest asked): a run with
+          fewer rows (plus skipped items) is partial.
+  skipped one row per (task, item) that could not be run (an unreadable image, a row without question or
+          answer), with the reason; never scored, and retried when the sweep is resumed.
 
 Writes go through one transaction per batch in WAL mode, and (run, item) is the primary key: a process killed at
-any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row."""
+any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row: a row
+another process stored first is kept and the new one dropped (INSERT OR IGNORE), so two sweeps on one database
+both finish with every row once."""
 
 from __future__ import annotations
 
@@ -59,6 +65,13 @@ CREATE TABLE IF NOT EXISTS results (
     rank INTEGER NOT NULL,
     PRIMARY KEY (run_id, item_id)
 );
+CREATE TABLE IF NOT EXISTS tasks (task TEXT PRIMARY KEY, items INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS skipped (
+    task TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (task, item_id)
+);
 """
 
 
@@ -100,10 +113,18 @@ class Store:
 
     def __init__(self, path: str | Path, identity: dict[str, Any] | None = None, timeout: float = 120.0):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"--db {self.path} is a folder; give a database file, e.g. {self.path / 'results.sqlite'}")
         if identity is None and not self.path.exists():
             raise FileNotFoundError(f"no results database at {self.path}")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"--db {self.path}: no folder {self.path.parent}")
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         try:
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "meta" not in tables:  # another program's database: leave it as it is
+                raise ValueError(f"{self.path} is an SQLite database of something else (tables "
+                                 f"{', '.join(sorted(tables))}), not a visroute results database; use another --db")
             _use_wal(self.conn, timeout)
             self.conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a killed process
             with self.transaction():
@@ -176,16 +197,72 @@ class Store:
     def counts(self) -> dict[int, int]:
         return dict(self.conn.execute("SELECT run_id, COUNT(*) FROM results GROUP BY run_id").fetchall())
 
-    # ---- results -------------------------------------------------------------------------------------------
-    def add(self, run_id: int, rows: Iterable[Row]) -> None:
-        """Insert a batch of rows in one transaction (a row already present is an error, not a duplicate)."""
+    def done_among(self, run_id: int, item_ids: Iterable[str]) -> set[str]:
+        """Which of `item_ids` the run holds now (another process may have stored them since the plan)."""
+        ids = list(item_ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        return {r[0] for r in self.conn.execute(
+            f"SELECT item_id FROM results WHERE run_id = ? AND item_id IN ({marks})", (run_id, *ids))}
+
+    # ---- tasks and skipped items ---------------------------------------------------------------------------
+    def set_items(self, task: str, items: int) -> None:
+        """Record how many items `task` was asked to run (the largest count asked so far)."""
         with self.transaction():
+            self.conn.execute("INSERT INTO tasks VALUES (?, ?) ON CONFLICT (task) DO UPDATE SET "
+                              "items = MAX(items, excluded.items)", (task, items))
+
+    def items(self) -> dict[str, int]:
+        """task -> the number of items it was asked to run."""
+        return dict(self.conn.execute("SELECT task, items FROM tasks").fetchall())
+
+    def skip(self, task: str, reasons: dict[str, str]) -> None:
+        """Record items of `task` that could not be run: item id -> why."""
+        if reasons:
+            with self.transaction():
+                self.conn.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?)",
+                                      [(task, i, r) for i, r in reasons.items()])
+
+    def unskip(self, task: str, item_ids: Iterable[str]) -> None:
+        """Items that ran after all (their file was fixed) are no longer skipped."""
+        ids = list(item_ids)
+        if ids:
+            with self.transaction():
+                self.conn.executemany("DELETE FROM skipped WHERE task = ? AND item_id = ?", [(task, i) for i in ids])
+
+    def skipped(self) -> dict[str, dict[str, str]]:
+        """task -> {item id: reason} of the items that could not be run."""
+        out: dict[str, dict[str, str]] = {}
+        for task, item, reason in self.conn.execute("SELECT task, item_id, reason FROM skipped ORDER BY task, item_id"):
+            out.setdefault(task, {})[item] = reason
+        return out
+
+    def expected_rows(self) -> dict[str, int]:
+        """task -> the rows a complete run holds: the task's recorded item count less its skipped items (for a
+        database written before item counts were recorded: its largest run)."""
+        items, skipped, counts = self.items(), self.skipped(), self.counts()
+        out: dict[str, int] = {}
+        for run in self.runs():
+            if run.task in items:
+                out[run.task] = items[run.task] - len(skipped.get(run.task, {}))
+            else:
+                out[run.task] = max(out.get(run.task, 0), counts.get(run.run_id, 0))
+        return out
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def add(self, run_id: int, rows: Iterable[Row]) -> int:
+        """Insert a batch of rows in one transaction; returns how many were new (a row another process stored
+        first is kept, never duplicated)."""
+        with self.transaction():
+            before = self.conn.total_changes
             self.conn.executemany(
-                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, r.item_id, r.prediction, int(bool(r.correct)), json.dumps(r.metrics), r.avg_T,
                   r.kv_entries, r.kv_unrouted, r.flops, r.flops_unrouted,
                   None if r.recall is None else json.dumps(r.recall),
                   None if r.routing is None else json.dumps(r.routing), r.seconds, r.rank) for r in rows])
+            return self.conn.total_changes - before
 
     def rows(self, run_id: int) -> list[Row]:
         out = []
