@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_device, add_dtype, add_routing, existing_file, routing_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="answer a question about an image with a routed model")
+    p = sub.add_parser("generate", help=COMMANDS["generate"])
     p.add_argument("--model", help="Hugging Face model id or local folder (default: the shipped testbed model)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question")

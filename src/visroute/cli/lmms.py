@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_routing, routing_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("lmms", help="lmms-eval helpers: the testbed as a local task, inline model_args")
+    p = sub.add_parser("lmms", help=COMMANDS["lmms"])
     lsub = p.add_subparsers(dest="lmms_command", required=True)
     t = lsub.add_parser("testbed-task", help="write testbed items as Parquet plus an lmms-eval task YAML")
     t.add_argument("--out", required=True, help="folder for the task (use it as --include_path)")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sys
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_device, add_dtype
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("study", help="sweep routing configs over benchmark tasks; list and report the results")
+    p = sub.add_parser("study", help=COMMANDS["study"])
     ssub = p.add_subparsers(dest="study_command", required=True, metavar="ACTION")
 
     r = ssub.add_parser("run", help="run a grid (resumable: what the database holds is skipped)")
