@@ -566,3 +566,29 @@ def test_lazy_help_lines_match_the_full_parser():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {c.dest: c.help for c in sub._choices_actions} == COMMANDS
+
+
+def test_the_readme_documents_every_grid_key():
+    from visroute.evaluation.grid import ModelSpec
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("### The grid format", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    grid = yaml.safe_load(block)
+    assert set(grid) == {"name", "version", "description", "model", "tasks", "configs", "sweep"}
+    assert set(grid["model"]) == set(ModelSpec.__dataclass_fields__)
+    assert set(grid["tasks"][0]) == {"name", "label", "data", "limit", "options"}
+    assert set().union(*grid["configs"]) == {"name", "config", "method", "scorer"}
+    assert set(grid["sweep"][0]) | {"avg_T"} == {"action", "scorer", "layers", "keep", "avg_T", "scorer_options"}
+    assert "# avg_T:" in block
+    grid["configs"] = [c for c in grid["configs"] if not isinstance(c.get("config"), str)]  # no file here
+    names = [c.name for c in parse_grid(grid).configs]
+    assert "mine" in names and "prune/random/L{layer}/k0.25" in names and "reroute/random/L0.25-0.5-0.75/k16" in names
+
+
+def test_study_grids_lists_the_shipped_grids_and_their_paths(capsys):
+    from visroute.evaluation.grid import shipped_grids
+
+    assert main(["study", "grids"]) == 0
+    out = capsys.readouterr().out
+    for name, path in shipped_grids().items():
+        assert f"{name}" in out and str(path) in out and path.is_file()

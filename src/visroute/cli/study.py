@@ -6,6 +6,7 @@ and reports with intervals and plots (visroute.evaluation).
     accelerate launch --multi_gpu --num_processes 4 -m visroute study run grid.yaml --db results.sqlite
     visroute study list --db results.sqlite
     visroute study report --db results.sqlite --out report/
+    visroute study grids                                                 # the shipped grids and their paths
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def add_parser(sub) -> None:
                         "instead of recording it as skipped")
     add_debug(r)
     r.set_defaults(func=run_study)
+
+    g = ssub.add_parser("grids", help="the shipped grids: name, path and what each sweeps")
+    add_debug(g)
+    g.set_defaults(func=list_grids)
 
     ls = ssub.add_parser("list", help="what a results database holds")
     ls.add_argument("--db", required=True)
@@ -120,6 +125,19 @@ def run_study(args) -> int:
         print(f"{args.db}: {total} rows ({rows} new from this process) in {runs} runs (unrouted, blind and each "
               f"config, on {len(grid.tasks)} task(s))"
               + (f"; {skipped} item(s) skipped, see `visroute study list`" if skipped else ""))
+    return 0
+
+
+def list_grids(args) -> int:
+    """Each shipped grid's name and path (copy one to start your own), with the first line of its comment."""
+    from visroute.evaluation.grid import shipped_grids
+
+    grids = shipped_grids()
+    width = max(len(n) for n in grids)
+    for name, path in sorted(grids.items()):
+        lines = path.read_text().splitlines()
+        about = next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
+        print(f"{name:{width}s}  {path}\n{'':{width}s}  {about}")
     return 0
 
 

@@ -208,7 +208,7 @@ def _listify(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _keep_name(keep) -> str:
+def keep_name(keep) -> str:
     """A keep as a name: a fraction always reads as one (1.0 -> "1.0"), so it is never taken for a count."""
     if not isinstance(keep, float):
         return str(keep)
@@ -246,7 +246,7 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
             raise ValueError(f"{where}: a layer is an int, a float share of the depth or `every`, got {layers!r}")
         keep = budget if kind == "keep" else 0
         layer_part = "{layer}" if every else "-".join(_layer_name(l) for l in layer_list)
-        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}"
+        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{keep_name(budget)}"
         routing = {"action": action, "scorer": scorer, "stages": [{"layer": l, "keep": keep} for l in layer_list],
                    "scorer_options": dict(options.get(scorer, {}))}
         out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None,

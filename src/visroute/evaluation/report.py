@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from visroute.evaluation import metrics as M
+from visroute.evaluation.grid import keep_name
 from visroute.evaluation.store import Row, Run, Store
 
 CONTROLS = ("random", "uniform", "oracle")
@@ -85,7 +86,7 @@ def budget_label(run: Run) -> str:
         return parts[3]
     keeps = [s["keep"] for s in (run.config or {}).get("stages", [])]
     if keeps and all(k == keeps[0] for k in keeps):
-        return f"k{keeps[0]:g}" if isinstance(keeps[0], float) else f"k{keeps[0]}"
+        return f"k{keep_name(keeps[0])}"
     return "keeps " + ",".join(str(k) for k in keeps)
 
 

@@ -280,8 +280,10 @@ class Store:
 
 
 def _describe(identity: dict) -> str:
-    model = identity.get("model", {})
-    return f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.get('path')!r}"
+    model = dict(identity.get("model", {}))
+    text = f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.pop('path', None)!r}"
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(model.items()) if v is not None)  # dtype, box frame, ...
+    return f"{text} ({rest})" if rest else text
 
 
 def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:
