@@ -592,3 +592,49 @@ def test_study_grids_lists_the_shipped_grids_and_their_paths(capsys):
     out = capsys.readouterr().out
     for name, path in shipped_grids().items():
         assert f"{name}" in out and str(path) in out and path.is_file()
+
+
+# ---- 8. one sizing of relevance for the harness and the lmms-eval plug-in -----------------------------------------
+def test_relevance_is_sized_by_each_samples_visual_tokens_on_tiled_and_multi_image_samples():
+    """`item_frames` (what the harness's session and the lmms-eval plug-in both call) counts a sample's visual
+    tokens as the processor lays them out (oracle: its image placeholders), not as one grid's rows x cols; the
+    oracle scorer accepts relevance of that size and keeps the relevant tokens."""
+    import torch
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from tiny import IMAGE_TOKEN, NEXT_PINPOINTS, tiny_llava_next, tiny_llava_processor
+    from visroute import RoutingConfig, apply_routing
+    from visroute.evaluation.runner import item_frames, recall, relevance_vector
+    from visroute.families import adapter_for
+    from visroute.families.llava_next import LlavaNextAdapter
+
+    model = tiny_llava_next()
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                   image_grid_pinpoints=NEXT_PINPOINTS),
+        tokenizer=tiny_llava_processor(model).tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>")
+    images = [[Image.new("RGB", (64, 20), (200, 40, 40))],  # one tiled image
+              [Image.new("RGB", (64, 64), (40, 200, 40)), Image.new("RGB", (16, 64), (40, 40, 200))]]  # two
+    texts = [LlavaNextAdapter.plain_prompt("what is it ?", len(ims), "<image>") for ims in images]
+    inputs = processor(images=[im for ims in images for im in ims], text=texts, padding=True, return_tensors="pt")
+    frames, counts = item_frames(adapter_for(model), processor, images, inputs, None)
+    assert counts == inputs["input_ids"].eq(IMAGE_TOKEN).sum(1).tolist()
+    assert all(n > fr[0].rows * fr[0].cols for n, fr in zip(counts, frames))  # the sizing the plug-in had
+    tokens = [fr[0].tokens_of([0.0, 0.0, 0.5, 0.5]) for fr in frames]
+    relevance = [relevance_vector(n, [t]) for n, t in zip(counts, tokens)]
+    cfg = RoutingConfig("prune", "oracle", [Stage(1, max(len(t) for t in tokens))])
+    with apply_routing(model, cfg) as router, router.call_options(relevance=relevance), torch.no_grad():
+        model(**inputs)
+    active = router.last_record.stages[0].active
+    assert [recall(active[b], tokens[b]) for b in range(2)] == [1.0, 1.0]
+
+
+def test_lmms_args_passes_a_method_by_name(capsys):
+    assert main(["lmms", "args", "--method", "reroute-pdrop@36"]) == 0
+    assert capsys.readouterr().out.strip() == "'pretrained=testbed,routing=reroute-pdrop@36,blind=false'"
+    assert main(["lmms", "args", "--method", "fastvv@64"]) == 2
+    err = capsys.readouterr().err
+    assert len(_said(err)) == 1 and "Unknown method 'fastvv'" in err
+    assert main(["lmms", "args", "--method", "fastv@64", "--stages", "2:0.5"]) == 2

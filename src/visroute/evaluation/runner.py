@@ -142,16 +142,11 @@ class Session:
         flat = [im for ims in images for im in ims]
         if flat:
             inputs = self.processor(images=flat, text=texts, padding=True, return_tensors="pt")
-            frames_flat = self.adapter.image_frames(self.processor, flat, dict(inputs), box_frame=self.box_frame)
         else:
             inputs = self.processor(text=texts, padding=True, return_tensors="pt")
-            frames_flat = []
-        frames, relevant, counts, k = [], [], [], 0
-        for it, ims in zip(items, images):
-            fr = frames_flat[k:k + len(ims)]
-            k += len(ims)
-            frames.append(fr)
-            counts.append(sum(f.num_tokens for f in fr))  # tiled images hold more than one grid
+        frames, counts = item_frames(self.adapter, self.processor, images, inputs, self.box_frame)
+        relevant = []
+        for it, fr in zip(items, frames):
             regions = it.relevance_regions
             if regions is None or not fr:
                 relevant.append(None)
@@ -180,7 +175,7 @@ class Session:
                 with apply_routing(self.model, config) as router:
                     options = {}
                     if "relevance" in router.call_inputs:
-                        options["relevance"] = [_relevance(nv, rel)
+                        options["relevance"] = [relevance_vector(nv, rel)
                                                 for nv, rel in zip(batch.num_visual, batch.relevant)]
                     with router.call_options(**options):
                         out = self.model.generate(**inputs, **gen)
@@ -204,7 +199,7 @@ class Session:
                 row.kv_entries = int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None
                 row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
                 if batch.relevant[b] is not None:
-                    row.recall = [[_recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
+                    row.recall = [[recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
                 frames = batch.frames[b]
                 row.routing = {"selected": [st.active[b].nonzero().flatten().tolist() for st in record.stages],
                                "relevant": batch.relevant[b],
@@ -423,7 +418,22 @@ def _bad_item(label: str, task: Task, item_id: str, reason: str) -> str:
     return f"task {label!r}" + (f" ({data})" if data else "") + f", item {item_id}: {reason}"
 
 
-def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
+def item_frames(adapter, processor, images: list[list], inputs, box_frame: str | None) -> tuple[list[list], list[int]]:
+    """Per item (its images in `images`, processed together into `inputs`): its `ImageFrame`s, one per image,
+    and its visual-token count (a tiled image holds more than one grid; several images add up). The harness's
+    session and the lmms-eval plug-in both size relevance and recall by these."""
+    flat = [im for ims in images for im in ims]
+    frames_flat = adapter.image_frames(processor, flat, dict(inputs), box_frame=box_frame) if flat else []
+    frames, counts, k = [], [], 0
+    for ims in images:
+        fr = frames_flat[k:k + len(ims)]
+        k += len(ims)
+        frames.append(fr)
+        counts.append(sum(f.num_tokens for f in fr))
+    return frames, counts
+
+
+def relevance_vector(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
     """(num_visual,) 1 on the union of the hops' relevant tokens, else 0 (the oracle's per-call input)."""
     r = torch.zeros(num_visual)
     if hops:
@@ -433,7 +443,8 @@ def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
     return r
 
 
-def _recall(active_row: torch.Tensor, tokens: list[int]) -> float | None:
+def recall(active_row: torch.Tensor, tokens: list[int]) -> float | None:
+    """Retention recall: the share of `tokens` (visual-token indices) active in `active_row`."""
     if not tokens:
         return None
     return float(active_row[tokens].float().mean())
