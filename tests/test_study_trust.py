@@ -401,6 +401,7 @@ def test_a_local_folder_that_does_not_exist_is_not_taken_for_a_hub_id(no_model, 
     ("blank.jsonl", "\n\n", "is empty"),
     ("broken.jsonl", '{"image": "a.png", "question": "q", "answer": "a"}\n{"image": "b.png", \n', "line 2 of"),
     ("empty.parquet", "", "is empty"),
+    ("garbage.parquet", "PAR1 not really parquet", "cannot read"),
 ])
 def test_an_empty_or_malformed_data_file(no_model, tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
@@ -638,3 +639,12 @@ def test_lmms_args_passes_a_method_by_name(capsys):
     err = capsys.readouterr().err
     assert len(_said(err)) == 1 and "Unknown method 'fastvv'" in err
     assert main(["lmms", "args", "--method", "fastv@64", "--stages", "2:0.5"]) == 2
+
+
+def test_a_refusal_names_what_differs_from_the_database(tmp_path):
+    grid = _testbed_grid(tmp_path)
+    db = tmp_path / "r.sqlite"
+    Store(db, parse_grid(yaml.safe_load(grid.read_text())).identity()).close()
+    before = db.read_bytes()
+    err = _one_line(["study", "run", grid, "--db", db, "--dtype", "bfloat16"], "holds results of another grid")
+    assert "dtype float32" in err and "dtype bfloat16" in err and db.read_bytes() == before
