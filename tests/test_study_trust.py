@@ -183,8 +183,8 @@ def test_strict_leaves_a_database_unchanged(bad_study, tmp_path):
 
 def test_a_fixed_image_is_run_on_resume(tmp_path):
     _data(tmp_path)
-    grid = _grid(tmp_path, [{"name": "jsonl", "data": str(_write_jsonl(tmp_path / "two.jsonl",
-                                                                      [_row("g0"), _row("truncated", image="trunc.png")]))}])
+    rows = _write_jsonl(tmp_path / "two.jsonl", [_row("g0"), _row("truncated", image="trunc.png")])
+    grid = _grid(tmp_path, [{"name": "jsonl", "data": str(rows)}])
     db = tmp_path / "r.sqlite"
     assert _run(["study", "run", grid, "--db", db, "--no-progress"])[0] == 0
     assert [r[0] for r in _table(db, "SELECT item_id FROM skipped")] == ["truncated"]
@@ -483,7 +483,8 @@ def test_a_hub_snapshot_folder_of_parquet_shards(tmp_path):
         _parquet(snap / "Full" / f"{category}-00000-of-00001.parquet", part)
     with pytest.raises(ValueError, match=r"holds the splits \['adversarial', 'popular', 'random'\]; choose one"):
         build_task("pope", data=str(snap / "Full")).items()
-    assert [it.id for it in build_task("pope", data=str(snap / "Full"), split="popular").items()] == ["1", "2"]  # unique within a split
+    popular = build_task("pope", data=str(snap / "Full"), split="popular").items()
+    assert [it.id for it in popular] == ["1", "2"]  # question_id is unique within a split
     assert len(build_task("pope", data=str(snap / "Full"), split="all").items()) == 6
     # the same shards for the generic task, a plain folder of them
     plain = [{"image": {"bytes": _png_bytes(i), "path": None}, "question": "q", "answer": "a"} for i in range(3)]
@@ -530,7 +531,8 @@ def test_pareto_points_carry_their_config_and_action(tmp_path, monkeypatch):
             summary("fastv@64", "routed", {**cfg, "scorer": "last_token_attention"}, 64, 0.8)]
     texts = []
     original = _plt().Axes.annotate
-    monkeypatch.setattr(_plt().Axes, "annotate", lambda ax, text, *a, **k: texts.append(text) or original(ax, text, *a, **k))
+    monkeypatch.setattr(_plt().Axes, "annotate",
+                        lambda ax, text, *a, **k: texts.append(text) or original(ax, text, *a, **k))
     assert plot_pareto(runs, tmp_path / "p.png", "t")
     assert sorted(texts) == ["fastv@64 (prune)", "prune/random/L2/k16", "unrouted"]
 

@@ -371,6 +371,7 @@ class Runner:
                     if not chunk:
                         continue
                     batch = session.batch(task, chunk, images)
+                    image_of = {it.id: im for it, im in zip(chunk, images)}
                     for job in jobs:
                         want = [it for it in chunk if it.id in job.pending]
                         # re-plan: another process on this database may have stored some of them since
@@ -382,8 +383,8 @@ class Runner:
                         if not want:
                             continue
                         # a resumed run may lack only part of a batch: those items get a batch of their own
-                        by_id = {it.id: im for it, im in zip(chunk, images)}
-                        sub = batch if len(want) == len(chunk) else session.batch(task, want, [by_id[it.id] for it in want])
+                        sub = batch if len(want) == len(chunk) else \
+                            session.batch(task, want, [image_of[it.id] for it in want])
                         bar.set_postfix_str(f"{label}: {job.name}", refresh=False)
                         rows, _ = session.generate(task, sub, job.config, blind=job.kind == BLIND)
                         written[label][job.name] += store.add(job.run_id, rows)

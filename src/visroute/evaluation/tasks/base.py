@@ -165,7 +165,8 @@ def read_table(path: Path, task: str, columns: tuple[str, ...], split: str | Non
     """A `datasets.Dataset` from a Parquet file, a JSON / JSONL file, a `save_to_disk` folder, or a folder of
     Parquet shards as the Hub gives them (a snapshot folder with `data/<split>-0000k-of-0000n.parquet`, a subset
     folder such as POPE's `Full/`, or the shards themselves). A folder holding several splits takes `split` (one
-    of them, or "all" for every shard), or its only split. Raises naming the file: empty, unreadable, or missing columns."""
+    of them, or "all" for every shard), or its only split. Raises naming the file: empty, unreadable, or missing
+    columns."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -197,7 +198,8 @@ def _load(datasets, builder: str, files: list[str], task: str, path: Path):
         return datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:  # datasets wraps the reader's error in its own; name the file in one line
         cause = e.__cause__ or e.__context__ or e
-        raise ValueError(f"task {task!r}: cannot read {path}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+        what = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ValueError(f"task {task!r}: cannot read {path}: {what}") from None
 
 
 def _check_json(path: Path, task: str) -> None:

@@ -37,7 +37,8 @@ class MmeTask(Task):
             question = (r["question"] or "").strip()
             if question.endswith(_OWN_INSTRUCTION.strip()):  # lmms-eval replaces MME's own instruction with its own
                 question = question[: -len(_OWN_INSTRUCTION.strip())].rstrip()
-            out.append(TaskItem(id=f"{qid}#{seen[qid]}", question=question, answers=[a.strip().lower() for a in answer_list(r["answer"])],
+            answers = [a.strip().lower() for a in answer_list(r["answer"])]
+            out.append(TaskItem(id=f"{qid}#{seen[qid]}", question=question, answers=answers,
                                 kind="yesno", meta={"category": r["category"], "image": qid},
                                 images=row_images(ds, i, "image", path.parent)))
         return out

@@ -50,8 +50,9 @@ class PopeTask(Task):
         rows = plain_rows(ds)
         ids = item_ids(rows)[:limit]
         # the reference answer read as lmms-eval reads it (lower-cased, stripped)
-        return [TaskItem(id=ids[i], question=r["question"], answers=[a.strip().lower() for a in answer_list(r["answer"])],
-                         kind="yesno", meta={"category": r["category"]}, images=row_images(ds, i, "image", path.parent))
+        return [TaskItem(id=ids[i], question=r["question"],
+                         answers=[a.strip().lower() for a in answer_list(r["answer"])], kind="yesno",
+                         meta={"category": r["category"]}, images=row_images(ds, i, "image", path.parent))
                 for i, r in enumerate(rows[:limit])]
 
     def score(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:
