@@ -298,7 +298,8 @@ def test_a_run_stopped_between_batches_is_listed_and_reported_as_partial(interru
 
 
 def test_a_writer_whose_plan_is_stale_stores_every_row_once(tmp_path, monkeypatch):
-    """A second process planned before the first stored its rows: it re-plans per batch and adds nothing."""
+    """A second process planned before the first stored its rows: it re-plans per batch (its claim finds them
+    stored) and adds nothing."""
     grid = _grid(tmp_path, [{"name": "testbed", "limit": 4}])
     db = tmp_path / "r.sqlite"
     assert _run(["study", "run", grid, "--db", db, "--no-progress"])[0] == 0
@@ -311,6 +312,48 @@ def test_a_writer_whose_plan_is_stale_stores_every_row_once(tmp_path, monkeypatc
     rc, err = _run(["study", "run", grid, "--db", db, "--no-progress"])
     assert rc == 0, err
     assert generated == [] and _table(db, "SELECT * FROM results ORDER BY run_id, item_id") == before
+
+
+def _claim_first_batch(db: Path, owner: str) -> None:
+    """`owner` claims the first two items of the unrouted run (their rows not stored yet), as a process computing
+    them would."""
+    first = _unrouted_items(db)[:2]
+    store = Store(db)
+    run = next(r for r in store.runs() if r.name == "unrouted")
+    store.conn.executemany("DELETE FROM results WHERE run_id = ? AND item_id = ?", [(run.run_id, i) for i in first])
+    assert store.claim(run.run_id, first, owner) == set(first)
+    store.close()
+
+
+def _unrouted_items(db: Path) -> list[str]:
+    return [r[0] for r in _table(db, "SELECT item_id FROM results JOIN runs USING (run_id) "
+                                     "WHERE name = 'unrouted' ORDER BY item_id")]
+
+
+def test_items_another_running_process_claimed_are_left_to_it(tmp_path):
+    from visroute.evaluation.store import process_owner
+
+    grid = _grid(tmp_path, [{"name": "testbed", "limit": 4}])
+    db = tmp_path / "r.sqlite"
+    assert _run(["study", "run", grid, "--db", db, "--no-progress"])[0] == 0
+    items = _unrouted_items(db)
+    _claim_first_batch(db, process_owner().rsplit(":", 1)[0] + f":{__import__('os').getppid()}")  # alive
+    assert _run(["study", "run", grid, "--db", db, "--no-progress"])[0] == 0
+    assert _unrouted_items(db) == items[2:]  # its batch is left to the claiming process
+    assert len(_table(db, "SELECT * FROM claims")) == 2  # this process released its own claims
+
+
+def test_a_claim_of_a_process_that_is_gone_is_taken_over(tmp_path):
+    from visroute.evaluation.store import process_owner
+
+    grid = _grid(tmp_path, [{"name": "testbed", "limit": 4}])
+    db = tmp_path / "r.sqlite"
+    assert _run(["study", "run", grid, "--db", db, "--no-progress"])[0] == 0
+    items = _unrouted_items(db)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _claim_first_batch(db, process_owner().rsplit(":", 1)[0] + ":" + gone.stdout.strip())
+    assert _run(["study", "run", grid, "--db", db, "--no-progress"])[0] == 0
+    assert _unrouted_items(db) == items and _table(db, "SELECT * FROM claims") == []
 
 
 def test_insert_or_ignore_keeps_the_first_row(tmp_path):

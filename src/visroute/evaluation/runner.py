@@ -374,12 +374,13 @@ class Runner:
                     image_of = {it.id: im for it, im in zip(chunk, images)}
                     for job in jobs:
                         want = [it for it in chunk if it.id in job.pending]
-                        # re-plan: another process on this database may have stored some of them since
-                        taken = store.done_among(job.run_id, [it.id for it in want])
+                        # re-plan: another process on this database may have stored or claimed some of them
+                        held = store.claim(job.run_id, [it.id for it in want])
+                        taken = {it.id for it in want} - held
                         if taken:
                             job.pending -= taken
                             bar.update(len(taken))
-                            want = [it for it in want if it.id not in taken]
+                            want = [it for it in want if it.id in held]
                         if not want:
                             continue
                         # a resumed run may lack only part of a batch: those items get a batch of their own
@@ -388,6 +389,7 @@ class Runner:
                         bar.set_postfix_str(f"{label}: {job.name}", refresh=False)
                         rows, _ = session.generate(task, sub, job.config, blind=job.kind == BLIND)
                         written[label][job.name] += store.add(job.run_id, rows)
+                        store.release()
                         job.pending -= {r.item_id for r in rows}
                         bar.update(len(rows))
                         clipped = sum(any((r.routing or {}).get("clipped") or []) for r in rows)
@@ -397,6 +399,7 @@ class Runner:
                                       f"of some items, so that stage keeps them all (the report counts them)")
         finally:
             bar.close()
+            store.release()
             store.close()
         self.ctx.wait()
         return written

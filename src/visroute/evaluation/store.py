@@ -14,15 +14,20 @@ Tables:
           fewer rows (plus skipped items) is partial.
   skipped one row per (task, item) that could not be run (an unreadable image, a row without question or
           answer), with the reason; never scored, and retried when the sweep is resumed.
+  claims  (run, item) -> the process computing it now ("host:pid"), so that two sweeps on one database share
+          the work instead of both computing it; a claim of a process that is gone (or older than
+          CLAIM_SECONDS, for another host) is taken over.
 
 Writes go through one transaction per batch in WAL mode, and (run, item) is the primary key: a process killed at
-any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row: a row
-another process stored first is kept and the new one dropped (INSERT OR IGNORE), so two sweeps on one database
-both finish with every row once."""
+any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row: each
+batch is claimed before it is computed, and a row another process stored first is kept, the new one dropped
+(INSERT OR IGNORE), so two sweeps on one database share the work and both finish with every row once."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA_VERSION = 2
+CLAIM_SECONDS = 3600.0  # a claim of a process on another host counts this long (its liveness cannot be checked)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +72,13 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, item_id)
 );
 CREATE TABLE IF NOT EXISTS tasks (task TEXT PRIMARY KEY, items INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS claims (
+    run_id INTEGER NOT NULL,
+    item_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (run_id, item_id)
+);
 CREATE TABLE IF NOT EXISTS skipped (
     task TEXT NOT NULL,
     item_id TEXT NOT NULL,
@@ -197,14 +210,31 @@ class Store:
     def counts(self) -> dict[int, int]:
         return dict(self.conn.execute("SELECT run_id, COUNT(*) FROM results GROUP BY run_id").fetchall())
 
-    def done_among(self, run_id: int, item_ids: Iterable[str]) -> set[str]:
-        """Which of `item_ids` the run holds now (another process may have stored them since the plan)."""
+    # ---- claims --------------------------------------------------------------------------------------------
+    def claim(self, run_id: int, item_ids: Iterable[str], owner: str | None = None) -> set[str]:
+        """Claim `item_ids` of the run for `owner` (default: this process); returns those it now holds: not
+        stored yet, and not claimed by another process that is still running."""
+        owner = owner or process_owner()
         ids = list(item_ids)
         if not ids:
             return set()
         marks = ",".join("?" * len(ids))
-        return {r[0] for r in self.conn.execute(
-            f"SELECT item_id FROM results WHERE run_id = ? AND item_id IN ({marks})", (run_id, *ids))}
+        with self.transaction():
+            done = {r[0] for r in self.conn.execute(
+                f"SELECT item_id FROM results WHERE run_id = ? AND item_id IN ({marks})", (run_id, *ids))}
+            held = {item: (who, when) for item, who, when in self.conn.execute(
+                f"SELECT item_id, owner, time FROM claims WHERE run_id = ? AND item_id IN ({marks})", (run_id, *ids))}
+            mine = [i for i in ids if i not in done and (i not in held or held[i][0] == owner
+                                                          or not _alive(*held[i]))]
+            now = time.time()
+            self.conn.executemany("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                                  [(run_id, i, owner, now) for i in mine])
+        return set(mine)
+
+    def release(self, owner: str | None = None) -> None:
+        """Drop every claim of `owner` (default: this process)."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM claims WHERE owner = ?", (owner or process_owner(),))
 
     # ---- tasks and skipped items ---------------------------------------------------------------------------
     def set_items(self, task: str, items: int) -> None:
@@ -277,6 +307,25 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def process_owner() -> str:
+    """This process as a claim's owner: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str, when: float) -> bool:
+    """Whether the process that made a claim may still be computing it."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - when < CLAIM_SECONDS
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _describe(identity: dict) -> str:
