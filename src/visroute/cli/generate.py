@@ -43,7 +43,7 @@ def run(args) -> int:
     image_path = existing_file(args.image, "image")
     cfg = routing_from_args(args)
     if args.show_kept and cfg is None:
-        raise ValueError("--show-kept needs a routing schedule (--stages or --config)")
+        raise ValueError("--show-kept needs a routing schedule (--stages, --config or --method)")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
 
