@@ -128,6 +128,7 @@ def test_the_checks_do_not_refuse_good_input(image, tmp_path, monkeypatch):
         raise FileNotFoundError("stopped at the model")
 
     monkeypatch.setattr(visroute.loading, "load_model", stop)
+    monkeypatch.setattr(visroute.loading, "check_model_path", lambda path: None)  # the model name is a stand-in
     config = tmp_path / "cfg.yaml"
     RoutingConfig("prune", "embedding_similarity", [Stage(1, 0.5)], scorer_options={"reduce": "max"}).to_yaml(config)
     assert main([str(a) for a in _generate(image, "--config", config)]) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 lmms_eval = pytest.importorskip("lmms_eval")
@@ -170,3 +171,118 @@ def test_refcoco_layout_is_scored_by_lmms_eval_after_the_frame_is_converted(env,
     assert all(s["filtered_resps"][0].startswith("[") for s in samples)  # converted to normalised boxes
     rows = side_rows(lm)
     assert all(r["raw_prediction"] != r["prediction"] for r in rows)
+
+
+MULTI_YAML = """\
+task: visroute_multi_bbox_rec
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: docs.parquet
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact
+    aggregation: mean
+    higher_is_better: true
+generation_kwargs:
+  max_new_tokens: 4
+  do_sample: false
+"""
+
+MULTI_UTILS = """\
+def doc_to_visual(doc):
+    return [im.convert("RGB") for im in doc["images"]]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact": float(results[0].strip() == doc["answer"])}
+"""
+
+
+def test_the_plugin_and_the_harness_agree_on_tiled_and_multi_image_samples(tmp_path, monkeypatch):
+    """A tiny LLaVA-NeXT (tiled frames) with one or two images per sample, routed by the oracle from each
+    sample's box: lmms-eval through the plug-in and `study run` give the same predictions, avg_T and retention
+    recall (both size relevance by the sample's visual tokens, `runner.item_frames`)."""
+    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+    from PIL import Image
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    import visroute.evaluation.tasks as tasks_module
+    from tiny import NEXT_PINPOINTS, tiny_llava_next, tiny_llava_processor
+    from visroute.evaluation import Store, parse_grid, run_grid
+    from visroute.evaluation.tasks import Task, TaskItem
+    from visroute.integrations.lmms.model import VisrouteLMM
+
+    model = tiny_llava_next()
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                   image_grid_pinpoints=NEXT_PINPOINTS),
+        tokenizer=tiny_llava_processor(model).tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+
+    sizes = [[(64, 20)], [(64, 64), (16, 64)], [(20, 64)], [(90, 70), (64, 32)]]  # (width, height) per image
+    docs = []
+    for k, images in enumerate(sizes):
+        pictures = [Image.fromarray(np.random.default_rng(k * 10 + j).integers(0, 255, (h, w, 3), dtype=np.uint8))
+                    for j, (w, h) in enumerate(images)]
+        docs.append({"id": str(k), "question": "what is the colour of the shape ?", "answer": "red",
+                     "images": pictures, "bbox": [0.1, 0.2, 0.6, 0.7]})
+
+    class MultiTask(Task):
+        name = "visroute_multi_test"
+        max_new_tokens = 4
+        required_keys = ()
+
+        def load(self, limit):
+            return [TaskItem(id=d["id"], question=d["question"], answers=[d["answer"]], kind="box", box=d["bbox"],
+                             images=lambda d=d: [im.convert("RGB") for im in d["images"]]) for d in docs]
+
+        def score(self, item, prediction, frame):
+            return {"correct": prediction.strip() == item.answers[0]}
+
+    registry = dict(tasks_module.available_tasks())
+    tasks_module.register_task(MultiTask)
+    monkeypatch.setattr(tasks_module.REGISTRY, "loaded", True)
+    oracle = RoutingConfig("prune", "oracle", [Stage(1, 40), Stage(3, 6)])  # stage 1 keeps every relevant token
+    grid = {"name": "multi", "model": {"path": str(tmp_path / "model"), "dtype": "float32", "batch_size": 1},
+            "tasks": ["visroute_multi_test"], "configs": [{"name": "oracle", "config": oracle.to_dict()}]}
+    try:
+        run_grid(parse_grid(grid), tmp_path / "r.sqlite", progress=False)
+    finally:
+        tasks_module._REGISTRY.clear()
+        tasks_module._REGISTRY.update(registry)
+    store = Store(tmp_path / "r.sqlite")
+    run = next(r for r in store.runs() if r.name == "oracle")
+    ours = {row.item_id: row for row in store.rows(run.run_id)}
+    store.close()
+
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    features = Features({"id": Value("string"), "question": Value("string"), "answer": Value("string"),
+                         "images": Sequence(ImageFeature()), "bbox": Sequence(Value("float64"))})
+    Dataset.from_list(docs, features=features).to_parquet(str(task_dir / "docs.parquet"))
+    (task_dir / "multi.yaml").write_text(MULTI_YAML)
+    (task_dir / "utils.py").write_text(MULTI_UTILS)
+    lm = VisrouteLMM(pretrained=str(tmp_path / "model"), routing=oracle, dtype="float32", batch_size=1,
+                     box_convert=False, side_log=str(tmp_path / "side"))
+    _, samples = evaluate(lm, tmp_path, task="visroute_multi_bbox_rec")
+    rows = {r["doc_id"]: r for r in side_rows(lm)}
+    for s in samples:
+        mine = ours[str(s["doc_id"])]
+        assert " ".join(s["filtered_resps"][0].split()) == " ".join(mine.prediction.split())
+        side = rows[s["doc_id"]]
+        assert side["avg_T"] == pytest.approx(mine.avg_T)
+        assert side["recall"] == pytest.approx([stage[0] for stage in mine.recall])
+    assert len(samples) == len(docs) and all(r["recall"][0] == 1.0 > r["recall"][1] for r in rows.values())

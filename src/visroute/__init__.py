@@ -8,10 +8,32 @@
         record = router.last_record
 """
 
-from visroute.config import RoutingConfig, Stage
-from visroute.engine import Router, RoutedCache, apply_routing
-from visroute.record import RoutingRecord, StageRecord
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from visroute.config import RoutingConfig, Stage
+    from visroute.engine import Router, RoutedCache, apply_routing
+    from visroute.record import RoutingRecord, StageRecord
 
 __version__ = "0.1.0"
 
+# the public names load on first use (PEP 562), so that `visroute --help` does not import torch
+_EXPORTS = {"RoutingConfig": "visroute.config", "Stage": "visroute.config", "apply_routing": "visroute.engine",
+            "Router": "visroute.engine", "RoutedCache": "visroute.engine", "RoutingRecord": "visroute.record",
+            "StageRecord": "visroute.record"}
 __all__ = ["RoutingConfig", "Stage", "apply_routing", "Router", "RoutedCache", "RoutingRecord", "StageRecord"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'visroute' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

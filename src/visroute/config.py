@@ -29,7 +29,8 @@ def _is_int(value: Any) -> bool:
 @dataclass(frozen=True)
 class Stage:
     """From decoder layer `layer` (0-based, before it runs) until the next stage, `keep` visual tokens per
-    sample are active. `keep` is an int count or a float fraction of that sample's visual tokens (floored).
+    sample are active. `keep` is an int count or a float fraction in [0, 1] of that sample's visual tokens
+    (floored); a float above 1 (16.0) is an error, never read as a count.
 
     Optional, per stage:
       scorer, scorer_options   rank with this scorer instead of the config's (methods whose stages use
@@ -68,6 +69,10 @@ class Stage:
             raise ValueError(f"Stage.keep must be finite, got {self.keep}")
         if self.keep < 0:
             raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
+        if isinstance(self.keep, float) and self.keep > 1:  # 16.0 would silently read as 1600% (keep all)
+            count = f"{self.keep:.0f}" if self.keep.is_integer() else "an int"
+            raise ValueError(f"Stage.keep {self.keep!r} is a float above 1, which reads as a fraction: write "
+                             f"{count} for a count or a fraction <= 1 (0.25 keeps a quarter)")
         object.__setattr__(self, "scorer_options", dict(self.scorer_options or {}))
         object.__setattr__(self, "merge_options", dict(self.merge_options or {}))
         if self.scorer is not None:

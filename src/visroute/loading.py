@@ -3,6 +3,8 @@ line and the benchmarks accept by name."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,52 @@ def dtype_of(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A model that can be found, checked before anything loads: an existing folder, or a hub id that is cached
+    (or that the hub, when online, may serve). A path that cannot be a hub id (./x, /x, a/b/c) must be a folder."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {name_or_path}: a model is a folder (with config.json), not a file")
+        return
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or text.endswith("/") or "\\" in text:
+        raise FileNotFoundError(f"model {name_or_path}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(text, "config.json")
+    except ValueError:  # not a valid repo id either
+        raise FileNotFoundError(f"model {name_or_path}: no such folder (nor a valid hub id)") from None
+    if not isinstance(cached, str) and _offline():
+        raise FileNotFoundError(f"model {name_or_path}: no folder {name_or_path}, and no cached hub model of that "
+                                f"id (the hub is offline)")
+
+
+def check_device(name: str | None) -> None:
+    """A device the installed torch can use (None and "auto" pass), checked before any model loads."""
+    if name is None or name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str | None = "cpu",
                device_map: Any = None, processor_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(model, processor) of a supported VLM, with SDPA attention, in eval mode: on `device`, or dispatched by
@@ -26,7 +74,13 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
     from visroute.families import UnsupportedModelError, supported_model_classes
 
     dtype = dtype_of(dtype) if isinstance(dtype, str) else dtype
-    config = AutoConfig.from_pretrained(name_or_path)
+    check_model_path(name_or_path)
+    if device_map is None:
+        check_device(device)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:  # not on the hub, no connection, or a folder without config.json
+        raise ValueError(f"model {name_or_path}: {str(e).splitlines()[0]}") from None
     archs = set(getattr(config, "architectures", None) or [])
     if archs and not archs & set(supported_model_classes()):
         raise UnsupportedModelError(

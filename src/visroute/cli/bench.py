@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from visroute.cli import COMMANDS
 from visroute.bench.run import BenchSettings
 from visroute.budget import PRESETS, TIERS
 from visroute.cli.common import (
@@ -19,7 +20,7 @@ from visroute.cli.common import (
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="latency / memory / FLOPs / K/V benchmark on a real-shaped random-weight model",
+        "bench", help=COMMANDS["bench"],
         description="Measure prefill and decode latency, peak memory, executed and formula FLOPs and K/V bytes of "
                     "a random-weight model of a named shape, unrouted and under each config, each speedup beside "
                     "the ideal speedup executed FLOPs predict. Without --preset/--config/--stages it runs every "

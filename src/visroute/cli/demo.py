@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug
 
 DEMO_SEED = 2000  # the demo's fixed question set, apart from training and the held-out report set
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="compare pruning, rerouting and scorers on the shipped testbed model, offline")
+    p = sub.add_parser("demo", help=COMMANDS["demo"])
     p.add_argument("--n", type=int, default=240, help="questions (families take turns; default 240)")
     p.add_argument("--keep", type=int, default=16, help="visual tokens FastV keeps (default 16 of 144)")
     p.add_argument("--layer", type=int, default=3, help="layer of FastV's stage, the first of every schedule")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_device, add_dtype, add_routing, existing_file, routing_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="answer a question about an image with a routed model")
+    p = sub.add_parser("generate", help=COMMANDS["generate"])
     p.add_argument("--model", help="Hugging Face model id or local folder (default: the shipped testbed model)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question")
@@ -42,17 +43,20 @@ def run(args) -> int:
     image_path = existing_file(args.image, "image")
     cfg = routing_from_args(args)
     if args.show_kept and cfg is None:
-        raise ValueError("--show-kept needs a routing schedule (--stages or --config)")
+        raise ValueError("--show-kept needs a routing schedule (--stages, --config or --method)")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
 
     import torch
-    from PIL import Image
 
     from visroute.engine import apply_routing
-    from visroute.loading import load_model
+    from visroute.evaluation.tasks.base import to_image
+    from visroute.loading import check_device, check_model_path, load_model
 
-    image = Image.open(image_path).convert("RGB")
+    image = to_image(str(image_path.resolve()), image_path.parent)  # a truncated file or a non-image fails here
+    check_device(args.device)
+    if args.model:
+        check_model_path(args.model)
     model, processor = load_model(args.model or default_model_path(), args.dtype, args.device)
     inputs = build_inputs(model, processor, [image], args.prompt)
     inputs = {k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_routing, routing_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("lmms", help="lmms-eval helpers: the testbed as a local task, inline model_args")
+    p = sub.add_parser("lmms", help=COMMANDS["lmms"])
     lsub = p.add_subparsers(dest="lmms_command", required=True)
     t = lsub.add_parser("testbed-task", help="write testbed items as Parquet plus an lmms-eval task YAML")
     t.add_argument("--out", required=True, help="folder for the task (use it as --include_path)")
@@ -39,9 +40,17 @@ def run_testbed_task(args) -> int:
 
 
 def run_args(args) -> int:
-    cfg = routing_from_args(args)
     parts = [f"pretrained={args.pretrained}"]
-    if cfg is not None:
+    if args.method:
+        # a method is solved for the model's layers and visual tokens, which the plug-in knows once it loads the
+        # model: pass its name on (`routing=fastv@64` is what lmms-eval's cache keys on)
+        from visroute.methods import get_method, parse_method
+
+        if args.config or args.stages or args.scorer_option:
+            raise ValueError("give one of --config, --stages or --method (a --method sets its own scorers)")
+        get_method(parse_method(args.method)[0])  # a bad name or tier fails here
+        parts.append(f"routing={args.method}")
+    elif (cfg := routing_from_args(args)) is not None:
         parts.append("routing=" + json.dumps(cfg.to_dict(), separators=(",", ":")))
     parts.append(f"blind={'true' if args.blind else 'false'}")
     print("'" + ",".join(parts) + "'")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import textwrap
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("methods", help="list the named methods (NAME@TIER for --method) and their schedules",
+    p = sub.add_parser("methods", help=COMMANDS["methods"],
                        description="The named methods with their schedules solved at each tier for one model "
                                    "shape (`visroute bench` shapes) and image size, and the avg_T they reach.")
     p.add_argument("--shape", default="llava-1.5-7b", help="model shape (default llava-1.5-7b)")

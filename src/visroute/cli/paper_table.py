@@ -3,13 +3,14 @@ run through lmms-eval on a routed model, gathered into one Markdown table (needs
 
 from __future__ import annotations
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_dtype
 
 
 def add_parser(sub) -> None:
     from visroute.integrations.lmms.paper_table import MODELS, TASKS, TIERS
 
-    p = sub.add_parser("paper-table", help="the Reroute paper's table through lmms-eval (resumable; --dry-run lists it)")
+    p = sub.add_parser("paper-table", help=COMMANDS["paper-table"])
     p.add_argument("--model", required=True, choices=list(MODELS), help="the paper's backbone")
     p.add_argument("--tier", default="all", help=f"avg_T tier: {', '.join(map(str, TIERS))} or all")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated lmms-eval tasks (default: the paper's)")

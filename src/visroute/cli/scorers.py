@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("scorers", help="list the registered scorers and their options")
+    p = sub.add_parser("scorers", help=COMMANDS["scorers"])
     add_debug(p)
     p.set_defaults(func=run)
 

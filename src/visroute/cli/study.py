@@ -6,15 +6,19 @@ and reports with intervals and plots (visroute.evaluation).
     accelerate launch --multi_gpu --num_processes 4 -m visroute study run grid.yaml --db results.sqlite
     visroute study list --db results.sqlite
     visroute study report --db results.sqlite --out report/
+    visroute study grids                                                 # the shipped grids and their paths
 """
 
 from __future__ import annotations
 
+import sys
+
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_debug, add_device, add_dtype
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("study", help="sweep routing configs over benchmark tasks; list and report the results")
+    p = sub.add_parser("study", help=COMMANDS["study"])
     ssub = p.add_subparsers(dest="study_command", required=True, metavar="ACTION")
 
     r = ssub.add_parser("run", help="run a grid (resumable: what the database holds is skipped)")
@@ -31,8 +35,15 @@ def add_parser(sub) -> None:
     add_device(r, default=None)
     r.add_argument("--batch-size", type=int, help="items per batch instead of the grid's")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--strict", action="store_true",
+                   help="stop at an item that cannot be run (unreadable image, row without question or answer) "
+                        "instead of recording it as skipped")
     add_debug(r)
     r.set_defaults(func=run_study)
+
+    g = ssub.add_parser("grids", help="the shipped grids: name, path and what each sweeps")
+    add_debug(g)
+    g.set_defaults(func=list_grids)
 
     ls = ssub.add_parser("list", help="what a results database holds")
     ls.add_argument("--db", required=True)
@@ -92,15 +103,41 @@ def run_study(args) -> int:
 
     grid = load_grid(args.grid)
     apply_overrides(grid, args)
-    written = run_grid(grid, args.db, limit=args.limit, progress=not args.no_progress)
+    try:
+        written = run_grid(grid, args.db, limit=args.limit, progress=not args.no_progress, strict=args.strict)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        held = ""
+        if os.path.isfile(args.db):
+            store = Store(args.db)
+            held = f"{args.db} holds {sum(store.counts().values())} rows (every finished batch); "
+            store.close()
+        print(f"\nvisroute study run: interrupted; {held}run the same command again to resume", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process has waited for the others
         store = Store(args.db)
         total = sum(store.counts().values())
         runs = len(store.runs())
+        skipped = sum(len(v) for v in store.skipped().values())
         store.close()
         rows = sum(n for per in written.values() for n in per.values())
         print(f"{args.db}: {total} rows ({rows} new from this process) in {runs} runs (unrouted, blind and each "
-              f"config, on {len(grid.tasks)} task(s))")
+              f"config, on {len(grid.tasks)} task(s))"
+              + (f"; {skipped} item(s) skipped, see `visroute study list`" if skipped else ""))
+    return 0
+
+
+def list_grids(args) -> int:
+    """Each shipped grid's name and path (copy one to start your own), with the first line of its comment."""
+    from visroute.evaluation.grid import shipped_grids
+
+    grids = shipped_grids()
+    width = max(len(n) for n in grids)
+    for name, path in sorted(grids.items()):
+        lines = path.read_text().splitlines()
+        about = next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
+        print(f"{name:{width}s}  {path}\n{'':{width}s}  {about}")
     return 0
 
 
@@ -112,20 +149,23 @@ def list_study(args) -> int:
         ident = store.identity
         counts = store.counts()
         runs = store.runs()
+        expected = store.expected_rows()
+        skipped = store.skipped()
     finally:
         store.close()
     model = ident.get("model", {})
     print(f"{args.db}: grid {ident.get('grid')!r} version {ident.get('version')}, model {model.get('path')!r} "
           f"({model.get('dtype')})")
-    expected: dict[str, int] = {}
-    for run in runs:
-        expected[run.task] = max(expected.get(run.task, 0), counts.get(run.run_id, 0))
     width = max([6] + [len(r.name) for r in runs])
     print(f"{'task':16s} {'config':{width}s} {'kind':9s} {'rows':>7s}")
     for run in runs:
         n = counts.get(run.run_id, 0)
-        state = "" if n == expected[run.task] else f"  (partial: {n} of {expected[run.task]})"
+        state = "" if n >= expected[run.task] else f"  (partial: {n} of {expected[run.task]})"
         print(f"{run.task:16s} {run.name:{width}s} {run.kind:9s} {n:7d}{state}")
+    for task, reasons in skipped.items():
+        print(f"{task}: {len(reasons)} item(s) skipped, never scored:")
+        for item, reason in reasons.items():
+            print(f"  {item}: {reason}")
     return 0
 
 

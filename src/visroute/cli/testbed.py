@@ -6,11 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+from visroute.cli import COMMANDS
 from visroute.cli.common import add_dataclass_flags, add_debug, add_routing, dataclass_from_args, routing_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("testbed", help="synthetic grounded-VQA scenes, the small testbed model, its evaluation")
+    p = sub.add_parser("testbed", help=COMMANDS["testbed"])
     tsub = p.add_subparsers(dest="testbed_command", required=True)
 
     m = tsub.add_parser("make", help="write a question set: images plus items.jsonl (deterministic by seed)")

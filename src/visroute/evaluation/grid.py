@@ -27,7 +27,8 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
         layers: [2, 0.5, [0.25, 0.5, 0.75]]   # int: a decoder layer; float in [0, 1): that share of the depth;
                                               # a list: one stage at each (the same budget re-selected);
                                               # every: one config per decoder layer of the model
-        keep: [0.25, 16]                      # float: share of each sample's visual tokens, int: a count
+        keep: [0.25, 16]                      # float <= 1: share of each sample's visual tokens, int: a count
+                                              # (a float above 1, e.g. 16.0, is an error)
         avg_T: [0.11]                         # or: a target avg_T (float <= 1: share of the visual tokens)
                                               # solved to integer keeps by visroute.budget
 
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from visroute.config import RoutingConfig
+from visroute.config import RoutingConfig, Stage
 from visroute.loading import DTYPES
 
 if TYPE_CHECKING:
@@ -225,8 +226,12 @@ def _listify(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _keep_name(keep) -> str:
-    return f"{keep:g}" if isinstance(keep, float) else str(keep)
+def keep_name(keep) -> str:
+    """A keep as a name: a fraction always reads as one (1.0 -> "1.0"), so it is never taken for a count."""
+    if not isinstance(keep, float):
+        return str(keep)
+    text = f"{keep:g}"
+    return text if any(c in text for c in ".e") else f"{text}.0"
 
 
 def _layer_name(layer) -> str:
@@ -243,6 +248,12 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
         raise ValueError(f"{where}: give the budget as exactly one of keep or avg_T")
     budgets = [("keep", b) for b in _listify(sweep.get("keep", []))] + \
               [("avg_T", b) for b in _listify(sweep.get("avg_T", []))]
+    for kind, budget in budgets:
+        if kind == "keep":
+            try:
+                Stage(0, budget)  # a float keep above 1 or a negative keep fails here, before any model loads
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: keep {budget!r}: {e}") from None
     options = sweep.get("scorer_options") or {}
     out = []
     for action, scorer, layers, (kind, budget) in itertools.product(
@@ -253,7 +264,7 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
             raise ValueError(f"{where}: a layer is an int, a float share of the depth or `every`, got {layers!r}")
         keep = budget if kind == "keep" else 0
         layer_part = "{layer}" if every else "-".join(_layer_name(l) for l in layer_list)
-        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}"
+        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{keep_name(budget)}"
         routing = {"action": action, "scorer": scorer, "stages": [{"layer": l, "keep": keep} for l in layer_list],
                    "scorer_options": dict(options.get(scorer, {}))}
         out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None,

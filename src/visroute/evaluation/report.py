@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from visroute.evaluation import metrics as M
+from visroute.evaluation.grid import keep_name
 from visroute.evaluation.store import Row, Run, Store
 
 CONTROLS = ("random", "uniform", "oracle")
@@ -85,7 +86,7 @@ def budget_label(run: Run) -> str:
         return parts[3]
     keeps = [s["keep"] for s in (run.config or {}).get("stages", [])]
     if keeps and all(k == keeps[0] for k in keeps):
-        return f"k{keeps[0]:g}" if isinstance(keeps[0], float) else f"k{keeps[0]}"
+        return f"k{keep_name(keeps[0])}"
     return "keeps " + ",".join(str(k) for k in keeps)
 
 
@@ -161,7 +162,8 @@ def _ratio(num, den) -> float | None:
 # ---- comparisons -------------------------------------------------------------------------------------------
 def reroute_vs_prune(summaries: list[RunSummary], seed: int = 0) -> list[dict[str, Any]]:
     """Pairs of runs that differ only in the action: reroute - prune accuracy on their common items, with the
-    paired-bootstrap interval. Equal schedules give equal avg_T (reported for both)."""
+    paired-bootstrap interval. Equal schedules give equal avg_T (reported for both). A one-stage pair is marked
+    `identical` (no later stage for a token to re-enter) and not measured."""
     def key(s: RunSummary):
         c = s.config
         return (c["scorer"], str(c["stages"]), str(c.get("scorer_options"))) if c else None
@@ -173,10 +175,14 @@ def reroute_vs_prune(summaries: list[RunSummary], seed: int = 0) -> list[dict[st
             continue
         p = prune[key(s)]
         common = sorted(set(s.rows) & set(p.rows))
+        if len(s.config["stages"]) == 1:  # nothing re-enters after the only stage: reroute is prune
+            out.append({"reroute": s.name, "prune": p.name, "n": len(common), "identical": True,
+                        "avg_T_reroute": s.avg_T, "avg_T_prune": p.avg_T})
+            continue
         diff, lo, hi = M.paired_bootstrap_diff([s.rows[i].correct for i in common], [p.rows[i].correct for i in common],
                                                seed=seed)
         out.append({"reroute": s.name, "prune": p.name, "n": len(common), "diff": diff, "low": lo, "high": hi,
-                    "avg_T_reroute": s.avg_T, "avg_T_prune": p.avg_T})
+                    "avg_T_reroute": s.avg_T, "avg_T_prune": p.avg_T, "identical": False})
     return out
 
 
@@ -242,8 +248,18 @@ def plot_scorer_lines(ax, lines: dict[str, dict[int, float]]) -> None:
     """One line per scorer over the stage layers; the controls dashed."""
     for scorer, by in sorted(lines.items()):
         x = sorted(by)
-        style = dict(ls="--", lw=1.6) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
+        # controls dashed with an open square: a control measured at one layer is a point, never nothing
+        style = dict(ls="--", lw=1.6, marker="s", ms=5, mfc="none") if scorer in CONTROLS else \
+            dict(ls="-", lw=1.2, marker="o", ms=3)
         ax.plot(x, [by[l] for l in x], label=scorer, **style)
+    integer_ticks(ax)
+
+
+def integer_ticks(ax) -> None:
+    """Stage layers are integers: no 2.85 .. 3.15 ticks around a single layer."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_accuracy_vs_layer(summaries: list[RunSummary], path: Path, title: str) -> bool:
@@ -286,11 +302,17 @@ def plot_pareto(summaries: list[RunSummary], path: Path, title: str) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     _refs(ax, summaries)
-    by_scorer = defaultdict(list)
+    groups = defaultdict(list)  # colour: the scorer; marker: the action (a method preset: its own group)
     for x, y, s in pts:
-        by_scorer[(s.config or {}).get("scorer", s.name)].append((x, y))
-    for scorer, p in sorted(by_scorer.items()):
-        ax.scatter([a for a, _ in p], [b for _, b in p], s=14, label=scorer)
+        cfg = s.config or {}
+        groups[(cfg.get("scorer", s.name), cfg.get("action", s.run.kind))].append((x, y, s))
+    markers = {"prune": "o", "reroute": "^", "unrouted": "*"}
+    for (scorer, action), p in sorted(groups.items()):
+        ax.scatter([a for a, _, _ in p], [b for _, b, _ in p], s=18, marker=markers.get(action, "D"),
+                   label=f"{scorer}, {action}" if action != "unrouted" else "unrouted")
+        for a, b, s in p:  # each point names its config and action
+            label = s.name if s.run.kind != "routed" or action in s.name else f"{s.name} ({action})"
+            ax.annotate(label, (a, b), fontsize=5, xytext=(3, 2), textcoords="offset points", alpha=0.8)
     front = pareto_front([(x, y) for x, y, _ in pts])
     ax.step([a for a, _ in front], [b for _, b in front], where="post", color="black", lw=0.8, alpha=0.6,
             label="Pareto front")
@@ -324,7 +346,9 @@ def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
                 pts = sorted((x, r[h]) for x, r in pts if len(r) > h and r[h] is not None)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=scorer,
-                            ls="--" if scorer in CONTROLS else "-", marker=None if scorer in CONTROLS else "o", ms=3)
+                            ls="--" if scorer in CONTROLS else "-", marker="s" if scorer in CONTROLS else "o",
+                            ms=5 if scorer in CONTROLS else 3, mfc="none" if scorer in CONTROLS else None)
+            integer_ticks(ax)
             ax.set_title(f"{title}: {budget}" + (f", hop {h + 1}" if hops > 1 else ""))
             ax.set_xlabel("stage layer")
             ax.grid(alpha=0.3)
@@ -336,6 +360,7 @@ def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
 
 
 def plot_differences(diffs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    diffs = [d for d in diffs if not d.get("identical")]
     if not diffs:
         return False
     plt = _plt()
@@ -353,6 +378,40 @@ def plot_differences(diffs: list[dict[str, Any]], path: Path, title: str) -> boo
 
 
 # ---- report.md ---------------------------------------------------------------------------------------------
+def completeness(runs: list[Run], counts: dict[int, int], expected: dict[str, int], asked: dict[str, int],
+                 skipped: dict[str, dict[str, str]]) -> list[str]:
+    """The lines at the top of a report: runs that hold fewer rows than their task's items (partial), tasks
+    without rows, and items skipped (never scored)."""
+    lines = []
+    short = [(r, counts.get(r.run_id, 0)) for r in runs if counts.get(r.run_id, 0) < expected.get(r.task, 0)]
+    if short:
+        lines += [f"**Partial:** {len(short)} of {len(runs)} runs hold fewer rows than their task's items; their "
+                  f"numbers cover only the items they hold (resume with the same `visroute study run`):", ""]
+        lines += [f"- {r.task} / {r.name}: {n} of {expected[r.task]}" for r, n in short] + [""]
+    for task in sorted({r.task for r in runs}):
+        if not any(counts.get(r.run_id, 0) for r in runs if r.task == task):
+            lines += [f"**Task {task} has no rows.**", ""]
+    for task, reasons in skipped.items():
+        shown = list(reasons.items())[:10]
+        lines += [f"**Skipped in {task}:** {len(reasons)} of {asked.get(task, '?')} items could not be run and are "
+                  "never scored:", ""]
+        lines += [f"- {item}: {reason}" for item, reason in shown]
+        lines += ([f"- ... and {len(reasons) - len(shown)} more (`visroute study list`)"]
+                  if len(reasons) > len(shown) else []) + [""]
+    return lines
+
+
+def _clipped(summaries: list[RunSummary]) -> list[str]:
+    """Notes on runs where a stage asked for more tokens than an item had, so that stage kept all of them."""
+    lines = []
+    for s in summaries:
+        n = sum(any((r.routing or {}).get("clipped") or []) for r in s.rows.values())
+        if n:
+            lines.append(f"Note: in {s.name}, a stage's keep exceeds the visual tokens of {n} of {len(s.rows)} "
+                         f"items; that stage keeps them all.")
+    return lines + [""] if lines else []
+
+
 def _f(v: float | None, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
@@ -386,9 +445,11 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
     try:
         all_summaries = summarize(store, seed=seed)
         identity = store.identity
+        expected_rows, skipped, counts = store.expected_rows(), store.skipped(), store.counts()
+        runs, asked = store.runs(), store.items()
     finally:
         store.close()
-    if not all_summaries:
+    if not any(all_summaries.values()):
         raise ValueError(f"{db} holds no results yet")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,10 +460,16 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
              "wrong; gain ret.: visual gain retained, (acc - acc(blind)) / (acc(unrouted) - acc(blind)); avg_T: "
              "visual tokens per decoder layer; FLOPs and K/V: decoder prefill FLOPs and cached K/V entries relative "
              "to the unrouted prompt; s/item: generation time per item.", ""]
+    lines += completeness(runs, counts, expected_rows, asked, skipped)
     for label, summaries in all_summaries.items():
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-        expected = max(len(s.rows) for s in summaries)
         lines += [f"## {label}", ""]
+        if not summaries:
+            lines += [f"No rows: no run of task {label} has stored a result yet (see the skipped items above, "
+                      f"or rerun the sweep).", ""]
+            continue
+        expected = expected_rows.get(label) or max(len(s.rows) for s in summaries)
+        lines += _clipped(summaries)
         blind = next((s for s in summaries if s.run.kind == "blind"), None)
         if blind:
             lines += [f"Blind-solvable: {sum(r.correct for r in blind.rows.values())} of {len(blind.rows)} items "
@@ -418,11 +485,14 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
         if diffs:
             lines += ["Reroute - prune at equal avg_T (paired bootstrap, 95%):", "",
                       "| reroute | prune | n | difference [95% CI] | avg_T |", "|---|---|---|---|---|"]
-            lines += [f"| {d['reroute']} | {d['prune']} | {d['n']} | {d['diff']:+.3f} [{d['low']:+.3f}, "
-                      f"{d['high']:+.3f}] | {_f(d['avg_T_reroute'], '.1f')} |" for d in diffs]
+            lines += [f"| {d['reroute']} | {d['prune']} | {d['n']} | "
+                      + ("identical by definition (one stage: nothing re-enters)" if d["identical"] else
+                         f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                      + f" | {_f(d['avg_T_reroute'], '.1f')} |" for d in diffs]
             png = out / f"{safe}_reroute_minus_prune.png"
-            plot_differences(diffs, png, label)
-            lines += ["", f"![reroute - prune]({png.name})", ""]
+            lines += [""]
+            if plot_differences(diffs, png, label):
+                lines += [f"![reroute - prune]({png.name})", ""]
         horizon = information_horizon(summaries)
         if horizon:
             lines += ["Information horizon (first stage layer from which random stays within 2 points of the best "

@@ -47,8 +47,6 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any
     else:
         from visroute.loading import load_model as load_pretrained
 
-        if not Path(spec.path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"model {spec.path!r}: no such folder, and the hub is offline")
         model, processor = load_pretrained(spec.path, dtype, device=None if target is None else str(target),
                                            device_map=None if device is not None else spec.device_map)
     return model, processor
@@ -137,22 +135,18 @@ class Session:
             out[k] = v
         return out
 
-    def batch(self, task: Task, items: list[TaskItem]) -> Batch:
-        images = [it.images() for it in items]
+    def batch(self, task: Task, items: list[TaskItem], images: list[list] | None = None) -> Batch:
+        """The items processed once; `images` (per item, its PIL images) when the caller read them already."""
+        images = [it.images() for it in items] if images is None else images
         texts = [self.adapter.prompt(task.text(it), len(im), self.processor) for it, im in zip(items, images)]
         flat = [im for ims in images for im in ims]
         if flat:
             inputs = self.processor(images=flat, text=texts, padding=True, return_tensors="pt")
-            frames_flat = self.adapter.image_frames(self.processor, flat, dict(inputs), box_frame=self.box_frame)
         else:
             inputs = self.processor(text=texts, padding=True, return_tensors="pt")
-            frames_flat = []
-        frames, relevant, counts, k = [], [], [], 0
-        for it, ims in zip(items, images):
-            fr = frames_flat[k:k + len(ims)]
-            k += len(ims)
-            frames.append(fr)
-            counts.append(sum(f.num_tokens for f in fr))  # tiled images hold more than one grid
+        frames, counts = item_frames(self.adapter, self.processor, images, inputs, self.box_frame)
+        relevant = []
+        for it, fr in zip(items, frames):
             regions = it.relevance_regions
             if regions is None or not fr:
                 relevant.append(None)
@@ -181,7 +175,7 @@ class Session:
                 with apply_routing(self.model, config) as router:
                     options = {}
                     if "relevance" in router.call_inputs:
-                        options["relevance"] = [_relevance(nv, rel)
+                        options["relevance"] = [relevance_vector(nv, rel)
                                                 for nv, rel in zip(batch.num_visual, batch.relevant)]
                     with router.call_options(**options):
                         out = self.model.generate(**inputs, **gen)
@@ -192,7 +186,7 @@ class Session:
         full_seq = batch.inputs["attention_mask"].sum(1).tolist()
         layers = self.adapter.num_layers
         decisions = None if record is None else record.decisions(
-            [None if rel is None else _relevance(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)])
+            [None if rel is None else relevance_vector(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)])
         rows = []
         for b, (it, text) in enumerate(zip(batch.items, texts)):
             prediction = text.strip()
@@ -207,10 +201,12 @@ class Session:
                 row.kv_entries = int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None
                 row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
                 if batch.relevant[b] is not None:
-                    row.recall = [[_recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
+                    row.recall = [[recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
                 frames = batch.frames[b]
                 row.routing = {"selected": [st.active[b].nonzero().flatten().tolist() for st in record.stages],
                                "relevant": batch.relevant[b],
+                               # per stage: the keep asked for more tokens than there were, so all were kept
+                               "clipped": [bool(st.clipped[b]) for st in record.stages],
                                # a plain grid only: the position analyses do not read tiled layouts
                                "grid": [frames[0].rows, frames[0].cols]
                                if len(frames) == 1 and frames[0].num_tokens == frames[0].rows * frames[0].cols
@@ -240,10 +236,11 @@ class Runner:
     """Runs a grid into a database: `Runner(grid, db).run()` (a loaded `model`, `processor` may be given)."""
 
     def __init__(self, grid: Grid, db: str | Path, *, limit: int | None = None, progress: bool = True,
-                 ctx: Context | None = None, model=None, processor=None):
+                 ctx: Context | None = None, model=None, processor=None, strict: bool = False):
         self.grid = grid
         self.db = Path(db)
         self.limit = limit
+        self.strict = strict  # stop at the first item that cannot be run, instead of recording it as skipped
         self.progress = progress
         self.ctx = ctx or context()
         self.model, self.processor = model, processor
@@ -260,6 +257,9 @@ class Runner:
             items = task.items()
             if not items:
                 raise ValueError(f"task {spec.label!r} has no items")
+            bad = [it for it in items if it.problem is not None]
+            if bad and self.strict:
+                raise ValueError(_bad_item(spec.label, task, bad[0].id, bad[0].problem))
             out.append((spec.label, task, items))
         return out
 
@@ -268,7 +268,7 @@ class Runner:
         num_visual = None
         if any(c.needs_num_visual() for c in self.grid.configs):
             _, task, items = tasks[0]
-            num_visual = session.batch(task, items[:1]).num_visual[0]
+            num_visual = session.batch(task, [_first_readable(items)]).num_visual[0]
         out, seen = [], {}
         for spec in [one for listed in self.grid.configs for one in listed.expand(num_layers)]:
             cfg = spec.resolve(num_layers, num_visual, getattr(session.adapter, "name", None))
@@ -282,7 +282,33 @@ class Runner:
 
     def _say(self, text: str) -> None:
         if self.ctx.is_main:
-            print(text, file=sys.stderr)
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)  # above a running progress bar, not through it
+
+    def _readable(self, store: Store, label: str, task: Task, chunk: list[TaskItem], jobs: list[Job],
+                  bar) -> tuple[list[TaskItem], list[list]]:
+        """The items of `chunk` whose images can be read, and their images. The others are recorded as skipped
+        (under --strict: the run stops naming the item); an item skipped before that reads now is unskipped."""
+        good, images, bad = [], [], {}
+        for it in chunk:
+            try:
+                images.append(it.images())
+                good.append(it)
+            except (OSError, ValueError) as e:
+                if self.strict:
+                    raise ValueError(_bad_item(label, task, it.id, str(e))) from None
+                bad[it.id] = str(e)
+        if bad:
+            store.skip(label, bad)
+            for item_id, reason in bad.items():
+                self._say(f"skipped: {_bad_item(label, task, item_id, reason)}")
+            for job in jobs:
+                lost = job.pending & set(bad)
+                job.pending -= lost
+                bar.update(len(lost))
+        store.unskip(label, [it.id for it in good if it.id in self._skipped.get(label, {})])
+        return good, images
 
     # ---- running -------------------------------------------------------------------------------------------
     def run(self) -> dict[str, dict[str, int]]:
@@ -291,10 +317,18 @@ class Runner:
 
         from visroute.scoring import get_scorer_class
 
-        if self.db.exists():  # refuse another grid's database before loading anything
+        if self.db.exists():  # refuse another grid's database (or a folder, or another program's) before loading
             Store(self.db, self.grid.identity()).close()
+        elif not self.db.parent.is_dir():
+            raise FileNotFoundError(f"--db {self.db}: no folder {self.db.parent}")
         tasks = self._tasks()
         if self.model is None:
+            from visroute.loading import check_device, check_model_path
+
+            if self.ctx.device is None:
+                check_device(self.grid.model.device)
+            if self.grid.model.path != "testbed":
+                check_model_path(self.grid.model.path)
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
         session = Session(self.model, self.processor, default_box_frame(self.grid.model, self.model), self.ctx.rank)
         configs = self._configs(session, tasks)  # a layer outside the model fails here, before the database is written
@@ -302,8 +336,15 @@ class Runner:
         store = Store(self.db, self.grid.identity())
 
         plan = []
+        self._skipped = store.skipped()  # items skipped before are retried (their file may have been fixed)
         for label, task, items in tasks:
+            store.set_items(label, len(items))
             mine = self.ctx.share(items)
+            unposed = {it.id: it.problem for it in mine if it.problem is not None}
+            store.skip(label, unposed)
+            for item_id, reason in unposed.items():
+                self._say(f"skipped: {_bad_item(label, task, item_id, reason)}")
+            mine = [it for it in mine if it.problem is None]
             ids = {it.id for it in mine}
             jobs = []
             for name, kind, cfg in [(UNROUTED, UNROUTED, None), (BLIND, BLIND, None)] + \
@@ -320,6 +361,7 @@ class Runner:
             plan.append((label, task, mine, jobs))
 
         written: dict[str, dict[str, int]] = {}
+        noted: set[str] = set()
         total = sum(len(j.pending) for *_, jobs in plan for j in jobs)
         bar = tqdm(total=total, desc="study", unit="item", disable=not (self.progress and self.ctx.is_main),
                    dynamic_ncols=True)
@@ -329,28 +371,77 @@ class Runner:
                 todo = [it for it in mine if any(it.id in j.pending for j in jobs)]
                 bs = self.grid.model.batch_size
                 for start in range(0, len(todo), bs):
-                    chunk = todo[start:start + bs]
-                    batch = session.batch(task, chunk)
+                    chunk, images = self._readable(store, label, task, todo[start:start + bs], jobs, bar)
+                    if not chunk:
+                        continue
+                    batch = session.batch(task, chunk, images)
+                    image_of = {it.id: im for it, im in zip(chunk, images)}
                     for job in jobs:
                         want = [it for it in chunk if it.id in job.pending]
+                        # re-plan: another process on this database may have stored or claimed some of them
+                        held = store.claim(job.run_id, [it.id for it in want])
+                        taken = {it.id for it in want} - held
+                        if taken:
+                            job.pending -= taken
+                            bar.update(len(taken))
+                            want = [it for it in want if it.id in held]
                         if not want:
                             continue
                         # a resumed run may lack only part of a batch: those items get a batch of their own
-                        sub = batch if len(want) == len(chunk) else session.batch(task, want)
+                        sub = batch if len(want) == len(chunk) else \
+                            session.batch(task, want, [image_of[it.id] for it in want])
                         bar.set_postfix_str(f"{label}: {job.name}", refresh=False)
                         rows, _ = session.generate(task, sub, job.config, blind=job.kind == BLIND)
-                        store.add(job.run_id, rows)
+                        written[label][job.name] += store.add(job.run_id, rows)
+                        store.release()
                         job.pending -= {r.item_id for r in rows}
-                        written[label][job.name] += len(rows)
                         bar.update(len(rows))
+                        clipped = sum(any((r.routing or {}).get("clipped") or []) for r in rows)
+                        if clipped and job.name not in noted:
+                            noted.add(job.name)
+                            self._say(f"note: {job.name} on {label!r}: a stage's keep exceeds the visual tokens "
+                                      f"of some items, so that stage keeps them all (the report counts them)")
         finally:
             bar.close()
+            store.release()
             store.close()
         self.ctx.wait()
         return written
 
 
-def _relevance(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
+def _first_readable(items: list[TaskItem]) -> TaskItem:
+    """The first item that can be posed and whose images read (it sizes the methods' budgets)."""
+    for it in items:
+        if it.problem is None:
+            try:
+                it.images()
+                return it
+            except (OSError, ValueError):
+                continue
+    raise ValueError("no item of the first task can be read, so the methods' budgets cannot be sized")
+
+
+def _bad_item(label: str, task: Task, item_id: str, reason: str) -> str:
+    data = task.data.get("data")
+    return f"task {label!r}" + (f" ({data})" if data else "") + f", item {item_id}: {reason}"
+
+
+def item_frames(adapter, processor, images: list[list], inputs, box_frame: str | None) -> tuple[list[list], list[int]]:
+    """Per item (its images in `images`, processed together into `inputs`): its `ImageFrame`s, one per image,
+    and its visual-token count (a tiled image holds more than one grid; several images add up). The harness's
+    session and the lmms-eval plug-in both size relevance and recall by these."""
+    flat = [im for ims in images for im in ims]
+    frames_flat = adapter.image_frames(processor, flat, dict(inputs), box_frame=box_frame) if flat else []
+    frames, counts, k = [], [], 0
+    for ims in images:
+        fr = frames_flat[k:k + len(ims)]
+        k += len(ims)
+        frames.append(fr)
+        counts.append(sum(f.num_tokens for f in fr))
+    return frames, counts
+
+
+def relevance_vector(num_visual: int, hops: list[list[int]] | None) -> torch.Tensor:
     """(num_visual,) 1 on the union of the hops' relevant tokens, else 0 (the oracle's per-call input)."""
     r = torch.zeros(num_visual)
     if hops:
@@ -369,7 +460,8 @@ def _decision_row(d, b: int) -> dict[str, Any]:
             "relevant_readmitted": int(d.relevant_readmitted[b]) if relevant else None}
 
 
-def _recall(active_row: torch.Tensor, tokens: list[int]) -> float | None:
+def recall(active_row: torch.Tensor, tokens: list[int]) -> float | None:
+    """Retention recall: the share of `tokens` (visual-token indices) active in `active_row`."""
     if not tokens:
         return None
     return float(active_row[tokens].float().mean())

@@ -10,13 +10,24 @@ Tables:
           stage and hop (JSON), the routing itself (JSON: each stage's selected visual tokens, the item's
           relevant tokens per hop and its token grid, for the analyses of position bias and re-entry),
           seconds, the process rank that wrote it.
+  tasks   task -> the number of items it was asked to run (after the limit; the largest asked): a run with
+          fewer rows (plus skipped items) is partial.
+  skipped one row per (task, item) that could not be run (an unreadable image, a row without question or
+          answer), with the reason; never scored, and retried when the sweep is resumed.
+  claims  (run, item) -> the process computing it now ("host:pid"), so that two sweeps on one database share
+          the work instead of both computing it; a claim of a process that is gone (or older than
+          CLAIM_SECONDS, for another host) is taken over.
 
 Writes go through one transaction per batch in WAL mode, and (run, item) is the primary key: a process killed at
-any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row."""
+any moment leaves whole batches only, and a resumed or parallel sweep can neither lose nor duplicate a row: each
+batch is claimed before it is computed, and a row another process stored first is kept, the new one dropped
+(INSERT OR IGNORE), so two sweeps on one database share the work and both finish with every row once."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -24,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA_VERSION = 2
+CLAIM_SECONDS = 3600.0  # a claim of a process on another host counts this long (its liveness cannot be checked)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,6 +70,20 @@ CREATE TABLE IF NOT EXISTS results (
     seconds REAL NOT NULL,
     rank INTEGER NOT NULL,
     PRIMARY KEY (run_id, item_id)
+);
+CREATE TABLE IF NOT EXISTS tasks (task TEXT PRIMARY KEY, items INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS claims (
+    run_id INTEGER NOT NULL,
+    item_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (run_id, item_id)
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    task TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (task, item_id)
 );
 """
 
@@ -100,10 +126,18 @@ class Store:
 
     def __init__(self, path: str | Path, identity: dict[str, Any] | None = None, timeout: float = 120.0):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"--db {self.path} is a folder; give a database file, e.g. {self.path / 'results.sqlite'}")
         if identity is None and not self.path.exists():
             raise FileNotFoundError(f"no results database at {self.path}")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"--db {self.path}: no folder {self.path.parent}")
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         try:
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "meta" not in tables:  # another program's database: leave it as it is
+                raise ValueError(f"{self.path} is an SQLite database of something else (tables "
+                                 f"{', '.join(sorted(tables))}), not a visroute results database; use another --db")
             _use_wal(self.conn, timeout)
             self.conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a killed process
             with self.transaction():
@@ -176,16 +210,89 @@ class Store:
     def counts(self) -> dict[int, int]:
         return dict(self.conn.execute("SELECT run_id, COUNT(*) FROM results GROUP BY run_id").fetchall())
 
-    # ---- results -------------------------------------------------------------------------------------------
-    def add(self, run_id: int, rows: Iterable[Row]) -> None:
-        """Insert a batch of rows in one transaction (a row already present is an error, not a duplicate)."""
+    # ---- claims --------------------------------------------------------------------------------------------
+    def claim(self, run_id: int, item_ids: Iterable[str], owner: str | None = None) -> set[str]:
+        """Claim `item_ids` of the run for `owner` (default: this process); returns those it now holds: not
+        stored yet, and not claimed by another process that is still running."""
+        owner = owner or process_owner()
+        ids = list(item_ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
         with self.transaction():
+            done = {r[0] for r in self.conn.execute(
+                f"SELECT item_id FROM results WHERE run_id = ? AND item_id IN ({marks})", (run_id, *ids))}
+            held = {item: (who, when) for item, who, when in self.conn.execute(
+                f"SELECT item_id, owner, time FROM claims WHERE run_id = ? AND item_id IN ({marks})", (run_id, *ids))}
+            mine = [i for i in ids if i not in done and (i not in held or held[i][0] == owner
+                                                          or not _alive(*held[i]))]
+            now = time.time()
+            self.conn.executemany("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                                  [(run_id, i, owner, now) for i in mine])
+        return set(mine)
+
+    def release(self, owner: str | None = None) -> None:
+        """Drop every claim of `owner` (default: this process)."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM claims WHERE owner = ?", (owner or process_owner(),))
+
+    # ---- tasks and skipped items ---------------------------------------------------------------------------
+    def set_items(self, task: str, items: int) -> None:
+        """Record how many items `task` was asked to run (the largest count asked so far)."""
+        with self.transaction():
+            self.conn.execute("INSERT INTO tasks VALUES (?, ?) ON CONFLICT (task) DO UPDATE SET "
+                              "items = MAX(items, excluded.items)", (task, items))
+
+    def items(self) -> dict[str, int]:
+        """task -> the number of items it was asked to run."""
+        return dict(self.conn.execute("SELECT task, items FROM tasks").fetchall())
+
+    def skip(self, task: str, reasons: dict[str, str]) -> None:
+        """Record items of `task` that could not be run: item id -> why."""
+        if reasons:
+            with self.transaction():
+                self.conn.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?)",
+                                      [(task, i, r) for i, r in reasons.items()])
+
+    def unskip(self, task: str, item_ids: Iterable[str]) -> None:
+        """Items that ran after all (their file was fixed) are no longer skipped."""
+        ids = list(item_ids)
+        if ids:
+            with self.transaction():
+                self.conn.executemany("DELETE FROM skipped WHERE task = ? AND item_id = ?", [(task, i) for i in ids])
+
+    def skipped(self) -> dict[str, dict[str, str]]:
+        """task -> {item id: reason} of the items that could not be run."""
+        out: dict[str, dict[str, str]] = {}
+        for task, item, reason in self.conn.execute("SELECT task, item_id, reason FROM skipped ORDER BY task, item_id"):
+            out.setdefault(task, {})[item] = reason
+        return out
+
+    def expected_rows(self) -> dict[str, int]:
+        """task -> the rows a complete run holds: the task's recorded item count less its skipped items (for a
+        database written before item counts were recorded: its largest run)."""
+        items, skipped, counts = self.items(), self.skipped(), self.counts()
+        out: dict[str, int] = {}
+        for run in self.runs():
+            if run.task in items:
+                out[run.task] = items[run.task] - len(skipped.get(run.task, {}))
+            else:
+                out[run.task] = max(out.get(run.task, 0), counts.get(run.run_id, 0))
+        return out
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def add(self, run_id: int, rows: Iterable[Row]) -> int:
+        """Insert a batch of rows in one transaction; returns how many were new (a row another process stored
+        first is kept, never duplicated)."""
+        with self.transaction():
+            before = self.conn.total_changes
             self.conn.executemany(
-                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, r.item_id, r.prediction, int(bool(r.correct)), json.dumps(r.metrics), r.avg_T,
                   r.kv_entries, r.kv_unrouted, r.flops, r.flops_unrouted,
                   None if r.recall is None else json.dumps(r.recall),
                   None if r.routing is None else json.dumps(r.routing), r.seconds, r.rank) for r in rows])
+            return self.conn.total_changes - before
 
     def rows(self, run_id: int) -> list[Row]:
         out = []
@@ -202,9 +309,30 @@ class Store:
         self.conn.close()
 
 
+def process_owner() -> str:
+    """This process as a claim's owner: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str, when: float) -> bool:
+    """Whether the process that made a claim may still be computing it."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - when < CLAIM_SECONDS
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _describe(identity: dict) -> str:
-    model = identity.get("model", {})
-    return f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.get('path')!r}"
+    model = dict(identity.get("model", {}))
+    text = f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.pop('path', None)!r}"
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(model.items()) if v is not None)  # dtype, box frame, ...
+    return f"{text} ({rest})" if rest else text
 
 
 def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:

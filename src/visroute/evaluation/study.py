@@ -204,7 +204,8 @@ def plot_position_bias(bias: dict[str, dict[str, np.ndarray]], path: Path, title
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False, sharey=True)
     for ax, key, label in ((axes[0][0], "rows", "image row (top to bottom)"), (axes[0][1], "cols", "image column")):
         for scorer, b in sorted(bias.items()):
-            style = dict(ls="--", lw=1.4) if scorer in CONTROLS else dict(ls="-", lw=1.2, marker="o", ms=3)
+            style = dict(ls="--", lw=1.4, marker="s", ms=4, mfc="none") if scorer in CONTROLS else \
+                dict(ls="-", lw=1.2, marker="o", ms=3)
             ax.plot(range(len(b[key])), b[key], label=scorer, **style)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xlabel(label)

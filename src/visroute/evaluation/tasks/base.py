@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -34,7 +35,9 @@ class TaskItem:
                that hold what the question needs; the runner maps them to visual tokens with the model's
                `ImageFrame.tokens_of`. Box tasks default to one hop, the true box.
     meta:      what `score` and `aggregate` read besides the answer (category, image id, ...).
-    images:    a function returning the item's PIL images (read only when the item is run)."""
+    images:    a function returning the item's PIL images (read only when the item is run).
+    problem:   why the item cannot be posed (its row lacks the question or the answer), else None: the runner
+               records such an item as skipped, with this reason, and never scores it."""
 
     id: str
     question: str
@@ -44,6 +47,7 @@ class TaskItem:
     hops: list[list[list[float]]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     images: Callable[[], list[Image.Image]] = field(default=lambda: [], repr=False)
+    problem: str | None = None
 
     @property
     def relevance_regions(self) -> list[list[list[float]]] | None:
@@ -118,6 +122,10 @@ class Task:
             if it.id in seen:
                 raise ValueError(f"task {self.name!r}: item id {it.id!r} occurs twice")
             seen.add(it.id)
+            if it.problem is None and not (isinstance(it.question, str) and it.question.strip()):
+                it.problem = "its row has no question"
+            elif it.problem is None and not it.answers and it.box is None:
+                it.problem = "its row has no answer"
         return out
 
     def load(self, limit: int | None) -> list[TaskItem]:
@@ -154,27 +162,30 @@ class Task:
 
 # ---- reading the public layouts ----------------------------------------------------------------------------------
 def read_table(path: Path, task: str, columns: tuple[str, ...], split: str | None = None) -> Any:
-    """A `datasets.Dataset` from a Parquet file, a JSON / JSONL file, or a `save_to_disk` folder (a
-    `DatasetDict` takes `split`, or its only split). Raises naming the missing columns."""
+    """A `datasets.Dataset` from a Parquet file, a JSON / JSONL file, a `save_to_disk` folder, or a folder of
+    Parquet shards as the Hub gives them (a snapshot folder with `data/<split>-0000k-of-0000n.parquet`, a subset
+    folder such as POPE's `Full/`, or the shards themselves). A folder holding several splits takes `split` (one
+    of them, or "all" for every shard), or its only split. Raises naming the file: empty, unreadable, or missing
+    columns."""
     import datasets
 
     datasets.disable_progress_bars()
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            names = list(ds)
-            if split is None and len(names) != 1:
-                raise ValueError(f"task {task!r}: {path} holds the splits {names}; choose one with the option split")
-            if split is not None and split not in ds:
-                raise ValueError(f"task {task!r}: {path} has no split {split!r}; its splits: {names}")
-            ds = ds[split or names[0]]
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            ds = _from_disk(datasets, path, task, split)
+        else:
+            ds = _from_shards(datasets, path, task, split)
     else:
         suffix = path.suffix.lower()
         builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(suffix)
         if builder is None:
             raise ValueError(f"task {task!r}: cannot read {path}: expected .parquet, .json, .jsonl or a "
                              f"datasets folder")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"task {task!r}: data file {path} is empty")
+        if builder == "json":
+            _check_json(path, task)
+        ds = _load(datasets, builder, [str(path)], task, path)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(f"task {task!r}: {path} lacks the column(s) {', '.join(missing)} "
@@ -182,20 +193,109 @@ def read_table(path: Path, task: str, columns: tuple[str, ...], split: str | Non
     return ds
 
 
+def _load(datasets, builder: str, files: list[str], task: str, path: Path):
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as e:  # datasets wraps the reader's error in its own; name the file in one line
+        cause = e.__cause__ or e.__context__ or e
+        what = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ValueError(f"task {task!r}: cannot read {path}: {what}") from None
+
+
+def _check_json(path: Path, task: str) -> None:
+    """A JSON Lines file: every line parses (names the first bad line); a .json file: parses as a whole."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"task {task!r}: data file {path} is empty")
+    try:
+        json.loads(text)
+        return  # one JSON document (a list of rows, or one row)
+    except json.JSONDecodeError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"task {task!r}: line {n} of {path} is not valid JSON ({e.msg})") from None
+
+
+def _from_disk(datasets, path: Path, task: str, split: str | None):
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        if split is None and len(names) != 1:
+            raise ValueError(f"task {task!r}: {path} holds the splits {names}; choose one with the option split")
+        if split is not None and split not in ds:
+            raise ValueError(f"task {task!r}: {path} has no split {split!r}; its splits: {names}")
+        ds = ds[split or names[0]]
+    return ds
+
+
+_SHARD = re.compile(r"^(?P<split>.+?)(-\d{5}-of-\d{5})?(-[0-9a-f]{8,})?\.parquet$")
+
+
+def _from_shards(datasets, path: Path, task: str, split: str | None):
+    """A folder of Parquet shards: those in `data/` (a Hub snapshot), else those in the folder itself, grouped by
+    split (the file name before `-0000k-of-0000n`)."""
+    folder = path / "data" if (path / "data").is_dir() else path
+    shards = sorted(folder.glob("*.parquet"))
+    if not shards:
+        subsets = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.rglob("*.parquet")))
+        hint = f"; its subset folders: {', '.join(subsets)} (give one as the data path)" if subsets else ""
+        raise ValueError(f"task {task!r}: {path} is neither a datasets folder nor a folder of Parquet shards{hint}")
+    splits: dict[str, list[Path]] = {}
+    for p in shards:
+        splits.setdefault(_SHARD.match(p.name).group("split"), []).append(p)
+    names = sorted(splits)
+    if split is None and len(names) != 1:
+        raise ValueError(f"task {task!r}: {folder} holds the splits {names}; choose one with the option split "
+                         f"(or split: all)")
+    if split not in (None, "all") and split not in splits:
+        raise ValueError(f"task {task!r}: {folder} has no split {split!r}; its splits: {names}")
+    files = shards if split == "all" else splits[split or names[0]]
+    empty = [p for p in files if p.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"task {task!r}: data file {empty[0]} is empty")
+    return _load(datasets, "parquet", [str(p) for p in files], task, folder)
+
+
+class UnreadableImage(ValueError):
+    """An item's image is missing, truncated or not an image (the runner skips the item, or stops under
+    --strict)."""
+
+
 def to_image(value: Any, root: Path) -> Image.Image:
-    """A PIL image from what a data file holds: an image, a path (relative to the file), or {"bytes", "path"}."""
+    """A PIL image from what a data file holds: an image, a path (relative to the file), or {"bytes", "path"}.
+    Raises UnreadableImage naming the file when it is missing or cannot be decoded."""
     if isinstance(value, Image.Image):
         return value.convert("RGB")
+    source: Any = None
     if isinstance(value, dict):
         if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-        value = value.get("path")
-    if isinstance(value, str):
+            source, name = io.BytesIO(value["bytes"]), f"the image bytes of {value.get('path') or 'the row'}"
+        else:
+            value = value.get("path")
+    if source is None:
+        if not isinstance(value, str):
+            raise UnreadableImage(f"cannot read an image from a {type(value).__name__}")
         p = Path(value) if Path(value).is_absolute() else root / value
-        if not p.exists():
-            raise FileNotFoundError(f"image {p} does not exist")
-        return Image.open(p).convert("RGB")
-    raise ValueError(f"cannot read an image from a {type(value).__name__}")
+        if not p.is_file():
+            raise UnreadableImage(f"image {p} does not exist")
+        source, name = p, f"image {p}"
+    try:
+        with Image.open(source) as im:  # decoding happens in convert: a truncated file fails there
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"cannot read {name}: {e}") from None
+
+
+def answer_list(value: Any) -> list[str]:
+    """A row's reference answer(s) as strings: a missing or null answer is [] (never the string "None")."""
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()]
 
 
 def row_images(ds, index: int, column: str, root: Path) -> Callable[[], list[Image.Image]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from visroute.evaluation import metrics as M
 from visroute.evaluation.tasks import register_task
-from visroute.evaluation.tasks.base import Task, TaskItem, plain_rows, read_table, to_image
+from visroute.evaluation.tasks.base import Task, TaskItem, answer_list, plain_rows, read_table, to_image
 
 COLUMNS = ("id", "imageId", "question", "answer")
 
@@ -46,7 +46,7 @@ class GqaTask(Task):
             def loader(image_id, root=ipath.parent):
                 return lambda: [to_image(its[index[image_id]]["image"], root)]
             images = [loader(str(r["imageId"])) for r in rows]
-        return [TaskItem(id=str(r["id"]), question=r["question"], answers=[str(r["answer"])], kind="short",
+        return [TaskItem(id=str(r["id"]), question=r["question"], answers=answer_list(r["answer"]), kind="short",
                          meta={"image": str(r["imageId"])}, images=img) for r, img in zip(rows, images)]
 
     def score(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:

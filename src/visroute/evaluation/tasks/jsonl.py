@@ -14,7 +14,7 @@ import numpy as np
 
 from visroute.evaluation import metrics as M
 from visroute.evaluation.tasks import register_task
-from visroute.evaluation.tasks.base import Task, TaskItem, plain_rows, read_table, row_images
+from visroute.evaluation.tasks.base import Task, TaskItem, answer_list, plain_rows, read_table, row_images
 
 COLUMNS = ("image", "question", "answer")
 
@@ -56,12 +56,12 @@ class JsonlTask(Task):
         for i, r in enumerate(plain_rows(ds)[:limit]):
             metric = r.get("metric") or self.opts["metric"]
             self._check_metric(metric, f"row {i + 1} of {path}")
-            answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
+            answers = answer_list(r.get("answer"))
             box = r.get("box")
             if metric == "box_iou" and box is None:
                 raise ValueError(f"task {self.name!r}: row {i + 1} of {path} asks for box_iou but has no box")
-            out.append(TaskItem(id=str(r.get("id") if r.get("id") is not None else i), question=r["question"],
-                                answers=[str(a) for a in answers], kind=KINDS[metric],
+            out.append(TaskItem(id=str(r.get("id") if r.get("id") is not None else i), question=r.get("question"),
+                                answers=answers, kind=KINDS[metric],
                                 box=[float(v) for v in box] if box is not None else None, meta={"metric": metric},
                                 images=row_images(ds, i, "image", path.parent)))
         return out

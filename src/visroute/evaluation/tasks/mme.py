@@ -9,7 +9,7 @@ from typing import Any
 
 from visroute.evaluation import metrics as M
 from visroute.evaluation.tasks import register_task
-from visroute.evaluation.tasks.base import Task, TaskItem, plain_rows, read_table, row_images
+from visroute.evaluation.tasks.base import Task, TaskItem, answer_list, plain_rows, read_table, row_images
 
 COLUMNS = ("question_id", "image", "question", "answer", "category")
 _OWN_INSTRUCTION = " Please answer yes or no."
@@ -34,10 +34,11 @@ class MmeTask(Task):
         for i, r in enumerate(rows):
             qid = str(r["question_id"])
             seen[qid] += 1
-            question = r["question"].strip()
+            question = (r["question"] or "").strip()
             if question.endswith(_OWN_INSTRUCTION.strip()):  # lmms-eval replaces MME's own instruction with its own
                 question = question[: -len(_OWN_INSTRUCTION.strip())].rstrip()
-            out.append(TaskItem(id=f"{qid}#{seen[qid]}", question=question, answers=[str(r["answer"]).strip().lower()],
+            answers = [a.strip().lower() for a in answer_list(r["answer"])]
+            out.append(TaskItem(id=f"{qid}#{seen[qid]}", question=question, answers=answers,
                                 kind="yesno", meta={"category": r["category"], "image": qid},
                                 images=row_images(ds, i, "image", path.parent)))
         return out

@@ -16,7 +16,8 @@ model_args (lmms-eval's `--model_args k=v,k2=v2`):
   box_convert  true (default): a box answer is read in the model's box frame (`FamilyAdapter.box_frame`) and
                written back as "[x1, y1, x2, y2]" normalised to the original image, the frame lmms-eval's RefCOCO
                scoring uses; false: the model's text as it is (what unpatched lmms-eval setups score)
-  side_log     folder of the side log (one JSONL per rank; default visroute_logs)
+  side_log     folder of the side logs (default visroute_logs): one JSONL per run and rank,
+               side_log.<run id>.rank<r>.jsonl, each row with the run id, the model_args and the time
   min_pixels, max_pixels   passed to the processor (Qwen: the image size range, e.g. max_pixels=451584)
 
 lmms-eval keys its response cache on the model name and the model_args text: a preset or an inline config is
@@ -31,6 +32,8 @@ import fnmatch
 import json
 import os
 import re
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
 from visroute.config import RoutingConfig
+from visroute.evaluation.runner import item_frames, recall, relevance_vector
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _BOX = re.compile(rf"({_NUMBER})\s*,?\s*({_NUMBER})\s*,?\s*({_NUMBER})\s*,?\s*({_NUMBER})")
@@ -132,6 +136,7 @@ class VisrouteLMM(lmms):
 
             self.box_frame = declared_box_frame(self._model)
         self.router = None
+        self.model_args: str | None = None  # the model_args text, when built from it
         self.set_routing(resolve_routing(routing, self._model), blind=self.blind, side_log=side_log)
 
     def set_routing(self, config: RoutingConfig | None, blind: bool | None = None,
@@ -142,6 +147,8 @@ class VisrouteLMM(lmms):
 
         if self.router is not None:
             self.router.remove()
+        # each run (a construction, or a switch of the config) logs to a file of its own
+        self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.config = config
         self.router = apply_routing(self._model, config) if config is not None else None
         if blind is not None:
@@ -152,8 +159,9 @@ class VisrouteLMM(lmms):
 
     @property
     def side_log(self) -> Path:
-        """This process's side log (its rank is read when written: lmms-eval sets it after construction)."""
-        return self._side_log_dir / f"side_log.rank{self._rank}.jsonl"
+        """This run's side log in this process (its rank is read when written: lmms-eval sets it after
+        construction)."""
+        return self._side_log_dir / f"side_log.{self.run_id}.rank{self._rank}.jsonl"
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VisrouteLMM":
@@ -163,7 +171,9 @@ class VisrouteLMM(lmms):
 
         args = utils.simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
-        return cls(**args, **extra)
+        lm = cls(**args, **extra)
+        lm.model_args = arg_string
+        return lm
 
     def _load(self, dtype, device, device_map):
         from visroute.loading import dtype_of, load_model
@@ -253,15 +263,15 @@ class VisrouteLMM(lmms):
             kwargs["images"] = images
         inputs = dict(self.processor(**kwargs))
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        frames = self.adapter.image_frames(self.processor, images, inputs, self.box_frame) if images else []
-        frame_of, at = [], 0  # each item's first image frame (box tasks ask about one image)
-        for it in items:
-            frame_of.append(frames[at] if it["images"] else None)
-            at += len(it["images"])
+        # per item its frames and visual-token count, as the harness's session builds them (a tiled frame, or
+        # several images, hold more tokens than one grid's rows x cols)
+        frames, counts = item_frames(self.adapter, self.processor, [it["images"] for it in items], inputs,
+                                     self.box_frame)
+        frame_of = [fr[0] if fr else None for fr in frames]  # box tasks ask about the first image
         gen = self._generation_settings(items[0]["gen"])
         call: dict[str, Any] = {}
         if self.router is not None and "relevance" in self.router.call_inputs:
-            call["relevance"] = [self._relevance(it, frame) for it, frame in zip(items, frame_of)]
+            call["relevance"] = [self._relevance(it, frame, n) for it, frame, n in zip(items, frame_of, counts)]
         with torch.no_grad():
             if self.router is not None:
                 with self.router.call_options(**call):
@@ -317,18 +327,18 @@ class VisrouteLMM(lmms):
             return frame.tokens_of([float(v) for v in doc["bbox"]])
         return None
 
-    def _relevance(self, item: dict[str, Any], frame) -> torch.Tensor:
+    def _relevance(self, item: dict[str, Any], frame, num_visual: int) -> torch.Tensor:
+        """The oracle's per-sample input over all of the item's `num_visual` visual tokens."""
         tokens = self._relevant_tokens(item, frame)
         if tokens is None:
             raise ValueError(f"The oracle scorer needs each item's relevant visual tokens; task {item['task']} "
                              "carries neither boxes nor a relevant_tokens column")
-        n = frame.rows * frame.cols if frame is not None else len(tokens)
-        r = torch.zeros(n)
-        r[tokens] = 1.0
-        return r
+        return relevance_vector(num_visual, [tokens])
 
     def _side_row(self, item, b, raw, text, record, inputs, frame) -> dict[str, Any]:
-        row: dict[str, Any] = {"task": item["task"], "split": item["split"], "doc_id": int(item["doc_id"]),
+        row: dict[str, Any] = {"run_id": self.run_id, "model_args": self.model_args or str(self),
+                               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "task": item["task"], "split": item["split"], "doc_id": int(item["doc_id"]),
                                "rank": self._rank, "prediction": text, "raw_prediction": raw, "blind": self.blind,
                                "routing": None if self.config is None else self.config.to_dict()}
         layers = self.adapter.num_layers
@@ -341,6 +351,5 @@ class VisrouteLMM(lmms):
         row.update(avg_T=float(record.avg_visual_tokens[b]), num_visual=int(record.num_visual[b]),
                    kv_entries=int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None)
         tokens = self._relevant_tokens(item, frame)
-        row["recall"] = ([float(st.active[b][tokens].float().mean()) for st in record.stages]
-                         if tokens else None)
+        row["recall"] = [recall(st.active[b], tokens) for st in record.stages] if tokens else None
         return row

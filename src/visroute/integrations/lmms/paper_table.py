@@ -135,7 +135,7 @@ def run_table(model: str, tiers: tuple[int, ...] = TIERS, tasks: tuple[str, ...]
 
 def _avg_T(side_log: Path) -> float | None:
     values = []
-    for path in sorted(side_log.glob("side_log.rank*.jsonl")) if side_log.exists() else []:
+    for path in sorted(side_log.glob("side_log.*.jsonl")) if side_log.exists() else []:
         values += [json.loads(line)["avg_T"] for line in path.read_text().splitlines() if line.strip()]
     return sum(values) / len(values) if values else None
 
