@@ -26,8 +26,18 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
                                               # a list: one stage at each (the same budget re-selected);
                                               # every: one config per decoder layer of the model
         keep: [0.25, 16]                      # float: share of each sample's visual tokens, int: a count
-        avg_T: [0.11]                         # or: a target avg_T (float <= 1: share of the visual tokens)
+        avg_T: [0.11]                         # and/or: a target avg_T (float <= 1: share of the visual tokens)
                                               # solved to integer keeps by visroute.budget
+        seeds: [0, 1, 2, 3, 4]                # optional: each scorer with a `seed` option (random) once per
+                                              # seed, named <scorer>-s<seed> (seed 0: <scorer>)
+        merge: {pool: pool_average}           # optional: a scorer's layer-0 stages merge (the pooling control)
+
+Where to prune at matched compute: `layers: every` with `avg_T` gives one single-stage config per layer whose
+keep is solved for that avg_T (a later stage keeps fewer tokens); with `keep` as well, the same sweep at matched
+keep. A stage at layer l of L cannot bring avg_T below l/L of the visual tokens: with `every` and an avg_T
+given as a share, those layers are left out of the sweep (an avg_T given as a count is checked once the model
+is known, and an unreachable one is an error naming the config). The pooling control at equal visual tokens:
+`{scorer: pool, layers: [0], avg_T: [64], merge: {pool: pool_average}}` (a stage at layer 0 keeps avg_T tokens).
 
 Every grid also runs the unrouted model and the blind control on every task. Configs are resolved against the
 model once it is loaded (its decoder depth, its visual tokens per image); a layer outside the model is an
@@ -131,6 +141,8 @@ class ConfigSpec:
             return [self]
         out = []
         for layer in range(num_layers):
+            if self.avg_T is not None and self.avg_T <= 1 and layer > self.avg_T * num_layers + 1e-9:
+                continue  # a stage this deep cannot bring avg_T down to the target (see the module docstring)
             routing = copy.deepcopy(self.routing)
             routing["stages"][0]["layer"] = layer
             out.append(ConfigSpec(self.name.format(layer=layer), routing, avg_T=self.avg_T))
@@ -155,7 +167,8 @@ class ConfigSpec:
 
                 target = self.avg_T * num_visual if self.avg_T <= 1 else self.avg_T
                 sol = solve(Shape.uniform(layers), num_layers, num_visual, target)
-                routing["stages"] = [{"layer": s.layer, "keep": s.keep} for s in sol.stages]
+                routing["stages"] = [{**given, "layer": s.layer, "keep": s.keep}
+                                     for given, s in zip(routing["stages"], sol.stages)]
             else:
                 for s, layer in zip(routing["stages"], layers):
                     s["layer"] = layer
@@ -217,27 +230,47 @@ def _layer_name(layer) -> str:
 
 def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
     """The configs of one sweep block: action x scorer x layers x (keep or avg_T)."""
-    _check_keys(sweep, {"action", "scorer", "layers", "keep", "avg_T", "scorer_options"}, where)
+    _check_keys(sweep, {"action", "scorer", "layers", "keep", "avg_T", "scorer_options", "seeds", "merge"}, where)
     for key in ("scorer", "layers"):
         if key not in sweep:
             raise ValueError(f"{where}: a sweep needs {key!r}")
-    if ("keep" in sweep) == ("avg_T" in sweep):
-        raise ValueError(f"{where}: give the budget as exactly one of keep or avg_T")
+    if "keep" not in sweep and "avg_T" not in sweep:
+        raise ValueError(f"{where}: give the budget as keep, avg_T or both")
     budgets = [("keep", b) for b in _listify(sweep.get("keep", []))] + \
               [("avg_T", b) for b in _listify(sweep.get("avg_T", []))]
     options = sweep.get("scorer_options") or {}
+    merges = sweep.get("merge") or {}
+    if not isinstance(merges, dict):
+        raise ValueError(f"{where}: merge maps a scorer to the merge of its layer-0 stages, e.g. {{pool: pool_average}}")
+    seeds = [int(s) for s in _listify(sweep.get("seeds", [0]))]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}: seeds must differ, got {seeds}")
+    scorers = []  # (name part, scorer, its options)
+    for scorer in _listify(sweep["scorer"]):
+        base = dict(options.get(scorer, {}))
+        if len(seeds) > 1 or seeds != [0]:
+            from visroute.scoring import get_scorer_class
+
+            if "seed" not in {f.name for f in get_scorer_class(scorer).option_specs()}:
+                scorers.append((scorer, scorer, base))  # a deterministic scorer runs once
+                continue
+            scorers += [(scorer if s == 0 else f"{scorer}-s{s}", scorer, {**base, "seed": s}) for s in seeds]
+        else:
+            scorers.append((scorer, scorer, base))
     out = []
-    for action, scorer, layers, (kind, budget) in itertools.product(
-            _listify(sweep.get("action", "prune")), _listify(sweep["scorer"]), _listify(sweep["layers"]), budgets):
+    for action, (label, scorer, scorer_opts), layers, (kind, budget) in itertools.product(
+            _listify(sweep.get("action", "prune")), scorers, _listify(sweep["layers"]), budgets):
         every = layers == "every"
         layer_list = [0] if every else _listify(layers)
         if any(isinstance(l, str) for l in layer_list):
             raise ValueError(f"{where}: a layer is an int, a float share of the depth or `every`, got {layers!r}")
         keep = budget if kind == "keep" else 0
         layer_part = "{layer}" if every else "-".join(_layer_name(l) for l in layer_list)
-        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}"
-        routing = {"action": action, "scorer": scorer, "stages": [{"layer": l, "keep": keep} for l in layer_list],
-                   "scorer_options": dict(options.get(scorer, {}))}
+        name = f"{action}/{label}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{_keep_name(budget)}"
+        stages = [{"layer": l, "keep": keep} for l in layer_list]
+        if scorer in merges:
+            stages[0]["merge"] = merges[scorer]  # only a stage at layer 0 may merge: checked once resolved
+        routing = {"action": action, "scorer": scorer, "stages": stages, "scorer_options": scorer_opts}
         out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None,
                               every_layer=every))
     return out
