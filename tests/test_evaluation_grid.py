@@ -138,3 +138,18 @@ def test_sweep_seeds_and_the_pooling_control():
     with pytest.raises(ValueError, match="seeds must differ"):
         parse_grid({"name": "g", "tasks": ["testbed"], "sweep": [
             {"scorer": "random", "layers": [2], "keep": [16], "seeds": [1, 1]}]})
+
+
+def test_primary_contrasts_name_configs_of_the_grid():
+    from visroute.evaluation.grid import Contrast
+
+    base = {"name": "g", "tasks": ["testbed"], "configs": [{"name": "f", "method": "fastv@64"}],
+            "sweep": [{"scorer": ["random", "last_token_attention"], "layers": "every", "avg_T": [0.25]}]}
+    g = parse_grid({**base, "primary": [{"a": "prune/last_token_attention/L1/T0.25", "b": "prune/random/L1/T0.25"},
+                                        ["f", "unrouted"], {"a": "f", "b": "blind", "items": "all"}]})
+    assert g.primary == [Contrast("prune/last_token_attention/L1/T0.25", "prune/random/L1/T0.25"),
+                         Contrast("f", "unrouted"), Contrast("f", "blind", "all")]
+    with pytest.raises(ValueError, match="primary contrast 1: no config named 'x'"):
+        parse_grid({**base, "primary": [["f", "x"]]})
+    with pytest.raises(ValueError, match="items must be one of"):
+        parse_grid({**base, "primary": [{"a": "f", "b": "blind", "items": "some"}]})

@@ -32,6 +32,14 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
                                               # seed, named <scorer>-s<seed> (seed 0: <scorer>)
         merge: {pool: pool_average}           # optional: a scorer's layer-0 stages merge (the pooling control)
 
+Declared primary contrasts (optional; a report gives them Holm-corrected and labels every other comparison
+exploratory): each is a - b of two configs of the grid (or unrouted / blind) on the same items, on every item
+or on the vision-required ones (the default):
+
+    primary:
+      - {a: prune/last_token_attention/L1/T0.25, b: prune/random/L1/T0.25}
+      - {a: reroute-fastv, b: fastv, items: all}
+
 Where to prune at matched compute: `layers: every` with `avg_T` gives one single-stage config per layer whose
 keep is solved for that avg_T (a later stage keeps fewer tokens); with `keep` as well, the same sweep at matched
 keep. A stage at layer l of L cannot bring avg_T below l/L of the visual tokens: with `every` and an avg_T
@@ -193,6 +201,23 @@ def resolve_layer(layer: int | float, num_layers: int) -> int:
     return layer
 
 
+CONTRAST_ITEMS = ("vision_required", "all")
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A declared primary contrast: config `a` minus config `b` on the same items (`items`: the vision-required
+    ones or all)."""
+
+    a: str
+    b: str
+    items: str = "vision_required"
+
+    @property
+    def label(self) -> str:
+        return f"{self.a} - {self.b}"
+
+
 @dataclass
 class Grid:
     name: str
@@ -201,6 +226,7 @@ class Grid:
     tasks: list[TaskSpec]
     configs: list[ConfigSpec]
     source: Path | None = None
+    primary: list[Contrast] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
         """What a results database is bound to: results of another grid version are never mixed in."""
@@ -302,7 +328,7 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
     where = f"grid {source}" if source else "grid"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a YAML mapping")
-    _check_keys(data, {"name", "version", "model", "tasks", "configs", "sweep", "description"}, where)
+    _check_keys(data, {"name", "version", "model", "tasks", "configs", "sweep", "description", "primary"}, where)
     root = source.parent if source else Path(".")
     m = data.get("model") or {}
     if isinstance(m, str):
@@ -336,10 +362,36 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
     dup = sorted({n for n in names if names.count(n) > 1} | ({"unrouted", "blind"} & set(names)))
     if dup:
         raise ValueError(f"{where}: config name(s) {', '.join(dup)} occur twice (unrouted and blind are built in)")
+    primary = _contrasts(data.get("primary") or [], configs, where)
     grid = Grid(name=str(data.get("name") or (source.stem if source else "grid")), version=int(data.get("version", 1)),
-                model=model, tasks=tasks, configs=configs, source=source)
+                model=model, tasks=tasks, configs=configs, source=source, primary=primary)
     check_names(grid)
     return grid
+
+
+def _contrasts(entries: list, configs: list[ConfigSpec], where: str) -> list[Contrast]:
+    """The grid's primary contrasts, each naming configs of the grid (a sweep over every layer by any layer)."""
+    import re
+
+    exact = {c.name for c in configs if not c.every_layer} | {"unrouted", "blind"}
+    patterns = [re.compile(re.escape(c.name).replace(re.escape("{layer}"), r"\d+") + "$")
+                for c in configs if c.every_layer]
+    out = []
+    for i, e in enumerate(_listify(entries)):
+        here = f"{where}, primary contrast {i + 1}"
+        if isinstance(e, (list, tuple)) and len(e) == 2:
+            e = {"a": e[0], "b": e[1]}
+        if not isinstance(e, dict):
+            raise ValueError(f"{here}: give {{a: config, b: config}} (optionally items: vision_required | all)")
+        _check_keys(e, {"a", "b", "items"}, here)
+        c = Contrast(str(e.get("a")), str(e.get("b")), str(e.get("items", "vision_required")))
+        for name in (c.a, c.b):
+            if name not in exact and not any(p.match(name) for p in patterns):
+                raise ValueError(f"{here}: no config named {name!r} in the grid")
+        if c.items not in CONTRAST_ITEMS:
+            raise ValueError(f"{here}: items must be one of {', '.join(CONTRAST_ITEMS)}, not {c.items!r}")
+        out.append(c)
+    return out
 
 
 def check_names(grid: Grid) -> None:

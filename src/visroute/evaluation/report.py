@@ -60,6 +60,9 @@ class RunSummary:
         cfg = self.config
         if not cfg or len(cfg["stages"]) != 1:
             return None
+        parts = self.run.name.split("/")
+        if len(parts) == 4 and parts[1] != cfg["scorer"]:
+            return None  # a further seed of a seeded scorer (a sweep's `seeds`): single-seed analyses read seed 0
         return cfg["action"], cfg["scorer"], int(cfg["stages"][0]["layer"]), budget_label(self.run)
 
     def recall(self) -> list[list[float | None]] | None:

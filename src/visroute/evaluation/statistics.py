@@ -189,10 +189,15 @@ def loyalty(answers: Mapping[str, str], unrouted: Mapping[str, str],
     """Share of the items (those both hold) whose answer equals the unrouted model's answer after `normalize`
     (default: exact-match normalisation), with a Wilson interval. For box answers pass a `normalize` that
     parses the box, or compare IoU yourself."""
-    ids = sorted(set(answers) & set(unrouted))
-    same = sum(normalize(answers[i]) == normalize(unrouted[i]) for i in ids)
-    lo, hi = wilson_interval(same, len(ids), level)
-    return Estimate(same / len(ids) if ids else float("nan"), lo, hi, len(ids))
+    same = agreement(answers, unrouted, normalize)
+    lo, hi = wilson_interval(sum(same.values()), len(same), level)
+    return Estimate(sum(same.values()) / len(same) if same else float("nan"), lo, hi, len(same))
+
+
+def agreement(answers: Mapping[str, str], unrouted: Mapping[str, str],
+              normalize: Callable[[str], str] = normalize_exact) -> dict[str, bool]:
+    """Item id -> whether the answer equals the unrouted answer after `normalize`, on the items both hold."""
+    return {i: normalize(answers[i]) == normalize(unrouted[i]) for i in sorted(set(answers) & set(unrouted))}
 
 
 # ---- the information horizon -----------------------------------------------------------------------------------
