@@ -233,8 +233,8 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
         horizons = horizon_table(models, task, delta, seed, samples)
         if horizons:
             lines += [f"## Information horizon by an interval criterion ({task})", "",
-                      f"First stage layer from which the upper end of the 95% interval of best - random lies below {delta:g} at "
-                      "that layer and every deeper one, on the vision-required items: the best signal (controls "
+                      "First stage layer from which the upper end of the 95% interval of best - random lies below "
+                      f"{delta:g} at that layer and every deeper one, on the vision-required items: the best signal (controls "
                       "excluded) chosen on a random half of the items and measured on the other half, random "
                       "averaged over its seeds. In brackets, best - random at the horizon (or at the last layer).", "",
                       "| budget | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
