@@ -267,7 +267,8 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
     options = sweep.get("scorer_options") or {}
     merges = sweep.get("merge") or {}
     if not isinstance(merges, dict):
-        raise ValueError(f"{where}: merge maps a scorer to the merge of its layer-0 stages, e.g. {{pool: pool_average}}")
+        raise ValueError(f"{where}: merge maps a scorer to the merge of its layer-0 stages, "
+                         "e.g. {pool: pool_average}")
     seeds = [int(s) for s in _listify(sweep.get("seeds", [0]))]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"{where}: seeds must differ, got {seeds}")

@@ -234,8 +234,8 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
         if horizons:
             lines += [f"## Information horizon by an interval criterion ({task})", "",
                       "First stage layer from which the upper end of the 95% interval of best - random lies below "
-                      f"{delta:g} at that layer and every deeper one, on the vision-required items: the best signal (controls "
-                      "excluded) chosen on a random half of the items and measured on the other half, random "
+                      f"{delta:g} at that layer and every deeper one, on the vision-required items: the best signal "
+                      "(controls excluded) chosen on a random half of the items and measured on the other half, random "
                       "averaged over its seeds. In brackets, best - random at the horizon (or at the last layer).", "",
                       "| budget | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
             for budget in sorted(horizons, key=_budget_order):
