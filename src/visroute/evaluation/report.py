@@ -29,7 +29,7 @@ import numpy as np
 from visroute.evaluation import metrics as M
 from visroute.evaluation.store import Row, Run, Store
 
-CONTROLS = ("random", "uniform", "oracle")
+CONTROLS = ("random", "uniform", "oracle", "pool")
 HORIZON_POINTS = 0.02
 
 
