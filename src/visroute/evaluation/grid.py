@@ -43,8 +43,9 @@ or on the vision-required ones (the default):
 Where to prune at matched compute: `layers: every` with `avg_T` gives one single-stage config per layer whose
 keep is solved for that avg_T (a later stage keeps fewer tokens); with `keep` as well, the same sweep at matched
 keep. A stage at layer l of L cannot bring avg_T below l/L of the visual tokens: with `every` and an avg_T
-given as a share, those layers are left out of the sweep (an avg_T given as a count is checked once the model
-is known, and an unreachable one is an error naming the config). The pooling control at equal visual tokens:
+given as a share, the layers where the target needs a keep of 0 or less are left out of the sweep (a stage
+that keeps nothing selects nothing, and every scorer would tie there); an avg_T given as a count is checked
+once the model is known, and an unreachable one is an error naming the config. The pooling control at equal visual tokens:
 `{scorer: pool, layers: [0], avg_T: [64], merge: {pool: pool_average}}` (a stage at layer 0 keeps avg_T tokens).
 
 Every grid also runs the unrouted model and the blind control on every task. Configs are resolved against the
@@ -149,8 +150,8 @@ class ConfigSpec:
             return [self]
         out = []
         for layer in range(num_layers):
-            if self.avg_T is not None and self.avg_T <= 1 and layer > self.avg_T * num_layers + 1e-9:
-                continue  # a stage this deep cannot bring avg_T down to the target (see the module docstring)
+            if self.avg_T is not None and self.avg_T <= 1 and layer >= self.avg_T * num_layers - 1e-9:
+                continue  # this deep, the target needs a keep <= 0 (see the module docstring)
             routing = copy.deepcopy(self.routing)
             routing["stages"][0]["layer"] = layer
             out.append(ConfigSpec(self.name.format(layer=layer), routing, avg_T=self.avg_T))

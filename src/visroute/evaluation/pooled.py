@@ -118,6 +118,9 @@ def loyalty_table(models: ModelRuns, task: str, seed: int = 0, samples: int = 10
         values = {m: v for m, v in values.items() if v}
         if not values:
             continue
+        if len(values) == 1:  # one model: its Wilson interval (a bootstrap collapses when every answer agrees)
+            out[name] = S.Pooled(next(wilson[name][m] for m in values), wilson[name])
+            continue
         pooled = S.pooled_mean(values, samples=samples, seed=seed)
         out[name] = S.Pooled(pooled.pooled, wilson[name])
     return out
@@ -150,8 +153,10 @@ def horizon_table(models: ModelRuns, task: str, delta: float, seed: int = 0, sam
         summaries = runs.get(task, [])
         needed = vision_required_ids(summaries)
         for budget, (signals, random) in horizon_inputs(summaries, needed).items():
+            if not signals:
+                continue
             seeds = min((len(v) for v in random.values()), default=0)
-            if not signals or seeds < min_seeds:
+            if seeds < min_seeds:
                 out[budget][m] = f"needs random at {min_seeds} seeds (has {seeds})"
                 continue
             out[budget][m] = S.horizon_by_interval(signals, random, delta=delta, min_seeds=min_seeds,
