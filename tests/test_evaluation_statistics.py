@@ -67,6 +67,65 @@ def test_hierarchical_bootstrap_against_an_independent_random_stream():
         assert np.quantile(fast, q) == pytest.approx(np.quantile(slow, q), abs=0.02)
 
 
+def _crossed():
+    # three models on the same 50 items, one of them missing ten: keyed by item id
+    rng = np.random.default_rng(4)
+    ids = [f"q{k}" for k in range(50)]
+    skill = {"m1": 0.8, "m2": 0.55, "m3": 0.7}
+    out = {m: {i: float(rng.random() < p) for i in ids} for m, p in skill.items()}
+    for i in ids[:10]:
+        del out["m3"][i]
+    return out
+
+
+def test_crossed_bootstrap_matches_nested_loop_reference():
+    values = _crossed()
+    samples = 200
+    fast = S.hierarchical_replicates(values, samples=samples, seed=9)
+    rng = np.random.default_rng(9)
+    models = list(values)
+    union = sorted(set().union(*values.values()))
+    picks = rng.integers(0, len(models), size=(samples, len(models)))
+    draws = rng.integers(0, len(union), size=(samples, len(union)))
+    slow = []
+    for b in range(samples):
+        slot = []
+        for s_ in range(len(models)):
+            held = values[models[picks[b, s_]]]
+            got = [held[union[j]] for j in draws[b] if union[j] in held]
+            if got:
+                slot.append(sum(got) / len(got))
+        slow.append(sum(slot) / len(slot))
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+
+
+def test_crossed_bootstrap_variance_for_additive_values_and_agreeing_models():
+    # v[m, i] = a_m + b_i: a replicate is mean(a over drawn models) + mean(b over drawn items), independent:
+    # variance var(a) / M + var(b) / n exactly
+    rng = np.random.default_rng(6)
+    a = {"m1": 0.1, "m2": 0.3, "m3": 0.6, "m4": 0.2}
+    b = {f"q{k}": float(x) for k, x in enumerate(rng.normal(0, 1, 80))}
+    values = {m: {i: am + bi for i, bi in b.items()} for m, am in a.items()}
+    reps = S.hierarchical_replicates(values, samples=20000, seed=3)
+    expected = np.var(list(a.values())) / 4 + np.var(list(b.values())) / 80
+    assert reps.var() == pytest.approx(expected, rel=0.05)
+    # two models that agree item by item are one model's evidence, not two: the pooled interval is the item
+    # interval of either (the nested design would narrow it by about 1/sqrt(2))
+    one = {f"q{k}": float(x) for k, x in enumerate(rng.random(60) < 0.6)}
+    twice = S.pooled_mean({"m1": one, "m2": dict(one)}, samples=4000, seed=1)
+    single = twice.per_model["m1"]
+    assert twice.pooled.high - twice.pooled.low == pytest.approx(single.high - single.low, rel=0.1)
+    nested = S.pooled_mean({"m1": list(one.values()), "m2": list(one.values())}, samples=4000, seed=1)
+    assert nested.pooled.high - nested.pooled.low < 0.8 * (single.high - single.low)
+
+
+def test_keyed_and_plain_values_do_not_mix():
+    with pytest.raises(ValueError, match="keyed by item id"):
+        S.pooled_mean({"m1": {"a": 1.0}, "m2": [1.0]})
+    with pytest.raises(ValueError, match="same items"):
+        S.pooled_difference({"m1": {"a": 1.0}}, {"m1": {"b": 1.0}})
+
+
 def test_pooled_difference_per_model_and_model_specific_flag():
     a = {"m1": [1, 1, 1, 1, 0, 1, 1, 1], "m2": [0, 0, 1, 0, 0, 0, 1, 0]}
     b = {"m1": [0, 1, 0, 1, 0, 0, 1, 0], "m2": [1, 0, 1, 1, 0, 1, 1, 0]}
@@ -98,6 +157,11 @@ def test_sign_flip_exact_by_hand():
     # two models weighed equally: m1 [1] (weight 1/2), m2 [1, 1] (weights 1/4): sums of +-1/2 +-1/4 +-1/4,
     # |observed| = 1, reached by 2 of the 8 sign vectors
     assert S.sign_flip_p({"m1": [1], "m2": [1, 1]}) == pytest.approx(2 / 8)
+    # the same keyed by item (crossed): item x carries 1/2 + 1/4, item y 1/4; |+-3/4 +-1/4| >= 1 for 2 of 4
+    assert S.sign_flip_p({"m1": {"x": 1}, "m2": {"x": 1, "y": 1}}) == pytest.approx(2 / 4)
+    # two models that agree item by item are one model's evidence
+    d = {"a": 1, "b": 1, "c": 1, "d": -1, "e": 1}
+    assert S.sign_flip_p({"m1": d, "m2": dict(d)}) == pytest.approx(S.sign_flip_p(list(d.values())))
 
 
 def test_sign_flip_monte_carlo_near_exact():

@@ -42,21 +42,21 @@ def test_contrast_on_vision_required_items_and_holm_by_hand():
     # model m2: items 0-3, blind wrong everywhere; d = [1, 0, 0, 0]
     models = {"m1": model([0, 0, 0, 0, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]),
               "m2": model([0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0])}
-    assert contrast_values(models["m1"]["testbed"], Contrast("a", "b")) == ([1, 1, 1, 0], [0, 0, 0, 0])
-    assert contrast_values(models["m1"]["testbed"], Contrast("a", "b", "all"))[0] == [1, 1, 1, 0, 0]
+    a, b = contrast_values(models["m1"]["testbed"], Contrast("a", "b"))
+    assert (a, b) == ({"0": 1, "1": 1, "2": 1, "3": 0}, {"0": 0, "1": 0, "2": 0, "3": 0})
+    assert list(contrast_values(models["m1"]["testbed"], Contrast("a", "b", "all"))[0].values()) == [1, 1, 1, 0, 0]
     rows = primary_table(models, [Contrast("a", "b"), Contrast("b", "a", "all")], samples=200)
     first, second = rows
     assert first["pooled"].pooled.value == pytest.approx((3 / 4 + 1 / 4) / 2)
-    # sign-flip, models weighed equally: non-zero terms 1/8, 1/8, 1/8 (m1) and 1/8 (m2): observed 4/8 is
-    # reached by 2 of the 16 sign vectors
-    assert first["p"] == pytest.approx(2 / 16)
-    # b - a on all items: m1 d = [-1, -1, -1, 0, +1] weighed 1/10, m2 d = [-1, 0, 0, 0] weighed 1/8: terms
-    # 0.1 (s1 + s2 + s3 + s4) + 0.125 s5, observed |-0.325|. With k = s1 + .. + s4: k = +-4 (1 vector each)
-    # reaches 0.525 with one sign of s5; k = +-2 (4 vectors each) reaches 0.325 with one sign; k = 0 never:
-    # 10 of 32
-    assert second["p"] == pytest.approx(10 / 32)
-    # Holm over the two: 2 * 0.125 = 0.25, then max(0.25, 1 * 0.3125)
-    assert [r["p_holm"] for r in rows] == pytest.approx([0.25, 0.3125])
+    # sign-flip, models weighed equally, an item flipping for both models (crossed): item 0 carries 1/8 + 1/8,
+    # items 1 and 2 1/8 each (item 3 none): |observed| = 1/2 only when all three signs agree, 2 of 8
+    assert first["p"] == pytest.approx(2 / 8)
+    # b - a on all items: m1 d = [-1, -1, -1, 0, +1] weighed 1/10, m2 d = [-1, 0, 0, 0] weighed 1/8: items carry
+    # -0.225, -0.1, -0.1, 0, +0.1; |observed| = 0.325. With k the sum of the three 0.1-signs: k = +-3 (1 vector
+    # each) reaches 0.525 with one sign of item 0, k = +-1 (3 vectors each) reaches 0.325 with one: 8 of 16
+    assert second["p"] == pytest.approx(8 / 16)
+    # Holm over the two: 2 * 0.25 = 0.5, then max(0.5, 1 * 0.5)
+    assert [r["p_holm"] for r in rows] == pytest.approx([0.5, 0.5])
     assert not first["pooled"].model_specific
 
 

@@ -2,7 +2,8 @@
 with `visroute study run GRID --model M --db M.sqlite` for each), read together. For every task it gives
 
 * loyalty: per config, the share of items whose answer equals the unrouted model's, per model (Wilson
-  interval) and pooled (hierarchical bootstrap, models then items);
+  interval) and pooled (hierarchical bootstrap, models then items, crossed: items are matched by id across
+  models);
 * the grid's declared primary contrasts: a - b pooled with each model's own estimate, a paired sign-flip p-value
   and its Holm correction over all primary contrasts, and a "model-specific" flag when the models' estimates
   differ in sign; every other comparison in any report is exploratory;
@@ -58,9 +59,10 @@ def vision_required_ids(summaries: list[RunSummary]) -> set[str] | None:
     return None if blind is None else {i for i, r in blind.rows.items() if not r.correct}
 
 
-def contrast_values(summaries: list[RunSummary], contrast: Contrast) -> tuple[list[float], list[float]] | None:
-    """Per-item correctness of configs a and b on the items both hold (vision-required ones when asked), in
-    item order; None when the model lacks either run (or the blind run the items need)."""
+def contrast_values(summaries: list[RunSummary],
+                    contrast: Contrast) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Item id -> correctness of configs a and b on the items both hold (vision-required ones when asked); None
+    when the model lacks either run (or the blind run the items need)."""
     runs = _by_name(summaries)
     a, b = runs.get(contrast.a), runs.get(contrast.b)
     if a is None or b is None:
@@ -72,7 +74,7 @@ def contrast_values(summaries: list[RunSummary], contrast: Contrast) -> tuple[li
             return None
         ids &= needed
     ids = sorted(ids)
-    return [float(a.rows[i].correct) for i in ids], [float(b.rows[i].correct) for i in ids]
+    return {i: float(a.rows[i].correct) for i in ids}, {i: float(b.rows[i].correct) for i in ids}
 
 
 def primary_table(models: ModelRuns, contrasts: Sequence[Contrast], seed: int = 0,
@@ -87,8 +89,8 @@ def primary_table(models: ModelRuns, contrasts: Sequence[Contrast], seed: int = 
             if any(v is None or not v[0] for v in values.values()):
                 continue
             pooled = S.pooled_difference({m: v[0] for m, v in values.items()}, {m: v[1] for m, v in values.items()},
-                                         samples=samples, seed=seed)
-            p = S.sign_flip_p({m: np.subtract(v[0], v[1]) for m, v in values.items()}, seed=seed)
+                                         samples=samples, seed=seed)  # crossed: items matched by id across models
+            p = S.sign_flip_p({m: {i: v[0][i] - v[1][i] for i in v[0]} for m, v in values.items()}, seed=seed)
             rows.append({"task": task, "contrast": c, "pooled": pooled, "p": p})
     adjusted = S.holm({str(i): r["p"] for i, r in enumerate(rows)})
     for i, r in enumerate(rows):
@@ -99,7 +101,7 @@ def primary_table(models: ModelRuns, contrasts: Sequence[Contrast], seed: int = 
 def loyalty_table(models: ModelRuns, task: str, seed: int = 0, samples: int = 1000) -> dict[str, S.Pooled]:
     """config -> loyalty pooled over the models that ran it (per model: Wilson interval; pooled: hierarchical
     bootstrap of the per-item agreement)."""
-    per_config: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    per_config: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)  # config -> model -> item -> agrees
     wilson: dict[str, dict[str, S.Estimate]] = defaultdict(dict)
     for m, runs in models.items():
         summaries = runs.get(task, [])
@@ -112,7 +114,7 @@ def loyalty_table(models: ModelRuns, task: str, seed: int = 0, samples: int = 10
                 continue
             answers = {i: r.prediction for i, r in s.rows.items()}
             wilson[s.name][m] = S.loyalty(answers, unrouted)
-            per_config[s.name][m] = [float(v) for v in S.agreement(answers, unrouted).values()]
+            per_config[s.name][m] = {i: float(v) for i, v in S.agreement(answers, unrouted).items()}
     out = {}
     for name, values in per_config.items():
         values = {m: v for m, v in values.items() if v}
@@ -208,9 +210,11 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
     if contrasts:
         rows = primary_table(models, contrasts, seed, samples)
         lines += ["## Primary contrasts (declared in the grid, Holm-corrected)", "",
-                  "a - b in accuracy on the same items; p from a paired sign-flip test (exact up to 16 differing "
-                  "items, else 10,000 random sign vectors; models weighed equally), Holm-adjusted over the rows of "
-                  "this table. Every other comparison in the reports is exploratory.", "",
+                  "a - b in accuracy on the same items (matched by id across models); p from a paired sign-flip "
+                  "test over items (an item flips for every model at once; exact up to 16 differing items, else "
+                  "10,000 random sign vectors; models weighed equally; p conditions on the models, whose variation "
+                  "shows in the pooled interval and the flag), Holm-adjusted over the rows of this table. Every "
+                  "other comparison in the reports is exploratory.", "",
                   "| task | contrast | items | pooled [95% CI] | " + " | ".join(names) + " | p | p (Holm) | |",
                   "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
         for r in rows:

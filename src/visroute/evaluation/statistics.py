@@ -6,17 +6,28 @@ Conventions:
 
 * The pooled estimate over models weighs every model equally: the mean over models of each model's mean over
   its items (a model with more items does not count more).
-* Hierarchical bootstrap (the two-stage bootstrap of Davison & Hinkley 1997, §3.8): a replicate draws M models
-  with replacement from the M models, then, for each drawn model, its n items with replacement, and takes the
-  pooled mean. Its variance is (1/M)[var of the model means + mean of each model's item variance / n]: model
-  and item sampling both count. With two or three models the model level has only a few distinct draws, so an
-  interval that covers models is wide by design; a claim is flagged model-specific when the models' own
-  estimates differ in sign.
+* Hierarchical bootstrap, models then items, in two designs:
+  - nested (each model's values a plain sequence: its items have nothing to do with another model's): the
+    two-stage bootstrap of Davison & Hinkley (1997, §3.8). A replicate draws M models with replacement, then,
+    for each drawn model, its n items with replacement, and takes the pooled mean. Its variance is
+    (1/M)[var of the model means + mean of each model's item variance / n].
+  - crossed (each model's values keyed by item id: the models answered the same questions, the usual case): the
+    pigeonhole bootstrap of Owen (2007, "The pigeonhole bootstrap", Ann. Appl. Stat.). A replicate draws M
+    models with replacement and, independently, |U| item ids with replacement from the union U of the models'
+    items; each drawn model's mean is over the drawn items it holds (with their multiplicity). An item drawn
+    once counts for every model, so two models that agree item by item give the interval of one model, where
+    the nested design would treat them as independent evidence and narrow it. For values v = a_model +
+    b_item the variance is var(a)/M + var(b)/|U| exactly.
+  With two or three models the model level has only a few distinct draws, so an interval that covers models is
+  wide by design; a claim is flagged model-specific when the models' own estimates differ in sign.
 * p-values of contrasts come from a paired sign-flip (randomisation) test, not from the bootstrap: under the null
   that the two configs' labels are exchangeable on each item, each item's difference keeps its size and flips
-  its sign with probability 1/2 (independently per item, within each model). The statistic is the pooled mean
-  difference; the test is exact (every sign vector) when at most `EXACT_FLIPS` differences are non-zero, else
-  Monte Carlo with the (1 + hits) / (1 + draws) estimate, which is never 0.
+  its sign with probability 1/2, independently per item. The statistic is the pooled mean difference (models
+  weighed equally). With values keyed by item id (crossed) an item flips for every model at once, so models
+  that agree item by item count as one; with plain sequences (nested) every model's items flip on their own.
+  The test conditions on the models: their variation shows in the bootstrap interval and the model-specific
+  flag, not in p. It is exact (every sign vector) when at most `EXACT_FLIPS` items differ, else Monte Carlo with
+  the (1 + hits) / (1 + draws) estimate, which is never 0.
 * Holm's step-down correction controls the family-wise error of the declared primary contrasts; everything else
   a report shows is exploratory.
 * Loyalty: the share of items whose answer equals the unrouted model's, with a Wilson score interval (which
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -68,41 +80,68 @@ def sign_differs(values: Sequence[float]) -> bool:
     return any(v > 0 for v in values) and any(v < 0 for v in values)
 
 
-def _as_arrays(values: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+Values = Mapping[str, Sequence[float]] | Mapping[str, Mapping[str, float]]  # model -> per-item values
+
+
+def _keyed(values: Values) -> bool:
+    """True when every model's values are keyed by item id (the crossed design), False when none are."""
+    kinds = {isinstance(v, Mapping) for v in values.values()}
+    if len(kinds) > 1:
+        raise ValueError("give every model's values keyed by item id, or none")
+    return kinds == {True}
+
+
+def _as_arrays(values: Values) -> dict[str, np.ndarray]:
     if not values:
         raise ValueError("a pooled estimate needs at least one model")
-    out = {name: np.asarray(v, dtype=float) for name, v in values.items()}
+    out = {name: np.asarray(list(v.values()) if isinstance(v, Mapping) else v, dtype=float)
+           for name, v in values.items()}
     empty = [name for name, v in out.items() if v.size == 0]
     if empty:
         raise ValueError(f"model(s) {', '.join(empty)} have no items")
     return out
 
 
-def hierarchical_replicates(values: Mapping[str, Sequence[float]], samples: int = BOOTSTRAP_SAMPLES,
-                            seed: int = 0) -> np.ndarray:
-    """(samples,) bootstrap replicates of the pooled mean: per replicate, M models drawn with replacement, then
-    each drawn model's items drawn with replacement (see the module docstring).
+def hierarchical_replicates(values: Values, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
+    """(samples,) bootstrap replicates of the pooled mean, models then items (see the module docstring): nested
+    when each model's values are a sequence, crossed (pigeonhole) when they map item ids to values.
 
     Draw order (what a reference with the same generator reproduces): first a (samples, M) array of model
-    picks; then for each model m in the mapping's order, a (samples, M, n_m) array of item indices, of which a
-    slot uses the one of the model it picked."""
-    arrays = list(_as_arrays(values).values())
+    picks; then, nested, for each model m in the mapping's order a (samples, M, n_m) array of item indices, of
+    which a slot uses the one of the model it picked; crossed, one (samples, |U|) array of indices into the
+    sorted union U of item ids. A crossed replicate in which a drawn model holds none of the drawn items leaves
+    that slot out of the replicate's mean."""
+    arrays = _as_arrays(values)
     m = len(arrays)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, m, size=(samples, m))
+    if _keyed(values):
+        union = sorted(set().union(*(v.keys() for v in values.values())))
+        col = {item: j for j, item in enumerate(union)}
+        table = np.zeros((m, len(union)))
+        held = np.zeros((m, len(union)))
+        for k, v in enumerate(values.values()):
+            for item, x in v.items():
+                table[k, col[item]], held[k, col[item]] = float(x), 1.0
+        draws = rng.integers(0, len(union), size=(samples, len(union)))
+        counts = np.zeros((samples, len(union)))
+        np.add.at(counts, (np.arange(samples)[:, None], draws), 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = (counts @ table.T) / (counts @ held.T)  # (samples, M): each model's mean over the drawn items
+        slot_means = np.take_along_axis(means, picks, axis=1)
+        return np.nanmean(slot_means, axis=1)
     slot_means = np.empty((samples, m))
-    for j, v in enumerate(arrays):
+    for j, v in enumerate(arrays.values()):
         idx = rng.integers(0, v.size, size=(samples, m, v.size))
         means = v[idx].mean(-1)  # (samples, M): model j's resampled mean, were it drawn into each slot
         slot_means = np.where(picks == j, means, slot_means)
     return slot_means.mean(1)
 
 
-def pooled_mean(values: Mapping[str, Sequence[float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
-                level: float = 0.95) -> Pooled:
-    """Per-item values of each model (`values`: model -> per-item values, e.g. 0/1 correctness for an accuracy,
-    or a paired difference per item) pooled over models (equal weights) with a hierarchical bootstrap interval,
-    and each model's own mean with an item bootstrap interval."""
+def pooled_mean(values: Values, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95) -> Pooled:
+    """Per-item values of each model (model -> per-item values, e.g. 0/1 correctness for an accuracy, or a paired
+    difference per item; keyed by item id for the crossed design) pooled over models (equal weights) with a
+    hierarchical bootstrap interval, and each model's own mean with an item bootstrap interval."""
     arrays = _as_arrays(values)
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
     per_model = {}
@@ -110,21 +149,28 @@ def pooled_mean(values: Mapping[str, Sequence[float]], samples: int = BOOTSTRAP_
         reps = v[np.random.default_rng(seed).integers(0, v.size, size=(samples, v.size))].mean(1)
         lo, hi = np.quantile(reps, q)
         per_model[name] = Estimate(float(v.mean()), float(lo), float(hi), int(v.size))
-    reps = hierarchical_replicates(arrays, samples, seed)
-    lo, hi = np.quantile(reps, q)
+    reps = hierarchical_replicates(values, samples, seed)
+    lo, hi = np.nanquantile(reps, q)
     value = float(np.mean([v.mean() for v in arrays.values()]))
     return Pooled(Estimate(value, float(lo), float(hi), sum(v.size for v in arrays.values())), per_model)
 
 
-def pooled_difference(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
-                      samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95) -> Pooled:
+def pooled_difference(a: Values, b: Values, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                      level: float = 0.95) -> Pooled:
     """a - b pooled over models: per model, the paired per-item differences of two configs on the same items
-    (equal lengths, same order), then `pooled_mean` of the differences (items resampled as pairs)."""
+    (equal lengths in the same order, or the same item ids), then `pooled_mean` of the differences (items
+    resampled as pairs)."""
     if set(a) != set(b):
         raise ValueError(f"paired values need the same models: {sorted(a)} vs {sorted(b)}")
-    diffs = {}
+    diffs: dict = {}
     for name in a:
-        x, y = np.asarray(a[name], dtype=float), np.asarray(b[name], dtype=float)
+        x, y = a[name], b[name]
+        if isinstance(x, Mapping) or isinstance(y, Mapping):
+            if not (isinstance(x, Mapping) and isinstance(y, Mapping)) or set(x) != set(y):
+                raise ValueError(f"model {name}: paired values need the same items")
+            diffs[name] = {i: float(x[i]) - float(y[i]) for i in x}
+            continue
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         if x.shape != y.shape:
             raise ValueError(f"model {name}: paired values need the same items ({len(x)} vs {len(y)})")
         diffs[name] = x - y
@@ -132,14 +178,22 @@ def pooled_difference(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence
 
 
 # ---- tests and multiplicity ----------------------------------------------------------------------------------
-def sign_flip_p(differences: Mapping[str, Sequence[float]] | Sequence[float], samples: int = SIGN_FLIP_SAMPLES,
-                seed: int = 0) -> float:
+def sign_flip_p(differences: Values | Sequence[float], samples: int = SIGN_FLIP_SAMPLES, seed: int = 0) -> float:
     """Two-sided p-value of a paired sign-flip test that the pooled mean difference is 0 (see the module
-    docstring). `differences` is one sequence of per-item differences, or model -> such a sequence (each
-    model's items flip on their own; the statistic weighs models equally). 1.0 when no item differs."""
-    groups = _as_arrays(differences if isinstance(differences, Mapping) else {"": differences})
-    weights = np.concatenate([np.full(v.size, 1.0 / (v.size * len(groups))) for v in groups.values()])
-    d = np.concatenate(list(groups.values())) * weights  # the pooled mean is the sum of these
+    docstring). `differences` is one sequence of per-item differences, or model -> such a sequence (nested:
+    each model's items flip on their own), or model -> item id -> difference (crossed: an item flips for every
+    model at once). The statistic weighs models equally. 1.0 when no item differs."""
+    groups = differences if isinstance(differences, Mapping) else {"": differences}
+    arrays = _as_arrays(groups)
+    m = len(arrays)
+    if _keyed(groups):
+        by_item: dict[str, float] = defaultdict(float)  # each item's share of the pooled mean, over models
+        for v in groups.values():
+            for item, x in v.items():
+                by_item[item] += float(x) / (len(v) * m)
+        d = np.array(list(by_item.values()))
+    else:
+        d = np.concatenate([v / (v.size * m) for v in arrays.values()])  # the pooled mean is the sum of these
     d = d[d != 0]
     if d.size == 0:
         return 1.0
