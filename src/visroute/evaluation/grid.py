@@ -46,8 +46,8 @@ keep. A stage at layer l of L cannot bring avg_T below l/L of the visual tokens:
 given as a share, the layers where the target needs a keep of 0 or less are left out of the sweep (a stage
 that keeps nothing selects nothing, and every scorer would tie there); an avg_T given as a count is checked
 once the model is known, and an unreachable one is an error naming the config. The pooling control at equal
-visual tokens: `{scorer: pool, layers: [0], avg_T: [64], merge: {pool: pool_average}}` (a stage at layer 0
-keeps avg_T tokens).
+visual tokens: `{scorer: pool, layers: [0], avg_T: [0.25], merge: {pool: pool_average}}` (a stage at layer 0
+keeps avg_T tokens; with the sweep's own avg_T it lands in the same tables and plot panels).
 
 Every grid also runs the unrouted model and the blind control on every task. Configs are resolved against the
 model once it is loaded (its decoder depth, its visual tokens per image); a layer outside the model is an
