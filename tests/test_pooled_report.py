@@ -87,6 +87,9 @@ def test_horizon_inputs_collect_random_seeds():
             run("prune/last_token_attention/L1/k2", "last_token_attention", 1, {"x": True, "y": True}),
             run("prune/uniform/L1/k2", "uniform", 1, {"x": True, "y": True}),
             run("fastv@2", "last_token_attention", 1, {"x": True, "y": True})]
+    empty = run("prune/last_token_attention/L3/k2", "last_token_attention", 3, {"x": False, "y": False})
+    empty.run.config["stages"][0]["keep"] = 0  # keeps nothing: no selection to compare
+    runs.append(empty)
     signals, random = horizon_inputs(runs, ids={"x"})["k2"]
     assert signals == {"last_token_attention": {1: {"x": 1.0}}}  # controls and listed configs left out
     assert random == {1: [{"x": 1.0}, {"x": 0.0}]}

@@ -130,13 +130,16 @@ def loyalty_table(models: ModelRuns, task: str, seed: int = 0, samples: int = 10
 
 def horizon_inputs(summaries: list[RunSummary], ids: set[str] | None = None) -> dict[str, tuple[dict, dict]]:
     """budget -> (signals: scorer -> layer -> item -> correct, random: layer -> [item -> correct per seed]) from
-    a sweep's single-stage prune runs (names action/scorer[-s<seed>]/L<layer>/<budget>), over `ids` if given."""
+    a sweep's single-stage prune runs (names action/scorer[-s<seed>]/L<layer>/<budget>) that keep at least one
+    token, over `ids` if given."""
     out: dict[str, tuple[dict, dict]] = {}
     for s in summaries:
         parts = s.name.split("/")
         cfg = s.config
         if len(parts) != 4 or not cfg or len(cfg["stages"]) != 1 or cfg["action"] != "prune":
             continue
+        if cfg["stages"][0]["keep"] == 0:
+            continue  # a stage that keeps nothing selects nothing: every scorer ties there by construction
         budget, layer, scorer = parts[3], int(cfg["stages"][0]["layer"]), cfg["scorer"]
         values = {i: float(r.correct) for i, r in s.rows.items() if ids is None or i in ids}
         signals, random = out.setdefault(budget, ({}, {}))
@@ -147,13 +150,26 @@ def horizon_inputs(summaries: list[RunSummary], ids: set[str] | None = None) -> 
     return out
 
 
+def item_families(summaries: list[RunSummary]) -> dict[str, str]:
+    """Item id -> question family (the testbed's items carry one), from the unrouted run."""
+    base = next((s for s in summaries if s.run.kind == "unrouted"), None)
+    if base is None:
+        return {}
+    return {i: r.metrics["family"] for i, r in base.rows.items() if r.metrics.get("family")}
+
+
 def horizon_table(models: ModelRuns, task: str, delta: float, seed: int = 0, samples: int = 1000,
-                  min_seeds: int = 5) -> dict[str, dict[str, tuple[int | None, list[S.HorizonLayer]] | str]]:
-    """budget -> model -> (horizon, per-layer rows) on the vision-required items, or a reason it is missing."""
+                  min_seeds: int = 5, family: str | None = None
+                  ) -> dict[str, dict[str, tuple[int | None, list[S.HorizonLayer]] | str]]:
+    """budget -> model -> (horizon, per-layer rows) on the vision-required items (of `family` when given), or a
+    reason it is missing."""
     out: dict[str, dict] = defaultdict(dict)
     for m, runs in models.items():
         summaries = runs.get(task, [])
         needed = vision_required_ids(summaries)
+        if family is not None and needed is not None:
+            fams = item_families(summaries)
+            needed = {i for i in needed if fams.get(i) == family}
         for budget, (signals, random) in horizon_inputs(summaries, needed).items():
             if not signals:
                 continue
@@ -239,28 +255,35 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
                 cells = [_ci(p.per_model[m]) if m in p.per_model else "-" for m in names]
                 lines.append(f"| {name} | {_ci(p.pooled)} | " + " | ".join(cells) + " |")
             lines.append("")
-        horizons = horizon_table(models, task, delta, seed, samples)
-        if horizons:
+        families = sorted({f for runs in models.values() for f in item_families(runs.get(task, [])).values()}
+                          - {"blind_solvable"})
+        tables = [(None, horizon_table(models, task, delta, seed, samples))]
+        tables += [(f, horizon_table(models, task, delta, seed, samples, family=f)) for f in families]
+        if tables[0][1]:
             lines += [f"## Information horizon by an interval criterion ({task})", "",
                       "First stage layer from which the upper end of the 95% interval of best - random lies below "
-                      f"{delta:g} at that layer and every deeper one, on the vision-required items: the best signal "
-                      "(controls excluded) chosen on a random half of the items and measured on the other half, random "
-                      "averaged over its seeds. In brackets, best - random at the horizon (or at the last layer).", "",
-                      "| budget | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-            for budget in sorted(horizons, key=_budget_order):
-                cells = []
-                for m in names:
-                    h = horizons[budget].get(m)
-                    if h is None or isinstance(h, str):
-                        cells.append(h or "-")
-                        continue
-                    layer, rows = h
-                    at = next((r for r in rows if r.layer == layer), rows[-1] if rows else None)
-                    where = "not reached" if layer is None else f"layer {layer}"
-                    cells.append(where + (f" ({at.best}: {_ci(at.difference, True)})" if at else ""))
-                values = [h[0] for h in horizons[budget].values() if isinstance(h, tuple)]
-                flag = " (differs across models)" if len(set(values)) > 1 else ""
-                lines.append(f"| {budget}{flag} | " + " | ".join(cells) + " |")
+                      f"{delta:g} at that layer and every deeper one, on the vision-required items (all, then per "
+                      "family): the best signal (controls excluded) chosen on a random half of the items and "
+                      "measured on the other half, random averaged over its seeds. In brackets, best - random at the "
+                      "horizon (or at the last layer) and the items measured. Few items make wide intervals: a "
+                      "horizon not reached may be a lack of resolution, not of difference.", "",
+                      "| budget | items | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            for family, horizons in tables:
+                for budget in sorted(horizons, key=_budget_order):
+                    cells = []
+                    for m in names:
+                        h = horizons[budget].get(m)
+                        if h is None or isinstance(h, str):
+                            cells.append(h or "-")
+                            continue
+                        layer, rows = h
+                        at = next((r for r in rows if r.layer == layer), rows[-1] if rows else None)
+                        where = "not reached" if layer is None else f"layer {layer}"
+                        cells.append(where + (f" ({at.best}: {_ci(at.difference, True)}, n={at.difference.n})"
+                                              if at else ""))
+                    values = [h[0] for h in horizons[budget].values() if isinstance(h, tuple)]
+                    flag = " (differs across models)" if len(set(values)) > 1 else ""
+                    lines.append(f"| {budget}{flag} | {family or 'all'} | " + " | ".join(cells) + " |")
             lines.append("")
         per_model = {m: chance_corrected_table(runs.get(task, [])) for m, runs in models.items()}
         if any(per_model.values()):
