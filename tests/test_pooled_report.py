@@ -124,3 +124,19 @@ def test_pooled_report_from_two_databases(tmp_path):
     line = next(l for l in text.splitlines() if l.startswith("| testbed | a - b |"))
     # m1: 5 of 6 right against none, m2: 4 of 6: pooled (5/6 + 4/6) / 2
     assert line.split(" | ")[3].startswith("+0.750") and "+0.833" in line and "+0.667" in line
+
+
+def test_the_report_table_has_a_loyalty_column():
+    from visroute.evaluation.report import _table
+
+    ids = ["0", "1", "2", "3"]
+    runs = model([0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], a_pred=dict(zip(ids, ["yes", "Yes.", "no", "no"])),
+                  unrouted_pred=dict(zip(ids, ["yes"] * 4)))["testbed"]
+    lines = _table(runs, 4)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    col = head.index("loyalty [95% CI]")
+    cells = {l.split("|")[1].strip(): l.strip("|").split("|")[col].strip() for l in lines[2:]}
+    # a: 2 of 4 agree; Wilson by hand: centre (0.5 + 0.48018) / 1.96037 = 0.5, half 1.95996 * sqrt(0.0625 +
+    # 0.06002) / 1.96037 = 0.34990
+    assert cells["a"] == "0.500 [0.150, 0.850]"
+    assert cells["unrouted"] == "-" and cells["blind"] == "-"
