@@ -212,6 +212,23 @@ def solve(shape: Shape, num_layers: int, num_visual: int, target: float, radius:
                     keeps=list(keeps), avg_T=(before + total) / num_layers, param=p)
 
 
+def single_stage_keep(layer: int, num_layers: int, num_visual: int, target: float) -> int:
+    """The integer keep of one stage at `layer` whose avg_T is the closest possible to `target` (a count of
+    visual tokens): the where-to-prune sweep at matched compute, where a later stage keeps fewer tokens. With
+    ell = `layer`, L layers and N visual tokens, avg_T = (ell N + (L - ell) keep) / L, so keep = (L target -
+    ell N) / (L - ell), rounded to the nearest integer; a target below ell N / L (the stage would
+    need a negative keep) is out of reach and an error."""
+    return solve(Shape.fastv(layer), num_layers, num_visual, target).keeps[0]
+
+
+def reachable_layers(num_layers: int, num_visual: int, target: float) -> list[int]:
+    """The decoder layers at which one stage can reach avg_T `target` (tokens): those with layer * num_visual
+    / num_layers <= target <= num_visual."""
+    if not 0 <= target <= num_visual:
+        return []
+    return [l for l in range(num_layers) if l * num_visual <= target * num_layers + 1e-9]
+
+
 # ---- matched configs ------------------------------------------------------------------------------------------
 def matched(
     config: RoutingConfig,

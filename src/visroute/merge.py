@@ -121,3 +121,47 @@ class SimilarityAverage(Merge):
         sums.scatter_add_(1, target.clamp(min=0)[..., None].expand(-1, -1, dim), torch.where(joined[..., None], x.float(), 0.0))
         counts = kept.float() + torch.zeros(b, nv, device=x.device).scatter_add_(1, target.clamp(min=0), joined.float())
         return (sums / counts.clamp(min=1)[..., None]).to(x.dtype)
+
+
+@register_merge
+class PoolAverage(Merge):
+    """Average pooling of each image's token grid (the pooling / downsample control): the kept tokens of an
+    image must be the centres of the `pool_blocks` partition of its grid into as many blocks as it keeps (what
+    the `pool` scorer selects), and each enters the decoder with the mean input embedding of its block:
+
+        x'_k = mean_{t in block(k)} x_t
+
+    so a layer-0 prune stage `{layer: 0, keep: k, merge: pool_average}` with scorer `pool` feeds the decoder
+    the visual grid average-pooled to k tokens (LLaVA-1.5: 24 x 24 -> 8 x 8 at k = 64; Qwen2/2.5-VL: the
+    merged grid; the testbed: 12 x 12).
+
+    Departures from downsampling the image, named: pooling happens in the decoder's input space (after the
+    projector), not on pixels or vision features; each pooled token keeps the position id of its block's
+    centre token (the engine keeps active tokens' original positions), so the decoder sees the pooled grid at
+    the original grid's positions (gaps between them) rather than a compact k-token image, which a downsampled
+    image would give (and, for Qwen's M-RoPE, a smaller (h, w) grid of positions)."""
+
+    name = "pool_average"
+    description = "each kept token enters as the mean of its pooling block (the pooling control; scorer pool)"
+
+    def merge(self, ctx: "StageContext", selected: torch.Tensor) -> torch.Tensor:
+        from visroute.scoring.controls import image_grid, pool_blocks
+
+        x = gather_rows(ctx.inputs_embeds, ctx.layout.positions)  # (B, Nv, D)
+        out = x.clone()
+        sel = selected.cpu()
+        for b, spans in enumerate(ctx.layout.images):
+            for span in spans:
+                kept = sel[b, span.offset : span.offset + span.length].nonzero().flatten()
+                if kept.numel() == 0:
+                    continue
+                block, centres = pool_blocks(*image_grid(span), kept.numel())
+                if not torch.equal(kept, centres.sort().values):
+                    raise ValueError("The pool_average merge needs the kept tokens to be the centres of its pooling "
+                                     "blocks (use scorer pool, as the first stage at layer 0)")
+                tokens = x[b, span.offset : span.offset + span.length].float()
+                sums = torch.zeros(centres.numel(), tokens.shape[-1], device=tokens.device)
+                sums.index_add_(0, block.to(tokens.device), tokens)
+                sizes = torch.bincount(block, minlength=centres.numel()).to(tokens.device)
+                out[b, span.offset + centres.to(out.device)] = (sums / sizes[:, None]).to(out.dtype)
+        return out

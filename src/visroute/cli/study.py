@@ -7,6 +7,7 @@ and reports with intervals and plots (visroute.evaluation).
     visroute study list --db results.sqlite
     visroute study report --db results.sqlite --out report/
     visroute study grids                                                 # the shipped grids and their paths
+    visroute study pooled --db llava.sqlite --db qwen.sqlite --grid grid.yaml --out pooled/   # across models
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def add_parser(sub) -> None:
     rep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default 0)")
     add_debug(rep)
     rep.set_defaults(func=report_study)
+
+    po = ssub.add_parser("pooled", help="write pooled.md: loyalty, primary contrasts (Holm) and the interval "
+                                        "horizon across several results databases, one per model")
+    po.add_argument("--db", action="append", required=True, help="a results database (repeat: one per model)")
+    po.add_argument("--grid", help="the grid (YAML or shipped name) whose `primary` contrasts to test")
+    po.add_argument("--out", required=True, help="output folder")
+    po.add_argument("--delta", type=float, default=0.05, help="the horizon's margin: best - random below it "
+                                                                "(default 0.05)")
+    po.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the item split (default 0)")
+    add_debug(po)
+    po.set_defaults(func=pooled_study)
 
 
 def _pair(text: str, flag: str) -> tuple[str, str]:
@@ -174,4 +186,14 @@ def report_study(args) -> int:
 
     path = write_report(args.db, args.out, seed=args.seed)
     print(f"report written to {path}")
+    return 0
+
+
+def pooled_study(args) -> int:
+    from visroute.evaluation.grid import load_grid
+    from visroute.evaluation.pooled import write_pooled_report
+
+    contrasts = load_grid(args.grid).primary if args.grid else []
+    path = write_pooled_report(args.db, args.out, contrasts, seed=args.seed, delta=args.delta)
+    print(f"pooled report written to {path}")
     return 0

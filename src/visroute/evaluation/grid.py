@@ -29,8 +29,28 @@ A grid is a YAML file (or the name of a shipped grid, `visroute/grids/<name>.yam
                                               # every: one config per decoder layer of the model
         keep: [0.25, 16]                      # float <= 1: share of each sample's visual tokens, int: a count
                                               # (a float above 1, e.g. 16.0, is an error)
-        avg_T: [0.11]                         # or: a target avg_T (float <= 1: share of the visual tokens)
+        avg_T: [0.11]                         # and/or: a target avg_T (float <= 1: share of the visual tokens)
                                               # solved to integer keeps by visroute.budget
+        seeds: [0, 1, 2, 3, 4]                # optional: each scorer with a `seed` option (random) once per
+                                              # seed, named <scorer>-s<seed> (seed 0: <scorer>)
+        merge: {pool: pool_average}           # optional: a scorer's layer-0 stages merge (the pooling control)
+
+Declared primary contrasts (optional; a report gives them Holm-corrected and labels every other comparison
+exploratory): each is a - b of two configs of the grid (or unrouted / blind) on the same items, on every item
+or on the vision-required ones (the default):
+
+    primary:
+      - {a: prune/last_token_attention/L1/T0.25, b: prune/random/L1/T0.25}
+      - {a: reroute-fastv, b: fastv, items: all}
+
+Where to prune at matched compute: `layers: every` with `avg_T` gives one single-stage config per layer whose
+keep is solved for that avg_T (a later stage keeps fewer tokens); with `keep` as well, the same sweep at matched
+keep. A stage at layer l of L cannot bring avg_T below l/L of the visual tokens: with `every` and an avg_T
+given as a share, the layers where the target needs a keep of 0 or less are left out of the sweep (a stage
+that keeps nothing selects nothing, and every scorer would tie there); an avg_T given as a count is checked
+once the model is known, and an unreachable one is an error naming the config. The pooling control at equal
+visual tokens: `{scorer: pool, layers: [0], avg_T: [0.25], merge: {pool: pool_average}}` (a stage at layer 0
+keeps avg_T tokens; with the sweep's own avg_T it lands in the same tables and plot panels).
 
 Every grid also runs the unrouted model and the blind control on every task. Configs are resolved against the
 model once it is loaded (its decoder depth, its visual tokens per image); a layer outside the model is an
@@ -135,6 +155,8 @@ class ConfigSpec:
             return [self]
         out = []
         for layer in range(num_layers):
+            if self.avg_T is not None and self.avg_T <= 1 and layer >= self.avg_T * num_layers - 1e-9:
+                continue  # this deep, the target needs a keep <= 0 (see the module docstring)
             routing = copy.deepcopy(self.routing)
             routing["stages"][0]["layer"] = layer
             out.append(ConfigSpec(self.name.format(layer=layer), routing, avg_T=self.avg_T))
@@ -161,7 +183,8 @@ class ConfigSpec:
 
                 target = self.avg_T * num_visual if self.avg_T <= 1 else self.avg_T
                 sol = solve(Shape.uniform(layers), num_layers, num_visual, target)
-                routing["stages"] = [{"layer": s.layer, "keep": s.keep} for s in sol.stages]
+                routing["stages"] = [{**given, "layer": s.layer, "keep": s.keep}
+                                     for given, s in zip(routing["stages"], sol.stages)]
             else:
                 for s, layer in zip(routing["stages"], layers):
                     s["layer"] = layer
@@ -199,6 +222,23 @@ def resolve_layer(layer: int | float, num_layers: int) -> int:
     return layer
 
 
+CONTRAST_ITEMS = ("vision_required", "all")
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A declared primary contrast: config `a` minus config `b` on the same items (`items`: the vision-required
+    ones or all)."""
+
+    a: str
+    b: str
+    items: str = "vision_required"
+
+    @property
+    def label(self) -> str:
+        return f"{self.a} - {self.b}"
+
+
 @dataclass
 class Grid:
     name: str
@@ -207,6 +247,7 @@ class Grid:
     tasks: list[TaskSpec]
     configs: list[ConfigSpec]
     source: Path | None = None
+    primary: list[Contrast] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
         """What a results database is bound to: results of another grid version are never mixed in."""
@@ -240,12 +281,12 @@ def _layer_name(layer) -> str:
 
 def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
     """The configs of one sweep block: action x scorer x layers x (keep or avg_T)."""
-    _check_keys(sweep, {"action", "scorer", "layers", "keep", "avg_T", "scorer_options"}, where)
+    _check_keys(sweep, {"action", "scorer", "layers", "keep", "avg_T", "scorer_options", "seeds", "merge"}, where)
     for key in ("scorer", "layers"):
         if key not in sweep:
             raise ValueError(f"{where}: a sweep needs {key!r}")
-    if ("keep" in sweep) == ("avg_T" in sweep):
-        raise ValueError(f"{where}: give the budget as exactly one of keep or avg_T")
+    if "keep" not in sweep and "avg_T" not in sweep:
+        raise ValueError(f"{where}: give the budget as keep, avg_T or both")
     budgets = [("keep", b) for b in _listify(sweep.get("keep", []))] + \
               [("avg_T", b) for b in _listify(sweep.get("avg_T", []))]
     for kind, budget in budgets:
@@ -255,18 +296,39 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{where}: keep {budget!r}: {e}") from None
     options = sweep.get("scorer_options") or {}
+    merges = sweep.get("merge") or {}
+    if not isinstance(merges, dict):
+        raise ValueError(f"{where}: merge maps a scorer to the merge of its layer-0 stages, "
+                         "e.g. {pool: pool_average}")
+    seeds = [int(s) for s in _listify(sweep.get("seeds", [0]))]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}: seeds must differ, got {seeds}")
+    scorers = []  # (name part, scorer, its options)
+    for scorer in _listify(sweep["scorer"]):
+        base = dict(options.get(scorer, {}))
+        if len(seeds) > 1 or seeds != [0]:
+            from visroute.scoring import get_scorer_class
+
+            if "seed" not in {f.name for f in get_scorer_class(scorer).option_specs()}:
+                scorers.append((scorer, scorer, base))  # a deterministic scorer runs once
+                continue
+            scorers += [(scorer if s == 0 else f"{scorer}-s{s}", scorer, {**base, "seed": s}) for s in seeds]
+        else:
+            scorers.append((scorer, scorer, base))
     out = []
-    for action, scorer, layers, (kind, budget) in itertools.product(
-            _listify(sweep.get("action", "prune")), _listify(sweep["scorer"]), _listify(sweep["layers"]), budgets):
+    for action, (label, scorer, scorer_opts), layers, (kind, budget) in itertools.product(
+            _listify(sweep.get("action", "prune")), scorers, _listify(sweep["layers"]), budgets):
         every = layers == "every"
         layer_list = [0] if every else _listify(layers)
         if any(isinstance(l, str) for l in layer_list):
             raise ValueError(f"{where}: a layer is an int, a float share of the depth or `every`, got {layers!r}")
         keep = budget if kind == "keep" else 0
         layer_part = "{layer}" if every else "-".join(_layer_name(l) for l in layer_list)
-        name = f"{action}/{scorer}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{keep_name(budget)}"
-        routing = {"action": action, "scorer": scorer, "stages": [{"layer": l, "keep": keep} for l in layer_list],
-                   "scorer_options": dict(options.get(scorer, {}))}
+        name = f"{action}/{label}/L{layer_part}/{'k' if kind == 'keep' else 'T'}{keep_name(budget)}"
+        stages = [{"layer": l, "keep": keep} for l in layer_list]
+        if scorer in merges:
+            stages[0]["merge"] = merges[scorer]  # only a stage at layer 0 may merge: checked once resolved
+        routing = {"action": action, "scorer": scorer, "stages": stages, "scorer_options": scorer_opts}
         out.append(ConfigSpec(name=name, routing=routing, avg_T=float(budget) if kind == "avg_T" else None,
                               every_layer=every))
     return out
@@ -304,7 +366,7 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
     where = f"grid {source}" if source else "grid"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a YAML mapping")
-    _check_keys(data, {"name", "version", "model", "tasks", "configs", "sweep", "description"}, where)
+    _check_keys(data, {"name", "version", "model", "tasks", "configs", "sweep", "description", "primary"}, where)
     root = source.parent if source else Path(".")
     m = data.get("model") or {}
     if isinstance(m, str):
@@ -338,10 +400,36 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
     dup = sorted({n for n in names if names.count(n) > 1} | ({"unrouted", "blind"} & set(names)))
     if dup:
         raise ValueError(f"{where}: config name(s) {', '.join(dup)} occur twice (unrouted and blind are built in)")
+    primary = _contrasts(data.get("primary") or [], configs, where)
     grid = Grid(name=str(data.get("name") or (source.stem if source else "grid")), version=int(data.get("version", 1)),
-                model=model, tasks=tasks, configs=configs, source=source)
+                model=model, tasks=tasks, configs=configs, source=source, primary=primary)
     check_names(grid)
     return grid
+
+
+def _contrasts(entries: list, configs: list[ConfigSpec], where: str) -> list[Contrast]:
+    """The grid's primary contrasts, each naming configs of the grid (a sweep over every layer by any layer)."""
+    import re
+
+    exact = {c.name for c in configs if not c.every_layer} | {"unrouted", "blind"}
+    patterns = [re.compile(re.escape(c.name).replace(re.escape("{layer}"), r"\d+") + "$")
+                for c in configs if c.every_layer]
+    out = []
+    for i, e in enumerate(_listify(entries)):
+        here = f"{where}, primary contrast {i + 1}"
+        if isinstance(e, (list, tuple)) and len(e) == 2:
+            e = {"a": e[0], "b": e[1]}
+        if not isinstance(e, dict):
+            raise ValueError(f"{here}: give {{a: config, b: config}} (optionally items: vision_required | all)")
+        _check_keys(e, {"a", "b", "items"}, here)
+        c = Contrast(str(e.get("a")), str(e.get("b")), str(e.get("items", "vision_required")))
+        for name in (c.a, c.b):
+            if name not in exact and not any(p.match(name) for p in patterns):
+                raise ValueError(f"{here}: no config named {name!r} in the grid")
+        if c.items not in CONTRAST_ITEMS:
+            raise ValueError(f"{here}: items must be one of {', '.join(CONTRAST_ITEMS)}, not {c.items!r}")
+        out.append(c)
+    return out
 
 
 def check_names(grid: Grid) -> None:

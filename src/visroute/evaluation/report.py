@@ -28,9 +28,10 @@ import numpy as np
 
 from visroute.evaluation import metrics as M
 from visroute.evaluation.grid import keep_name
+from visroute.evaluation.statistics import loyalty
 from visroute.evaluation.store import Row, Run, Store
 
-CONTROLS = ("random", "uniform", "oracle")
+CONTROLS = ("random", "uniform", "oracle", "pool")
 HORIZON_POINTS = 0.02
 
 
@@ -61,6 +62,9 @@ class RunSummary:
         cfg = self.config
         if not cfg or len(cfg["stages"]) != 1:
             return None
+        parts = self.run.name.split("/")
+        if len(parts) == 4 and parts[1] != cfg["scorer"]:
+            return None  # a further seed of a seeded scorer (a sweep's `seeds`): single-seed analyses read seed 0
         return cfg["action"], cfg["scorer"], int(cfg["stages"][0]["layer"]), budget_label(self.run)
 
     def recall(self) -> list[list[float | None]] | None:
@@ -427,12 +431,18 @@ def _table(summaries: list[RunSummary], expected: int) -> list[str]:
         task = _task_for(s.run)
         extra = [m for m in task.headline if any(m in x.task_metrics for x in summaries)] or extra
         break
-    head = ["config", "n", "accuracy [95% CI]", "vision-req.", "gain ret.", *extra, "avg_T", "FLOPs", "K/V", "s/item"]
+    head = ["config", "n", "accuracy [95% CI]", "vision-req.", "gain ret.", "loyalty [95% CI]", *extra, "avg_T",
+            "FLOPs", "K/V", "s/item"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = next((s for s in summaries if s.run.kind == "unrouted"), None)
+    unrouted = {i: r.prediction for i, r in base.rows.items()} if base else {}
     for s in summaries:
         n = f"{len(s.rows)}" + ("" if len(s.rows) >= expected else f" of {expected}")
+        loyal = loyalty({i: r.prediction for i, r in s.rows.items()}, unrouted) if s.run.kind == "routed" else None
         cells = [s.name, n, f"{s.accuracy:.3f} [{s.ci[0]:.3f}, {s.ci[1]:.3f}]", _f(s.vision_required),
-                 _f(s.gain_retained), *[_f(s.task_metrics.get(m), _metric_format(m)) for m in extra],
+                 _f(s.gain_retained), "-" if loyal is None or not loyal.n else
+                 f"{loyal.value:.3f} [{loyal.low:.3f}, {loyal.high:.3f}]",
+                 *[_f(s.task_metrics.get(m), _metric_format(m)) for m in extra],
                  _f(s.avg_T, ".1f"), _f(s.flops, ".2f"), _f(s.kv, ".2f"), _f(s.seconds, ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -457,7 +467,8 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
     lines = [f"# Study report: grid `{identity.get('grid')}` (version {identity.get('version')})", "",
              f"Model `{model.get('path')}` ({model.get('dtype')}). accuracy: share correct, with a 95% bootstrap "
              "interval over items; vision-req.: accuracy on the items the blind control (the image removed) gets "
-             "wrong; gain ret.: visual gain retained, (acc - acc(blind)) / (acc(unrouted) - acc(blind)); avg_T: "
+             "wrong; gain ret.: visual gain retained, (acc - acc(blind)) / (acc(unrouted) - acc(blind)); loyalty: "
+             "share of answers equal to the unrouted model's (exact-match normalisation, Wilson interval); avg_T: "
              "visual tokens per decoder layer; FLOPs and K/V: decoder prefill FLOPs and cached K/V entries relative "
              "to the unrouted prompt; s/item: generation time per item.", ""]
     lines += completeness(runs, counts, expected_rows, asked, skipped)

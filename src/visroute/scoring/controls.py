@@ -162,3 +162,65 @@ class OracleScorer(Scorer):
         for i, r in enumerate(rows):
             out[i, : counts[i]] = torch.as_tensor(r).detach().float().flatten().to(out.device)
         return out
+
+
+def pool_blocks(rows: int, cols: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partition of a rows x cols grid (row-major) into `count` near-equal rectangular blocks, the pooling of
+    the pooling control: (block of each cell (rows*cols,) long, the centre cell of each block (count,) long),
+    blocks numbered row-major.
+
+    r block-rows (r / (count / r) close to rows / cols), split at floor(i * rows / r); the count is spread over the
+    block-rows as evenly as possible (largest remainder, extra blocks to the upper rows) and block-row i is split
+    into its c_i blocks at floor(j * cols / c_i). When count = r x c with r | rows and c | cols this is plain
+    r x c average pooling (LLaVA-1.5's 24 x 24 grid at 64 tokens: 8 x 8 blocks of 3 x 3; the testbed's 12 x 12 at
+    36: 6 x 6 blocks of 2 x 2); otherwise the blocks differ by at most one cell a side, and the number of
+    tokens is exactly `count` (so that the control matches a budget's token count). A block's centre cell is
+    ((top + bottom - 1) // 2, (left + right - 1) // 2)."""
+    n = rows * cols
+    count = max(1, min(int(count), n))
+    r = min(rows, count, max(-(-count // cols), round((count * rows / cols) ** 0.5)))
+    per_row = [count // r + (i < count % r) for i in range(r)]
+    block = torch.empty(n, dtype=torch.long)
+    centres = []
+    row_edges = [i * rows // r for i in range(r + 1)]
+    for i, c in enumerate(per_row):
+        top, bottom = row_edges[i], row_edges[i + 1]
+        col_edges = [j * cols // c for j in range(c + 1)]
+        for j in range(c):
+            left, right = col_edges[j], col_edges[j + 1]
+            cells = (torch.arange(top, bottom)[:, None] * cols + torch.arange(left, right)[None, :]).flatten()
+            block[cells] = len(centres)
+            centres.append(((top + bottom - 1) // 2) * cols + (left + right - 1) // 2)
+    return block, torch.tensor(centres, dtype=torch.long)
+
+
+def image_grid(span) -> tuple[int, int]:
+    """(rows, cols) of an image span's tokens for the spatial controls: a video's frames stacked as rows; an
+    image without a grid (or whose tokens are not rows x cols, e.g. with newline tokens) as one row."""
+    if span.rows is None or span.cols is None or span.frames * span.rows * span.cols != span.length:
+        return 1, span.length
+    return span.frames * span.rows, span.cols
+
+
+@register
+class PoolScorer(Scorer):
+    """The pooling control's selection: the stage's keep count k of a sample is split across its images in
+    proportion to their tokens (largest remainder); image i keeps the centre token of each of the k_i blocks of
+    `pool_blocks`. Paired with the `pool_average` merge at layer 0, each kept token enters the decoder as the
+    mean of its block: the visual token grid average-pooled to the budget's count. Deterministic, uses no
+    model state."""
+
+    name = "pool"
+    description = "pooling control: the centre token of each pooling block (pair with merge pool_average at layer 0)"
+    before_decoder = True
+
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        budget = ctx.budget().tolist()
+        out = torch.zeros(ctx.layout.positions.shape)
+        for b, spans in enumerate(ctx.layout.images):
+            shares = split_budget(int(budget[b]), [span.length for span in spans])
+            for span, share in zip(spans, shares):
+                if share > 0:
+                    _, centres = pool_blocks(*image_grid(span), share)
+                    out[b, span.offset + centres] = 1.0
+        return out.to(ctx.valid.device)

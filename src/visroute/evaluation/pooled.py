@@ -1,0 +1,317 @@
+"""A report pooled across models: several results databases of one grid's configs, one per model (run the grid
+with `visroute study run GRID --model M --db M.sqlite` for each), read together. For every task it gives
+
+* loyalty: per config, the share of items whose answer equals the unrouted model's, per model (Wilson
+  interval) and pooled (hierarchical bootstrap, models then items, crossed: items are matched by id across
+  models);
+* the grid's declared primary contrasts: a - b pooled with each model's own estimate, a paired sign-flip p-value
+  and its Holm correction over all primary contrasts, and a "model-specific" flag when the models' estimates
+  differ in sign; every other comparison in any report is exploratory;
+* the information horizon per budget and model by the interval criterion of `statistics.horizon_by_interval`
+  (random averaged over the sweep's seeds, the best signal chosen on one half of the vision-required items and
+  measured on the other);
+* on the testbed, chance-corrected accuracy per family with equal family weights (the blind-solvable family
+  left out by its label) beside vision-required accuracy.
+
+One database is a valid input (a single model: no pooling, the same statistics)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from visroute.evaluation import statistics as S
+from visroute.evaluation.grid import Contrast
+from visroute.evaluation.report import CONTROLS, RunSummary, _budget_order, _f, summarize
+from visroute.evaluation.store import Store
+
+ModelRuns = dict[str, dict[str, list[RunSummary]]]  # model -> task label -> its runs' summaries
+
+
+def load(dbs: Sequence[str | Path], seed: int = 0, samples: int = 200) -> ModelRuns:
+    """model label (its path in the grid identity; the database's file name where two agree) -> task -> runs."""
+    out: ModelRuns = {}
+    for db in dbs:
+        store = Store(db)
+        try:
+            label = str((store.identity.get("model") or {}).get("path") or Path(db).stem)
+            runs = summarize(store, seed=seed, samples=samples)
+        finally:
+            store.close()
+        if label in out:
+            label = Path(db).stem
+        if label in out:
+            raise ValueError(f"two databases hold model {label!r}")
+        out[label] = runs
+    return out
+
+
+def _by_name(summaries: list[RunSummary]) -> dict[str, RunSummary]:
+    return {s.name: s for s in summaries}
+
+
+def vision_required_ids(summaries: list[RunSummary]) -> set[str] | None:
+    """The items the blind control gets wrong (None without a blind run)."""
+    blind = next((s for s in summaries if s.run.kind == "blind"), None)
+    return None if blind is None else {i for i, r in blind.rows.items() if not r.correct}
+
+
+def contrast_values(summaries: list[RunSummary],
+                    contrast: Contrast) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Item id -> correctness of configs a and b on the items both hold (vision-required ones when asked); None
+    when the model lacks either run (or the blind run the items need)."""
+    runs = _by_name(summaries)
+    a, b = runs.get(contrast.a), runs.get(contrast.b)
+    if a is None or b is None:
+        return None
+    ids = set(a.rows) & set(b.rows)
+    if contrast.items == "vision_required":
+        needed = vision_required_ids(summaries)
+        if needed is None:
+            return None
+        ids &= needed
+    ids = sorted(ids)
+    return {i: float(a.rows[i].correct) for i in ids}, {i: float(b.rows[i].correct) for i in ids}
+
+
+def primary_table(models: ModelRuns, contrasts: Sequence[Contrast], seed: int = 0,
+                  samples: int = 1000) -> list[dict]:
+    """One row per (task, contrast) that every model can evaluate: the pooled difference, per-model estimates,
+    the sign-flip p-value, its Holm adjustment over all rows, and the model-specific flag."""
+    tasks = sorted({t for runs in models.values() for t in runs})
+    rows = []
+    for task in tasks:
+        for c in contrasts:
+            values = {m: contrast_values(runs.get(task, []), c) for m, runs in models.items()}
+            if any(v is None or not v[0] for v in values.values()):
+                continue
+            pooled = S.pooled_difference({m: v[0] for m, v in values.items()}, {m: v[1] for m, v in values.items()},
+                                         samples=samples, seed=seed)  # crossed: items matched by id across models
+            p = S.sign_flip_p({m: {i: v[0][i] - v[1][i] for i in v[0]} for m, v in values.items()}, seed=seed)
+            rows.append({"task": task, "contrast": c, "pooled": pooled, "p": p})
+    adjusted = S.holm({str(i): r["p"] for i, r in enumerate(rows)})
+    for i, r in enumerate(rows):
+        r["p_holm"] = adjusted[str(i)]
+    return rows
+
+
+def loyalty_table(models: ModelRuns, task: str, seed: int = 0, samples: int = 1000) -> dict[str, S.Pooled]:
+    """config -> loyalty pooled over the models that ran it (per model: Wilson interval; pooled: hierarchical
+    bootstrap of the per-item agreement)."""
+    per_config: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)  # config -> model -> item -> agrees
+    wilson: dict[str, dict[str, S.Estimate]] = defaultdict(dict)
+    for m, runs in models.items():
+        summaries = runs.get(task, [])
+        base = next((s for s in summaries if s.run.kind == "unrouted"), None)
+        if base is None:
+            continue
+        unrouted = {i: r.prediction for i, r in base.rows.items()}
+        for s in summaries:
+            if s.run.kind != "routed":
+                continue
+            answers = {i: r.prediction for i, r in s.rows.items()}
+            wilson[s.name][m] = S.loyalty(answers, unrouted)
+            per_config[s.name][m] = {i: float(v) for i, v in S.agreement(answers, unrouted).items()}
+    out = {}
+    for name, values in per_config.items():
+        values = {m: v for m, v in values.items() if v}
+        if not values:
+            continue
+        if len(values) == 1:  # one model: its Wilson interval (a bootstrap collapses when every answer agrees)
+            out[name] = S.Pooled(next(wilson[name][m] for m in values), wilson[name])
+            continue
+        pooled = S.pooled_mean(values, samples=samples, seed=seed)
+        out[name] = S.Pooled(pooled.pooled, wilson[name])
+    return out
+
+
+def horizon_inputs(summaries: list[RunSummary], ids: set[str] | None = None) -> dict[str, tuple[dict, dict]]:
+    """budget -> (signals: scorer -> layer -> item -> correct, random: layer -> [item -> correct per seed]) from
+    a sweep's single-stage prune runs (names action/scorer[-s<seed>]/L<layer>/<budget>) that keep at least one
+    token, over `ids` if given."""
+    out: dict[str, tuple[dict, dict]] = {}
+    for s in summaries:
+        parts = s.name.split("/")
+        cfg = s.config
+        if len(parts) != 4 or not cfg or len(cfg["stages"]) != 1 or cfg["action"] != "prune":
+            continue
+        if cfg["stages"][0]["keep"] == 0:
+            continue  # a stage that keeps nothing selects nothing: every scorer ties there by construction
+        budget, layer, scorer = parts[3], int(cfg["stages"][0]["layer"]), cfg["scorer"]
+        values = {i: float(r.correct) for i, r in s.rows.items() if ids is None or i in ids}
+        signals, random = out.setdefault(budget, ({}, {}))
+        if scorer == "random":
+            random.setdefault(layer, []).append(values)
+        elif scorer not in CONTROLS:
+            signals.setdefault(scorer, {})[layer] = values
+    return out
+
+
+def item_families(summaries: list[RunSummary]) -> dict[str, str]:
+    """Item id -> question family (the testbed's items carry one), from the unrouted run."""
+    base = next((s for s in summaries if s.run.kind == "unrouted"), None)
+    if base is None:
+        return {}
+    return {i: r.metrics["family"] for i, r in base.rows.items() if r.metrics.get("family")}
+
+
+def horizon_table(models: ModelRuns, task: str, delta: float, seed: int = 0, samples: int = 1000,
+                  min_seeds: int = 5, family: str | None = None
+                  ) -> dict[str, dict[str, tuple[int | None, list[S.HorizonLayer]] | str]]:
+    """budget -> model -> (horizon, per-layer rows) on the vision-required items (of `family` when given), or a
+    reason it is missing."""
+    out: dict[str, dict] = defaultdict(dict)
+    for m, runs in models.items():
+        summaries = runs.get(task, [])
+        needed = vision_required_ids(summaries)
+        if family is not None and needed is not None:
+            fams = item_families(summaries)
+            needed = {i for i in needed if fams.get(i) == family}
+        for budget, (signals, random) in horizon_inputs(summaries, needed).items():
+            if not signals:
+                continue
+            seeds = min((len(v) for v in random.values()), default=0)
+            if seeds < min_seeds:
+                out[budget][m] = f"needs random at {min_seeds} seeds (has {seeds})"
+                continue
+            out[budget][m] = S.horizon_by_interval(signals, random, delta=delta, min_seeds=min_seeds,
+                                                   samples=samples, seed=seed)
+    return out
+
+
+def chance_by_family() -> dict[str, float]:
+    """The testbed's chance accuracy per vision family: a uniform guess among an item's answer choices, averaged
+    over the family's question forms (drawn equally); 0 for box answers."""
+    from visroute.testbed.questions import TEMPLATES, VISION_FAMILIES, answer_choices
+
+    out = {}
+    for fam in VISION_FAMILIES:
+        chances = []
+        for t in TEMPLATES[fam]:
+            choices = answer_choices(fam, t)
+            chances.append(1.0 / len(choices) if choices else 0.0)
+        out[fam] = float(np.mean(chances))
+    return out
+
+
+def chance_corrected_table(summaries: list[RunSummary]) -> dict[str, S.FamilyAccuracy]:
+    """config -> chance-corrected accuracy per testbed family (blind-solvable left out), equal weights."""
+    chance = chance_by_family()
+    out = {}
+    for s in summaries:
+        rows = [(r.metrics.get("family"), r.correct, chance.get(r.metrics.get("family"), 0.0))
+                for r in s.rows.values() if r.metrics.get("family")]
+        if rows:
+            out[s.name] = S.chance_corrected(rows)
+    return out
+
+
+# ---- Markdown ---------------------------------------------------------------------------------------------------
+def _ci(e: S.Estimate, signed: bool = False) -> str:
+    fmt = "+.3f" if signed else ".3f"
+    return f"{e.value:{fmt}} [{e.low:{fmt}}, {e.high:{fmt}}]"
+
+
+def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed: int = 0, delta: float = 0.05,
+                    samples: int = 1000) -> list[str]:
+    """The Markdown of the pooled report (see the module docstring)."""
+    names = list(models)
+    lines = [f"# Across models: {', '.join(f'`{m}`' for m in names)}", "",
+             "Pooled estimates weigh models equally, with a hierarchical bootstrap interval (models, then items; 95%); "
+             "each model's own estimate has an interval over its items. A claim whose sign differs across models is "
+             "flagged model-specific.", ""]
+    if contrasts:
+        rows = primary_table(models, contrasts, seed, samples)
+        lines += ["## Primary contrasts (declared in the grid, Holm-corrected)", "",
+                  "a - b in accuracy on the same items (matched by id across models); p from a paired sign-flip "
+                  "test over items (an item flips for every model at once; exact up to 16 differing items, else "
+                  "10,000 random sign vectors; models weighed equally; p conditions on the models, whose variation "
+                  "shows in the pooled interval and the flag), Holm-adjusted over the rows of this table. Every "
+                  "other comparison in the reports is exploratory.", "",
+                  "| task | contrast | items | pooled [95% CI] | " + " | ".join(names) + " | p | p (Holm) | |",
+                  "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+        for r in rows:
+            c, pooled = r["contrast"], r["pooled"]
+            cells = [_ci(pooled.per_model[m], True) + f" (n={pooled.per_model[m].n})" for m in names]
+            flag = "model-specific" if pooled.model_specific else ""
+            lines.append(f"| {r['task']} | {c.label} | {c.items} | {_ci(pooled.pooled, True)} | " + " | ".join(cells)
+                         + f" | {r['p']:.4f} | {r['p_holm']:.4f} | {flag} |")
+        missing = [c.label for c in contrasts if not any(r["contrast"] == c for r in rows)]
+        if missing:
+            lines += ["", "Not evaluated (a model lacks a run or the blind control): " + "; ".join(missing)]
+        lines.append("")
+    for task in sorted({t for runs in models.values() for t in runs}):
+        loyal = loyalty_table(models, task, seed, samples)
+        if loyal:
+            lines += [f"## Loyalty ({task})", "",
+                      "Share of items whose answer equals the unrouted model's (exact-match normalisation): pooled "
+                      "with a hierarchical bootstrap, per model with a Wilson interval, 95%.", "",
+                      "| config | pooled | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            for name in sorted(loyal):
+                p = loyal[name]
+                cells = [_ci(p.per_model[m]) if m in p.per_model else "-" for m in names]
+                lines.append(f"| {name} | {_ci(p.pooled)} | " + " | ".join(cells) + " |")
+            lines.append("")
+        families = sorted({f for runs in models.values() for f in item_families(runs.get(task, [])).values()}
+                          - {"blind_solvable"})
+        tables = [(None, horizon_table(models, task, delta, seed, samples))]
+        tables += [(f, horizon_table(models, task, delta, seed, samples, family=f)) for f in families]
+        if tables[0][1]:
+            lines += [f"## Information horizon by an interval criterion ({task})", "",
+                      "First stage layer from which the upper end of the 95% interval of best - random lies below "
+                      f"{delta:g} at that layer and every deeper one, on the vision-required items (all, then per "
+                      "family): the best signal (controls excluded) chosen on a random half of the items and "
+                      "measured on the other half, random averaged over its seeds. In brackets, best - random at the "
+                      "horizon (or at the last layer) and the items measured. Few items make wide intervals: a "
+                      "horizon not reached may be a lack of resolution, not of difference.", "",
+                      "| budget | items | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            for family, horizons in tables:
+                for budget in sorted(horizons, key=_budget_order):
+                    cells = []
+                    for m in names:
+                        h = horizons[budget].get(m)
+                        if h is None or isinstance(h, str):
+                            cells.append(h or "-")
+                            continue
+                        layer, rows = h
+                        at = next((r for r in rows if r.layer == layer), rows[-1] if rows else None)
+                        where = "not reached" if layer is None else f"layer {layer}"
+                        cells.append(where + (f" ({at.best}: {_ci(at.difference, True)}, n={at.difference.n})"
+                                              if at else ""))
+                    values = [h[0] for h in horizons[budget].values() if isinstance(h, tuple)]
+                    flag = " (differs across models)" if len(set(values)) > 1 else ""
+                    lines.append(f"| {budget}{flag} | {family or 'all'} | " + " | ".join(cells) + " |")
+            lines.append("")
+        per_model = {m: chance_corrected_table(runs.get(task, [])) for m, runs in models.items()}
+        if any(per_model.values()):
+            configs = sorted({c for t in per_model.values() for c in t})
+            lines += [f"## Chance-corrected accuracy ({task})", "",
+                      "Per family (acc - chance) / (1 - chance), chance a uniform guess among the answer choices (0 "
+                      "for boxes); the mean over the vision families with equal weights (the blind-solvable family "
+                      "left out by its label), beside vision-required accuracy (the items the blind control gets "
+                      "wrong):", "",
+                      "| config | " + " | ".join(f"{m}: chance-corr. | {m}: vision-req." for m in names) + " |",
+                      "|---|" + "---|---|" * len(names)]
+            for c in configs:
+                cells = []
+                for m in names:
+                    fa = per_model[m].get(c)
+                    vr = _by_name(models[m].get(task, [])).get(c)
+                    cells += [_f(fa.weighted if fa else None), _f(vr.vision_required if vr else None)]
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def write_pooled_report(dbs: Sequence[str | Path], out: str | Path, contrasts: Sequence[Contrast] = (),
+                        seed: int = 0, delta: float = 0.05) -> Path:
+    """Write `pooled.md` for databases `dbs` (one per model) into folder `out`; returns its path."""
+    models = load(dbs, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pooled.md"
+    path.write_text("\n".join(pooled_sections(models, contrasts, seed=seed, delta=delta)))
+    return path

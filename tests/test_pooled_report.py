@@ -1,0 +1,142 @@
+"""The report pooled across models (visroute.evaluation.pooled) on hand-made runs with hand-computed answers,
+and end to end from two results databases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from visroute.cli import main
+from visroute.evaluation import parse_grid
+from visroute.evaluation.grid import Contrast
+from visroute.evaluation.pooled import (
+    contrast_values,
+    horizon_inputs,
+    loyalty_table,
+    pooled_sections,
+    primary_table,
+    write_pooled_report,
+)
+from visroute.evaluation.report import RunSummary
+from visroute.evaluation.store import Row, Run, Store
+
+
+def summary(name, kind, correct: dict[str, bool], predictions=None, config=None):
+    run = Run(1, name, kind, "testbed", "h", {"task": "testbed"}, config, "c", "m")
+    rows = {i: Row(i, (predictions or {}).get(i, "yes" if c else "no"), c, {"family": "existence"})
+            for i, c in correct.items()}
+    return RunSummary(run, rows, float(np.mean(list(correct.values()))), (0.0, 1.0))
+
+
+def model(blind, a, b, a_pred=None, unrouted_pred=None):
+    ids = [str(i) for i in range(len(a))]
+    mk = lambda v: dict(zip(ids, map(bool, v)))
+    return {"testbed": [summary("unrouted", "unrouted", mk([1] * len(a)), unrouted_pred),
+                        summary("blind", "blind", mk(blind)),
+                        summary("a", "routed", mk(a), a_pred), summary("b", "routed", mk(b))]}
+
+
+def test_contrast_on_vision_required_items_and_holm_by_hand():
+    # model m1: items 0-4, blind right on item 4; a - b on items 0-3: [1-0, 1-0, 1-0, 0-0] -> d = [1, 1, 1, 0]
+    # model m2: items 0-3, blind wrong everywhere; d = [1, 0, 0, 0]
+    models = {"m1": model([0, 0, 0, 0, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]),
+              "m2": model([0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0])}
+    a, b = contrast_values(models["m1"]["testbed"], Contrast("a", "b"))
+    assert (a, b) == ({"0": 1, "1": 1, "2": 1, "3": 0}, {"0": 0, "1": 0, "2": 0, "3": 0})
+    assert list(contrast_values(models["m1"]["testbed"], Contrast("a", "b", "all"))[0].values()) == [1, 1, 1, 0, 0]
+    rows = primary_table(models, [Contrast("a", "b"), Contrast("b", "a", "all")], samples=200)
+    first, second = rows
+    assert first["pooled"].pooled.value == pytest.approx((3 / 4 + 1 / 4) / 2)
+    # sign-flip, models weighed equally, an item flipping for both models (crossed): item 0 carries 1/8 + 1/8,
+    # items 1 and 2 1/8 each (item 3 none): |observed| = 1/2 only when all three signs agree, 2 of 8
+    assert first["p"] == pytest.approx(2 / 8)
+    # b - a on all items: m1 d = [-1, -1, -1, 0, +1] weighed 1/10, m2 d = [-1, 0, 0, 0] weighed 1/8: items carry
+    # -0.225, -0.1, -0.1, 0, +0.1; |observed| = 0.325. With k the sum of the three 0.1-signs: k = +-3 (1 vector
+    # each) reaches 0.525 with one sign of item 0, k = +-1 (3 vectors each) reaches 0.325 with one: 8 of 16
+    assert second["p"] == pytest.approx(8 / 16)
+    # Holm over the two: 2 * 0.25 = 0.5, then max(0.5, 1 * 0.5)
+    assert [r["p_holm"] for r in rows] == pytest.approx([0.5, 0.5])
+    assert not first["pooled"].model_specific
+
+
+def test_model_specific_flag_and_loyalty_by_hand():
+    ids = ["0", "1", "2", "3"]
+    m1 = model([0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], a_pred=dict(zip(ids, ["yes", "Yes.", "no", "no"])),
+               unrouted_pred=dict(zip(ids, ["yes", "yes", "yes", "yes"])))
+    m2 = model([0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], a_pred=dict(zip(ids, ["yes"] * 4)),
+               unrouted_pred=dict(zip(ids, ["yes"] * 4)))
+    models = {"m1": m1, "m2": m2}
+    (row,) = primary_table(models, [Contrast("a", "b")], samples=200)
+    assert row["pooled"].model_specific  # +0.75 on m1, -0.5 on m2
+    loyal = loyalty_table(models, "testbed", samples=200)
+    assert loyal["a"].per_model["m1"].value == 0.5  # "yes", "Yes." agree; two "no" do not
+    assert loyal["a"].per_model["m2"].value == 1.0
+    assert loyal["a"].pooled.value == pytest.approx(0.75)
+    text = "\n".join(pooled_sections(models, [Contrast("a", "b")], samples=200))
+    assert "model-specific" in text and "## Loyalty (testbed)" in text
+
+
+def test_horizon_inputs_collect_random_seeds():
+    def run(name, scorer, layer, correct):
+        cfg = {"action": "prune", "scorer": scorer, "stages": [{"layer": layer, "keep": 2}]}
+        return summary(name, "routed", correct, config=cfg)
+
+    runs = [run("prune/random/L1/k2", "random", 1, {"x": True, "y": False}),
+            run("prune/random-s1/L1/k2", "random", 1, {"x": False, "y": False}),
+            run("prune/last_token_attention/L1/k2", "last_token_attention", 1, {"x": True, "y": True}),
+            run("prune/uniform/L1/k2", "uniform", 1, {"x": True, "y": True}),
+            run("fastv@2", "last_token_attention", 1, {"x": True, "y": True})]
+    empty = run("prune/last_token_attention/L3/k2", "last_token_attention", 3, {"x": False, "y": False})
+    empty.run.config["stages"][0]["keep"] = 0  # keeps nothing: no selection to compare
+    runs.append(empty)
+    signals, random = horizon_inputs(runs, ids={"x"})["k2"]
+    assert signals == {"last_token_attention": {1: {"x": 1.0}}}  # controls and listed configs left out
+    assert random == {1: [{"x": 1.0}, {"x": 0.0}]}
+
+
+def test_pooled_report_from_two_databases(tmp_path):
+    dbs = []
+    for m, flips in (("m1", [1, 1, 0, 1, 1, 1]), ("m2", [0, 1, 1, 1, 0, 1])):
+        db = tmp_path / f"{m}.sqlite"
+        store = Store(db, {"grid": "g", "version": 1, "model": {"path": m}})
+        spec = {"task": "testbed", "options": {}}
+        for name, kind, correct in (("unrouted", "unrouted", [1] * 6), ("blind", "blind", [0] * 6),
+                                    ("a", "routed", flips), ("b", "routed", [0] * 6)):
+            run = store.run(name, kind, "testbed", "t", spec, None if kind != "routed" else {"n": name},
+                            name, m, {}, {})
+            store.add(run.run_id, [Row(str(i), "yes" if c else "no", bool(c),
+                                       {"family": "existence", "correct": bool(c)}) for i, c in enumerate(correct)])
+        store.close()
+        dbs.append(db)
+    grid = parse_grid({"name": "g", "tasks": ["testbed"],
+                       "configs": [{"name": "a", "method": "fastv@64"}, {"name": "b", "method": "pdrop@64"}],
+                       "primary": [{"a": "a", "b": "b"}]})
+    path = write_pooled_report(dbs, tmp_path / "out", grid.primary)
+    text = path.read_text()
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"name": "g", "tasks": ["testbed"], "primary": [["a", "b"]], "configs": [
+        {"name": "a", "method": "fastv@64"}, {"name": "b", "method": "pdrop@64"}]}))
+    assert main(["study", "pooled", "--db", str(dbs[0]), "--db", str(dbs[1]), "--grid", str(grid_file),
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "pooled.md").read_text() == text
+    assert "`m1`, `m2`" in text
+    line = next(l for l in text.splitlines() if l.startswith("| testbed | a - b |"))
+    # m1: 5 of 6 right against none, m2: 4 of 6: pooled (5/6 + 4/6) / 2
+    assert line.split(" | ")[3].startswith("+0.750") and "+0.833" in line and "+0.667" in line
+
+
+def test_the_report_table_has_a_loyalty_column():
+    from visroute.evaluation.report import _table
+
+    ids = ["0", "1", "2", "3"]
+    runs = model([0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], a_pred=dict(zip(ids, ["yes", "Yes.", "no", "no"])),
+                  unrouted_pred=dict(zip(ids, ["yes"] * 4)))["testbed"]
+    lines = _table(runs, 4)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    col = head.index("loyalty [95% CI]")
+    cells = {l.split("|")[1].strip(): l.strip("|").split("|")[col].strip() for l in lines[2:]}
+    # a: 2 of 4 agree; Wilson by hand: centre (0.5 + 0.48018) / 1.96037 = 0.5, half 1.95996 * sqrt(0.0625 +
+    # 0.06002) / 1.96037 = 0.34990
+    assert cells["a"] == "0.500 [0.150, 0.850]"
+    assert cells["unrouted"] == "-" and cells["blind"] == "-"
