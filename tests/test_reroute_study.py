@@ -64,6 +64,10 @@ def test_the_2x2_contrasts_equal_hand_differences_and_skip_what_is_identical_by_
     cs = contrasts_of(fastv)
     assert cs["schedule (both pruned)"] == "identical" and cs["action on the base schedule"] == "identical"
     assert cs["net (Reroute variant - base method)"] == "no item differs"  # not a measured +0.000 [0, 0]
+    nuwa = designs([summary("nuwa@24", method_config("nuwa@24", L, N), [1, 0]),
+                    summary("reroute-nuwa@24", method_config("reroute-nuwa@24", L, N), [1, 1])])[0]
+    assert nuwa.cell("base/reroute") is nuwa.cells["base/prune"]  # stage 2 among the survivors: nothing to choose
+    assert nuwa.cell("reroute/prune") is nuwa.cells["base/prune"]  # K2 re-selected from K2 keeps the same tokens
     text = "\n".join(section(runs, {"grounding": ("grounding",)}, lambda r: r.metrics["family"]))
     assert "≡ fastv@72" in text and "0 (identical by definition)" in text
     # the grounding column counts the grounding items only (odd items 1, 3, 5, 7): 4/4 - 3/4

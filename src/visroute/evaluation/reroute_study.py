@@ -100,8 +100,13 @@ class Design:
         if source is None:
             return None
         target = with_action(RoutingConfig.from_dict(source.config), action)
-        return next((r for r in self.cells.values()
-                     if r.config and same_computation(RoutingConfig.from_dict(r.config), target)), None)
+        targets = [target]
+        if action == "reroute":  # Nüwa + Reroute keeps its merge before the decoder a prune (reroute-nuwa)
+            data = target.to_dict()
+            data["stages"] = [{**st, "action": "prune"} if st.get("merge") else st for st in data["stages"]]
+            targets.append(RoutingConfig.from_dict(data))
+        return next((r for t in targets for r in self.cells.values()
+                     if r.config and same_computation(RoutingConfig.from_dict(r.config), t)), None)
 
 
 def designs(summaries: list[RunSummary]) -> list[Design]:
