@@ -65,7 +65,7 @@ def importance_then_diversity(importance: torch.Tensor, features: torch.Tensor, 
 
 
 def greedy_dpp_map(kernel: torch.Tensor, keep: int, fallback: torch.Tensor | None = None,
-                   eps: float = 1e-10) -> torch.Tensor:
+                   eps: float = 1e-5) -> torch.Tensor:
     """Greedy MAP inference of a DPP with kernel L (N, N) (Chen et al., NeurIPS 2018, "Fast Greedy MAP Inference
     for Determinantal Point Process"), as CDPruner runs it: with d_j^2 = L_jj and no rows c yet, repeatedly
 
@@ -73,10 +73,10 @@ def greedy_dpp_map(kernel: torch.Tensor, keep: int, fallback: torch.Tensor | Non
 
     which picks argmax_j log det L_{S + j} at each step in O(N k) per pick (O(N k^2) for k picks, memory O(N k)).
 
-    Departure: once every remaining d^2 is at most `eps` times the largest diagonal entry (L restricted to the
-    rest is numerically singular:
-    k above the rank of the features) the released code divides by the square root of a non-positive number and
-    picks by NaN; here the remaining picks follow `fallback` (descending; default: the kernel diagonal)."""
+    Departure: once every remaining d^2 is at most `eps` times the largest diagonal entry, L restricted to the
+    rest is numerically singular (k above the rank of the features; fp32 leaves residues near 1e-7 there). The
+    released code then divides by the square root of a non-positive number or of rounding noise and picks by
+    NaN or noise; here the remaining picks follow `fallback` (descending; default: the kernel diagonal)."""
     n = kernel.shape[0]
     keep = min(int(keep), n)
     kernel = kernel.float()
