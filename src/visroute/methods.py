@@ -309,6 +309,9 @@ _METHODS = (
            base="nuwa", Options=RerouteOptions),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
+from visroute.frontier_methods import FRONTIER_METHODS  # noqa: E402 (VisPruner, CDPruner, HoloV, SCOPE)
+
+METHODS.update({name: Method(name, description, build) for name, description, build in FRONTIER_METHODS})
 
 
 def methods() -> dict[str, Method]:
