@@ -55,10 +55,11 @@ def importance_then_diversity(importance: torch.Tensor, features: torch.Tensor, 
     if diverse == 0:
         return picked
     x = F.normalize(features.float(), dim=-1)
+    sim = x @ x.T  # once: the rounds then only gather (the released code recomputes a x b per round)
     while residual.numel() > diverse:
         r = min(step, residual.numel() - diverse)
         a, b = residual[0::2], residual[1::2]
-        nearest = (x[a] @ x[b].T).amax(1)
+        nearest = sim.index_select(0, a).index_select(1, b).amax(1)
         distinct = _order_desc(nearest)[r:]
         residual = torch.cat([a[distinct], b])
     return torch.cat([picked, residual])
@@ -77,24 +78,30 @@ def greedy_dpp_map(kernel: torch.Tensor, keep: int, fallback: torch.Tensor | Non
     rest is numerically singular (k above the rank of the features; fp32 leaves residues near 1e-7 there). The
     released code then divides by the square root of a non-positive number or of rounding noise and picks by
     NaN or noise; here the remaining picks follow `fallback` (descending; default: the kernel diagonal)."""
-    n = kernel.shape[0]
-    keep = min(int(keep), n)
     kernel = kernel.float()
-    d2 = torch.diagonal(kernel).clone()
-    rows = kernel.new_zeros((keep, n))
-    picks = torch.empty(keep, dtype=torch.long, device=kernel.device)
-    available = torch.ones(n, dtype=torch.bool, device=kernel.device)
+    return _greedy_dpp(torch.diagonal(kernel), lambda j: kernel[j], keep, fallback, eps)
+
+
+def _greedy_dpp(diagonal: torch.Tensor, row, keep: int, fallback: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`greedy_dpp_map` given the kernel's diagonal and a function j -> its row j (only the picked rows are ever
+    needed: O(N k D) to build them from features instead of O(N^2 D) for the whole kernel)."""
+    n = diagonal.shape[0]
+    keep = min(int(keep), n)
+    d2 = diagonal.float().clone()
+    rows = d2.new_zeros((keep, n))
+    picks = torch.empty(keep, dtype=torch.long, device=d2.device)
+    available = torch.ones(n, dtype=torch.bool, device=d2.device)
     limit = eps * float(d2.max().clamp(min=0)) if n else 0.0
     for i in range(keep):
         gain = d2.masked_fill(~available, float("-inf"))
         j = int(gain.argmax())
         if not gain[j] > limit:
-            rest = _order_desc((kernel.diagonal() if fallback is None else fallback.float())
-                               .masked_fill(~available, float("-inf")))
+            rest = _order_desc((diagonal if fallback is None else fallback).float().masked_fill(~available,
+                                                                                              float("-inf")))
             picks[i:] = rest[: keep - i]
             break
         picks[i] = j
-        e = (kernel[j] - rows[:i, j] @ rows[:i]) / d2[j].sqrt()
+        e = (row(j) - rows[:i, j] @ rows[:i]) / d2[j].sqrt()
         rows[i] = e
         d2 = d2 - e * e
         available[j] = False
@@ -108,12 +115,13 @@ def conditional_dpp(features: torch.Tensor, relevance: torch.Tensor, keep: int) 
 
         L = diag(r) S diag(r),   S_ij = cos(x_i, x_j),
 
-    with r the tokens' instruction relevance, then `greedy_dpp_map`. Ties in the remaining budget (rank
-    exhausted) go by relevance."""
+    with r the tokens' instruction relevance, then `greedy_dpp_map`, building only the kernel rows it picks
+    (the released code builds the whole N x N kernel; same picks). Past the rank of the features the remaining
+    picks go by relevance."""
     x = F.normalize(features.float(), dim=-1)
     r = relevance.float()
-    kernel = r[:, None] * (x @ x.T) * r[None, :]
-    return greedy_dpp_map(kernel, keep, fallback=r)
+    diagonal = (x * x).sum(1) * r * r
+    return _greedy_dpp(diagonal, lambda j: r[j] * (x @ x[j]) * r, keep, r, 1e-5)
 
 
 def cdpruner_relevance(visual: torch.Tensor, text: torch.Tensor, negate: bool = False) -> torch.Tensor:
@@ -207,7 +215,9 @@ def saliency_coverage(saliency: torch.Tensor, features: torch.Tensor, keep: int,
         argmax_{j not picked}  g_j * s_j^alpha   ("multi", the default)   or   g_j + s_j^alpha   ("add"),
         g_j = sum_i max(0, S_ij - c_i)   (i over all N tokens),
 
-    with s the saliency. O(N^2) per pick, as the released code."""
+    with s the saliency. The released code recomputes every g_j from the N x N matrix at each pick (O(N^2) per
+    pick); here g is updated by the rows whose coverage the pick raises, the same sums regrouped (picks equal
+    up to float rounding of near-ties)."""
     if combine not in ("multi", "add"):
         raise ValueError(f"combine must be 'multi' or 'add', got {combine!r}")
     n = saliency.shape[0]
@@ -216,14 +226,18 @@ def saliency_coverage(saliency: torch.Tensor, features: torch.Tensor, keep: int,
     sim = x @ x.T
     weight = saliency.float() ** alpha
     covered = sim.new_zeros(n)
+    coverage = sim.clamp(min=0).sum(0)  # g_j with nothing picked
     available = torch.ones(n, dtype=torch.bool, device=sim.device)
     picks = torch.empty(keep, dtype=torch.long, device=sim.device)
     for i in range(keep):
-        gain = (sim - covered[:, None]).clamp(min=0).sum(0)
-        gain = gain * weight if combine == "multi" else gain + weight
+        gain = coverage * weight if combine == "multi" else coverage + weight
         j = int(gain.masked_fill(~available, float("-inf")).argmax())
         picks[i] = j
         available[j] = False
+        raised = sim[j] > covered  # only these rows' terms change
+        rows = sim[raised]
+        coverage = coverage - ((rows - covered[raised, None]).clamp(min=0)
+                               - (rows - sim[j, raised, None]).clamp(min=0)).sum(0)
         covered = torch.maximum(covered, sim[j])
     return picks
 
