@@ -21,7 +21,7 @@ VISPRUNER_IMPORTANT_RATIO = 0.5
 
 
 def _layer0(scorer: str, options: dict | None = None) -> Callable[..., RoutingConfig]:
-    def build(tier: float, num_layers: int, num_visual: int, family: str | None) -> RoutingConfig:
+    def build(tier: float, num_layers: int, num_visual: int, family: str | None, opts=None) -> RoutingConfig:
         keep = int(math.floor(tier + 0.5))
         return RoutingConfig("prune", scorer, [Stage(0, keep)], scorer_options=dict(options or {}))
     return build

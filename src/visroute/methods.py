@@ -42,6 +42,7 @@ from visroute.budget import (
 )
 from visroute.config import RoutingConfig, Stage
 from visroute.options import HasOptions, NoOptions, option
+from visroute.scoring.nuwa import family_variant
 
 Builder = Callable[[float, int, int, "str | None", Any], RoutingConfig]
 SCORING = ("decision", "previous")
@@ -183,10 +184,9 @@ def _dart(tier, num_layers, num_visual, family, opts=None) -> RoutingConfig:
 # (112 -> 16, 224 -> 32, 336 -> 48), top-n = 1 / 2 / 3 (as many as the 144 regions must give).
 # Qwen2.5-VL (qwen2_5vl_nuwa.py `prune_config`): target ratio -> (s1, s2, top-n); stage 2 after layer 14 of 28.
 NUWA_QWEN = {0.25: (0.35, 0.42, 3), 0.5: (0.6, 0.66, 3), 0.75: (0.85, 0.7, 4)}
-# Families that get the released Qwen2.5-VL variant. Nüwa's code covers LLaVA-1.5 and Qwen2.5-VL only; Qwen2-VL and
-# Qwen3-VL (a ViT with a patch merger, no [CLS]) take the Qwen variant by analogy, every other family (LLaVA-NeXT
-# and OneVision: CLIP / SigLIP towers, merged in the decoder's input space) the LLaVA one.
-NUWA_FAMILIES = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen", "qwen3_vl": "qwen", "qwen3_vl_moe": "qwen"}
+# The variant is the family's `nuwa_variant` (visroute.scoring.nuwa.family_variant). Nüwa's code covers LLaVA-1.5
+# and Qwen2.5-VL only; Qwen2-VL and Qwen3-VL (a ViT with a patch merger, no [CLS]) take the Qwen variant by analogy,
+# every other family (LLaVA-NeXT and OneVision: CLIP / SigLIP towers, merged in the decoder's input space) the LLaVA one.
 REROUTE_NUWA_DECISIONS = 4  # stage 2's budget re-decided this many times over the second part of the decoder
 
 
@@ -204,7 +204,7 @@ class NuwaPlan:
 
 
 def nuwa_plan(tier: float, num_layers: int, num_visual: int, family: str | None = None) -> NuwaPlan:
-    variant = NUWA_FAMILIES.get(family or "", "llava")
+    variant = family_variant(family)
     if variant == "qwen":
         _, ratio2, top_n = NUWA_QWEN[_nearest(tier / num_visual, NUWA_QWEN)]
         layer2 = min(num_layers - 1, max(1, int(math.floor(15 * num_layers / 28 + 0.5))))

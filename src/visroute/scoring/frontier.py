@@ -98,8 +98,7 @@ class TowerSelection(PerImageSelection):
 
     def attach(self, adapter) -> None:
         self._capture.add(adapter.hook_vision_scores(self.options.layer, self._capture.sink("scores")))
-        hook = getattr(adapter, "hook_projector_input", None)
-        handles = hook(self._capture.sink("x")) if self.tower_features and callable(hook) else None
+        handles = adapter.hook_projector_input(self._capture.sink("x")) if self.tower_features else None
         self._tower_space = handles is not None
         self._capture.add(handles)
 
