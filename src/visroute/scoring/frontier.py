@@ -10,7 +10,7 @@ Signals, as the released code reads them:
   `attentions[-2]`); towers without [CLS] (Qwen's ViT, SigLIP) give the mean attention a token receives
   (`vision_cls_attention`). VisPruner averages over heads and SCOPE sums, HoloV averages: the hook sums, which
   changes no ranking, no SCOPE pick (a constant factor on every gain) and no HoloV quota (its token score is
-  homogeneous in the attention);
+  homogeneous in the attention, up to its 1e-6 guards);
 * features: VisPruner and SCOPE compare the tower's features (the projector's input), CDPruner and HoloV the
   projected ones (the decoder's input embeddings). Where the family has no projector input per visual token
   (Qwen, whose merger is its projector; LLaVA-NeXT / OneVision, which add newline tokens after it) all four use
