@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                     "LLaVA-1.5 and Qwen2.5-VL).")
     add_dataclass_flags(p, BenchSettings)
     p.add_argument("--preset", action="append", default=[], metavar="NAME@TIER",
-                   help=f"a preset at a tier, e.g. pdrop@128 (repeatable); presets: {', '.join(PRESETS)}")
+                   help="the Reroute reference code's config NAME at one of the shape's tiers, e.g. pdrop@128: the "
+                        f"method ref-NAME@TIER (repeatable; with --scorer / --scorer-option for its stages); "
+                        f"presets: {', '.join(PRESETS)}")
     add_routing(p, repeatable=True)
     p.add_argument("--out", default=None, help="JSON output file (default: bench_<shape>_<dtype>_<device>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -37,20 +39,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from visroute.bench import format_table, run_bench, visual_count
-    from visroute.budget import parse_preset, preset
+    import dataclasses
+
+    from visroute.bench import format_table, run_bench
+    from visroute.budget import parse_preset
+    from visroute.cli.common import method_from_args
     from visroute.families import get_shape
+    from visroute.methods.reference import PREFIX
 
     settings = dataclass_from_args(BenchSettings, args)  # checks the shape, counts and image size
     shape = get_shape(settings.shape)
     configs = routing_from_args(args)  # checks files, stage specs, scorer and options before any model is built
-    num_visual = visual_count(settings.shape, settings.image_hw)
     options = parse_scorer_options(args.scorer_option)
     presets = []
-    for spec in args.preset:
+    for spec in args.preset:  # --preset NAME@TIER is --method ref-NAME@TIER:scorer=..., at the shape's tiers
         name, tier = parse_preset(spec, shape.tiers)
-        presets.append((spec, preset(name, tier, shape.name, num_visual=num_visual, num_layers=shape.num_layers,
-                                     scorer=args.scorer, **options)))
+        cfg = method_from_args(f"{PREFIX}{name}@{tier}:scorer={args.scorer}", args)
+        presets.append((spec, dataclasses.replace(cfg, scorer_options=options) if options else cfg))
     configs = presets + configs
     result = run_bench(settings, configs or None, progress=not args.quiet)
     print(format_table(result))

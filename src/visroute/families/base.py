@@ -267,7 +267,14 @@ class FamilyAdapter(HasOptions):
     decoder_inputs: keyword inputs the family's model passes its text decoder besides the usual ones (e.g.
                     Qwen3-VL's DeepStack features); the routed decoder hands them to `after_layer` through the
                     prefill state, and refuses any other unknown input
+    nuwa_variant:   which of Nüwa's released variants the family runs ("llava": a [CLS] tower merged in its
+                    feature space before the projector; "qwen": a ViT whose patch merger is the projector); read
+                    by the `nuwa` merge and by the `nuwa` method alike
     Options:        the family's own routing options (`RoutingConfig.family_options`), set on `self.options`
+
+    The vision-tower hooks (`hook_vision_scores`, `hook_vision_features`, `hook_vision_keys`,
+    `hook_projector_input`, `project_visual`, `image_token_id`) are declared here; a family that does not provide
+    one raises NotImplementedError naming it, and `provides(name)` says whether a family overrides it.
     """
 
     kind = "model family"
@@ -276,6 +283,7 @@ class FamilyAdapter(HasOptions):
     box_frame: ClassVar[str] = "normalized"
     shapes: ClassVar[tuple[ModelShape, ...]] = ()
     decoder_inputs: ClassVar[frozenset[str]] = frozenset()
+    nuwa_variant: ClassVar[str] = "llava"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -453,6 +461,38 @@ class FamilyAdapter(HasOptions):
         [CLS]) is passed to `sink` as one flat fp32 tensor, in the order the images' tokens fill the batch's
         visual tokens. Returns the hook handles (call `.remove()` on each)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower")
+
+    def hook_vision_features(self, first: int, last: int, sink: Callable[[torch.Tensor], None]) -> list:
+        """Hook tower layers `first`..`last` (0-based, inclusive) so that, whenever the tower runs, the mean of
+        their outputs at each visual token is passed to `sink` as one flat (tokens, width) fp32 tensor in the
+        batch's visual-token order. Returns the hook handles."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide hook_vision_features")
+
+    def hook_vision_keys(self, layer: int | None, sink: Callable[[torch.Tensor], None]) -> list:
+        """Hook tower layer `layer` so that, whenever the tower runs, each visual token's key at that layer,
+        averaged over heads, is passed to `sink` as one flat (tokens, head_dim) fp32 tensor. Returns the hook
+        handles."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide hook_vision_keys")
+
+    def hook_projector_input(self, sink: Callable[[torch.Tensor], None]) -> list | None:
+        """Hook the projector so that its input at each visual token (tower features) is passed to `sink` as one
+        flat (tokens, width) tensor; returns the handles, or None where the family has no projector input per
+        visual token (then tower-space merges and scorers use the decoder input embeddings)."""
+        return None
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector applied to tower features (..., tower width) -> decoder input embeddings (..., D)."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide project_visual")
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of the model's image placeholder token."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide image_token_id")
+
+    @classmethod
+    def provides(cls, name: str) -> bool:
+        """Whether the family implements the declared hook `name` (overrides the base's)."""
+        return getattr(cls, name, None) is not getattr(FamilyAdapter, name, None)
 
     # ---- layout --------------------------------------------------------------------------------------------------
     def layout(self, call: CallInputs, valid: torch.Tensor) -> VisualLayout:

@@ -44,6 +44,7 @@ def _window_sizes(rows: int, cols: int, window: int) -> list[int]:
 
 class Qwen2VLAdapter(FamilyAdapter):
     name = "qwen2_vl"
+    nuwa_variant = "qwen"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     model_types = ("qwen2_vl",)
     box_frame = "scale_1000"  # Qwen2-VL writes (x, y) in [0, 1000) over the image

@@ -56,6 +56,7 @@ from visroute.scoring import similarity as _similarity  # noqa: E402,F401
 from visroute.scoring import vision as _vision  # noqa: E402,F401
 from visroute.scoring import nuwa as _nuwa  # noqa: E402,F401
 from visroute.scoring import visionzip as _visionzip  # noqa: E402,F401
+from visroute.scoring import frontier as _frontier  # noqa: E402,F401
 
 __all__ = ["NoOptions", "Scorer", "StageContext", "available_scorers", "build_scorer", "get_scorer_class",
            "option", "register"]

@@ -210,7 +210,7 @@ class TowerMerge(Merge):
         raise NotImplementedError
 
     def attach(self, adapter) -> None:
-        _needs(adapter, "hook_vision_scores", "hook_projector_input")
+        _needs(adapter, "hook_vision_scores")
         self.tower_hooks(adapter, self._capture)
         projector = adapter.hook_projector_input(self._capture.sink("x"))
         self._tower_space = projector is not None
@@ -312,7 +312,15 @@ VARIANTS = {
     "qwen": NuwaConstants(distance=None, radius_fraction=0.8, pillar_quantile=0.1, self_weight_one=False,
                           features=(7 / 32, 23 / 32)),
 }
-FAMILY_VARIANTS = {"qwen2_5_vl": "qwen", "qwen2_vl": "qwen"}  # the released variant per model family; else llava
+
+
+def family_variant(family: str | None) -> str:
+    """The Nüwa variant of a registered family (`FamilyAdapter.nuwa_variant`); "llava" for None or an unknown
+    name."""
+    from visroute.families import families
+
+    cls = families().get(family or "")
+    return cls.nuwa_variant if cls is not None else "llava"
 
 
 def _layer_at(fraction: float, depth: int) -> int:
@@ -320,7 +328,7 @@ def _layer_at(fraction: float, depth: int) -> int:
 
 
 def _needs(adapter, *methods: str) -> None:
-    missing = [m for m in methods if not callable(getattr(adapter, m, None))]
+    missing = [m for m in methods if not type(adapter).provides(m)]
     if missing:
         raise ValueError(f"The {type(adapter).__name__} family adapter does not provide {', '.join(missing)}, "
                          "which this merge needs")
@@ -384,7 +392,7 @@ class NuwaMerge(TowerMerge):
     def tower_hooks(self, adapter, capture: TowerCapture) -> None:
         _needs(adapter, "hook_vision_features")
         o = self.options
-        c = VARIANTS[o.variant or FAMILY_VARIANTS.get(adapter.name, "llava")]
+        c = VARIANTS[o.variant or adapter.nuwa_variant]
         if o.distance is not None or o.radius_fraction is not None:
             c = NuwaConstants(o.distance, o.radius_fraction, c.pillar_quantile, c.self_weight_one, c.features)
         if o.pillar_quantile is not None:

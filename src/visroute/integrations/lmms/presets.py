@@ -13,25 +13,17 @@ from visroute.config import RoutingConfig, Stage
 REFERENCE_VISUAL = 576
 
 
-def _solve(name: str, tier: int, num_layers: int, num_visual: int, family: str) -> RoutingConfig:
-    from visroute.methods import method_config
-
-    return method_config(f"{name}@{tier}", num_layers=num_layers, num_visual=num_visual, family=family)
-
-
 def preset_for_model(spec: str, model) -> RoutingConfig:
-    """The preset `spec` ("name@tier") for `model`."""
+    """The method `spec` ("NAME@TIER[:key=value...]", `visroute.methods.parse_method_spec`) for `model`."""
     from visroute.families import adapter_for
+    from visroute.methods import method_config, parse_method_spec
 
-    name, sep, tier_text = spec.partition("@")
-    if not sep or not tier_text.strip().isdigit():
-        raise ValueError(f"Bad routing preset {spec!r}: expected name@tier, e.g. pdrop@128")
-    tier = int(tier_text)
+    parse_method_spec(spec)  # a bad spec fails before the model is read
     adapter = adapter_for(model)
     fixed = type(adapter).visual_tokens(model.config)
     if fixed is not None:
-        return _solve(name, tier, adapter.num_layers, fixed, adapter.name)
-    cfg = _solve(name, tier, adapter.num_layers, REFERENCE_VISUAL, adapter.name)
+        return method_config(spec, adapter.num_layers, fixed, adapter.name)
+    cfg = method_config(spec, adapter.num_layers, REFERENCE_VISUAL, adapter.name)
     stages = [Stage(**{**s.to_dict(), "keep": s.keep / REFERENCE_VISUAL if isinstance(s.keep, int) else s.keep})
               for s in cfg.stages]
     return RoutingConfig.from_dict({**cfg.to_dict(), "stages": [s.to_dict() for s in stages]})
