@@ -18,12 +18,17 @@ def add_parser(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--families", help="comma-separated subset of the question families")
+    m.add_argument("--world", type=int, choices=(2, 3), default=2,
+                   help="scene generator: 2 (the shipped model's world) or 3 (textures, clutter, distractors, lures)")
     add_debug(m)
     m.set_defaults(func=run_make)
 
-    from visroute.testbed.train import TrainConfig
+    from visroute.testbed.train import RECIPES, TrainConfig
 
     t = tsub.add_parser("train", help="train the testbed model from scratch (resumable)")
+    t.add_argument("--recipe", choices=list(RECIPES), default="v3",
+                   help="the recipe whose values the flags left at their default take (TRAINING.md; default v3; "
+                        "v2: the shipped model's recipe, the defaults each flag lists)")
     add_dataclass_flags(t, TrainConfig)
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--no-progress", action="store_true")
@@ -63,15 +68,18 @@ def run_make(args) -> int:
     families = [f.strip() for f in args.families.split(",")] if args.families else None
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    path = write_dataset(make_items(args.n, args.seed, families), args.out)
+    path = write_dataset(make_items(args.n, args.seed, families, world=args.world), args.out)
     print(f"wrote {args.n} items to {path}")
     return 0
 
 
 def run_train(args) -> int:
-    from visroute.testbed.train import TrainConfig, train
+    from visroute.testbed.train import RECIPES, TrainConfig, train
 
-    cfg = dataclass_from_args(TrainConfig, args)
+    defaults = TrainConfig()
+    given = dataclass_from_args(TrainConfig, args)  # flags at their listed default take the recipe's value
+    cfg = dataclasses.replace(given, **{k: v for k, v in RECIPES[args.recipe].items()
+                                        if getattr(given, k) == getattr(defaults, k)})
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
