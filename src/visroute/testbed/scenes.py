@@ -236,7 +236,7 @@ def render(objs: list[Obj], background_seed: int) -> Image.Image:
 # `visible_tokens`), and no question is ever about a distractor or a background region.
 TEXTURES = ("plain", "stripes", "checker", "dots")
 DISTRACTOR_SHAPES = ("bar", "ring", "blob")  # never named by a question (not in the vocabulary)
-DISTRACTOR_COLOR = (12, 12, 12)  # black: darker than any background pixel (those stay in 40..210)
+DISTRACTOR_COLOR = (12, 12, 12)  # black: darker than any background pixel (those stay in 39..211)
 DISTRACTOR_SIZES = ((3, 2), (2, 3), (3, 3), (4, 2), (2, 4))  # (w, h) in cells: larger than any object
 
 
@@ -353,7 +353,7 @@ def _texture(cls: str, rng: random.Random, nrng: np.random.Generator) -> np.ndar
 
 def background_v3(background_seed: int, layout: dict | None = None) -> np.ndarray:
     """The v3 background (H, W, 3) uint8: two texture regions and the clutter marks of `texture_layout`.
-    Pixels stay in 40..210 and low in saturation: nothing in it looks like an object or a distractor."""
+    Pixels stay in 39..211 and low in saturation: nothing in it looks like an object or a distractor."""
     layout = layout or texture_layout(background_seed)
     rng = random.Random(f"visroute-texture-pixels:{background_seed}")
     nrng = np.random.default_rng(rng.getrandbits(63))
