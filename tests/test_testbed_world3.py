@@ -278,3 +278,20 @@ def test_v3_patch_labels_follow_the_pixels():
         clutter = set(it.scene["layout"]["clutter"])
         assert {t for t in range(GRID * GRID) if bool(bg[t]) and t in clutter} == set(
             (lab[:, 4] == 1).nonzero()[:, 0].tolist())
+
+
+def test_train_command_takes_the_recipe_for_the_flags_not_given():
+    import argparse
+
+    from visroute.cli.testbed import add_parser, train_config
+    from visroute.testbed.train import TrainConfig, recipe_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["testbed", "train", "--seed", "3", "--hop-pointer", "0.5", "--out", "x"])
+    assert train_config(args) == recipe_config("v3", seed=3, hop_pointer=0.5, out="x")
+    args = parser.parse_args(["testbed", "train", "--recipe", "v2", "--early-families", "[counting]"])
+    assert train_config(args) == TrainConfig(early_families=("counting",))
+    cfg = recipe_config("v3")
+    assert (cfg.world, cfg.targets, cfg.grow_from, cfg.hop_pointer, cfg.early, cfg.background_hidden) == (
+        3, "codes", 0, 0.0, 0.0, 0.0) and cfg.tower_cls > 0

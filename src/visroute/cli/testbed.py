@@ -27,9 +27,10 @@ def add_parser(sub) -> None:
 
     t = tsub.add_parser("train", help="train the testbed model from scratch (resumable)")
     t.add_argument("--recipe", choices=list(RECIPES), default="v3",
-                   help="the recipe whose values the flags left at their default take (TRAINING.md; default v3; "
-                        "v2: the shipped model's recipe, the defaults each flag lists)")
+                   help="the recipe whose values the flags not given take (TRAINING.md; default v3; v2: the "
+                        "shipped model's recipe, the defaults each flag lists)")
     add_dataclass_flags(t, TrainConfig)
+    t.set_defaults(**{f.name: _NOT_GIVEN for f in dataclasses.fields(TrainConfig)})  # see train_config
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--no-progress", action="store_true")
     add_debug(t)
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
     e.add_argument("--data", help="dataset folder from `testbed make` (default: the held-out set, generated)")
     e.add_argument("--n", type=int, default=300, help="size of the generated held-out set")
     e.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    e.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
     e.add_argument("--limit", type=int, help="evaluate only the first N items")
     e.add_argument("--blind", action="store_true", help="also run the blind control (image removed)")
     e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to the config")
@@ -54,6 +56,7 @@ def add_parser(sub) -> None:
     b.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
     b.add_argument("--n", type=int, default=900, help="size of the generated held-out set (families take turns)")
     b.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    b.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
     b.add_argument("--layer", type=int, default=None, help="layer of the prune stage (default: the bar's, 3)")
     b.add_argument("--keep", type=int, default=None, help="visual tokens it keeps (default: the bar's, 8)")
     b.add_argument("--batch-size", type=int, default=64)
@@ -73,13 +76,24 @@ def run_make(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
-    from visroute.testbed.train import RECIPES, TrainConfig, train
+_NOT_GIVEN = object()  # the parsed value of a train flag that is not on the command line
 
-    defaults = TrainConfig()
-    given = dataclass_from_args(TrainConfig, args)  # flags at their listed default take the recipe's value
-    cfg = dataclasses.replace(given, **{k: v for k, v in RECIPES[args.recipe].items()
-                                        if getattr(given, k) == getattr(defaults, k)})
+
+def train_config(args):
+    """The TrainConfig of `testbed train`: the flags given, and the recipe's values (else the listed defaults)
+    for the others."""
+    from visroute.testbed.train import RECIPES, TrainConfig
+
+    recipe, defaults = RECIPES[args.recipe], TrainConfig()
+    missing = {f.name: recipe.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(TrainConfig)
+               if getattr(args, f.name, _NOT_GIVEN) is _NOT_GIVEN}
+    return dataclass_from_args(TrainConfig, args, **missing)
+
+
+def run_train(args) -> int:
+    from visroute.testbed.train import TrainConfig, train
+
+    cfg = train_config(args)
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -119,7 +133,7 @@ def run_eval(args) -> int:
     if args.data:
         items = read_dataset(args.data)
     else:
-        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed)
+        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
     if args.limit is not None:
         items = items[: args.limit]
     if not items:
@@ -148,7 +162,7 @@ def run_bars(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed)
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
     model, processor = load_model(args.model)
     ev = Evaluator(model, processor, items, batch_size=args.batch_size)
     checks, acc = check_bars(ev, LAYER if args.layer is None else args.layer, KEEP if args.keep is None else args.keep)

@@ -231,6 +231,11 @@ RECIPES: dict[str, dict] = {
     "v3": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
                tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
                background_hidden=0.0),
+    # v3-grow: v3 with the decoder grown 6 -> 12 layers (a growth pattern that differs from v3's), to tell which
+    # findings depend on how the layers came about.
+    "v3-grow": dict(world=3, targets="codes", tower_cls=0.5, grow_from=6, deepen_steps=1500, symbolic_steps=5000,
+                    tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
+                    background_hidden=0.0),
 }
 
 
