@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
 
     e = tsub.add_parser("eval", help="accuracy per family, blind control and retention recall of a routing config")
     add_routing(e)  # --config, --stages (with --action, --scorer, --scorer-option) or --method; none: unrouted
-    e.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
+    e.add_argument("--model", help="testbed model: a name (`visroute.testbed.model_names()`) or a checkpoint folder "
+                                   "(default: the shipped one)")
     e.add_argument("--data", help="dataset folder from `testbed make` (default: the held-out set, generated)")
     e.add_argument("--n", type=int, default=300, help="size of the generated held-out set")
     e.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
@@ -53,7 +54,8 @@ def add_parser(sub) -> None:
 
     b = tsub.add_parser("bars", help="check a testbed checkpoint against the quality it must reach to ship "
                                      "(unrouted bars, blind control, discrimination at one prune stage)")
-    b.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
+    b.add_argument("--model", help="testbed model: a name (`visroute.testbed.model_names()`) or a checkpoint folder "
+                                   "(default: the shipped one)")
     b.add_argument("--n", type=int, default=900, help="size of the generated held-out set (families take turns)")
     b.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
     b.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
@@ -113,9 +115,9 @@ def _routing(args):
 
         from visroute.families import family_for_config
         from visroute.methods import method_config
-        from visroute.testbed import checkpoint_path
+        from visroute.testbed import model_path
 
-        config = AutoConfig.from_pretrained(args.model or str(checkpoint_path()))
+        config = AutoConfig.from_pretrained(str(model_path(args.model)))
         family = family_for_config(config)
         return method_config(args.method, config.get_text_config().num_hidden_layers, family.visual_tokens(config),
                              family.name), args.method
