@@ -340,3 +340,18 @@ def test_models_load_by_name_or_folder(tmp_path, monkeypatch):
     assert model.config.text_config.num_hidden_layers == 12
     with pytest.raises(FileNotFoundError, match="testbed-v2, copy"):
         model_path("nope")
+
+
+def test_random_by_layer_keeping_every_token_is_the_unrouted_model():
+    from visroute.testbed import Evaluator, load_model
+    from visroute.testbed.quality import format_layers, random_by_layer
+
+    model, processor = load_model()
+    ev = Evaluator(model, processor, make_items(9, seed=1008), progress=False)
+    unrouted = ev.run(None).accuracy()
+    acc = random_by_layer(ev, keep=144, layers=[0, 5])
+    assert acc == {0: unrouted, 5: unrouted}
+    assert random_by_layer(ev, keep=2, layers=[1])[1]["all"] <= unrouted["all"]
+    assert "| 5 |" in format_layers(acc, 144)
+    with pytest.raises(ValueError, match="not one of"):
+        random_by_layer(ev, keep=8, layers=[12])

@@ -66,6 +66,17 @@ def add_parser(sub) -> None:
     add_debug(b)
     b.set_defaults(func=run_bars)
 
+    lay = tsub.add_parser("layers", help="accuracy per family with one random prune stage at every decoder layer")
+    lay.add_argument("--model", help="testbed model: a name or a checkpoint folder (default: the shipped one)")
+    lay.add_argument("--n", type=int, default=270, help="size of the generated held-out set (families take turns)")
+    lay.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    lay.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
+    lay.add_argument("--keep", type=int, default=None, help="visual tokens the stage keeps (default: the bars', 8)")
+    lay.add_argument("--batch-size", type=int, default=64)
+    lay.add_argument("--json", help="write the accuracies to this file")
+    add_debug(lay)
+    lay.set_defaults(func=run_layers)
+
 
 def run_make(args) -> int:
     from visroute.testbed.data import make_items, write_dataset
@@ -173,3 +184,20 @@ def run_bars(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"accuracy": acc, "checks": [c.__dict__ for c in checks]}, indent=1))
     return 0 if all(c.met for c in checks) else 1
+
+
+def run_layers(args) -> int:
+    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed.quality import KEEP, format_layers, random_by_layer
+
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    keep = KEEP if args.keep is None else args.keep
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
+    model, processor = load_model(args.model)
+    acc = random_by_layer(Evaluator(model, processor, items, batch_size=args.batch_size), keep)
+    print(f"model {args.model or 'shipped testbed checkpoint'}; {len(items)} held-out items, world {args.world}")
+    print(format_layers(acc, keep))
+    if args.json:
+        Path(args.json).write_text(json.dumps({str(k): v for k, v in acc.items()}, indent=1))
+    return 0

@@ -179,3 +179,30 @@ def token_alignment(model, items) -> dict[str, float]:
             pairs.append(float(cos(tokens[n, common], tokens[n + 1, common], dim=-1).mean()))
     return {"own_cos": sum(own) / len(own), "other_cos": sum(other) / len(other),
             "background_cos": sum(pairs) / len(pairs)}
+
+
+def random_by_layer(evaluator, keep: int = KEEP, layers: list[int] | None = None) -> dict[int, dict[str, float]]:
+    """Accuracy per family with one random prune stage keeping `keep` visual tokens, at each of `layers` (default:
+    every decoder layer): where a model's reading of its image jumps from one layer to the next, any claim about
+    "which layer" is fragile (`visroute testbed layers`)."""
+    from visroute import RoutingConfig, Stage
+
+    depth = evaluator.model.config.get_text_config().num_hidden_layers
+    out = {}
+    for layer in layers if layers is not None else range(depth):
+        if not 0 <= layer < depth:
+            raise ValueError(f"layer {layer} is not one of the model's 0..{depth - 1}")
+        config = RoutingConfig("prune", "random", [Stage(layer, keep)])
+        out[layer] = evaluator.run(config, name=f"random @L{layer}:{keep}").accuracy()
+    return out
+
+
+def format_layers(acc: dict[int, dict[str, float]], keep: int) -> str:
+    """A Markdown table: one row per layer, one column per family."""
+    fams = [f for f in FAMILIES if any(f in a for a in acc.values())]
+    lines = [f"random selection, one prune stage keeping {keep} visual tokens", "",
+             "| layer | " + " | ".join(fams) + " | all |", "|---|" + "---|" * (len(fams) + 1)]
+    for layer, a in acc.items():
+        lines.append(f"| {layer} | " + " | ".join(f"{a.get(f, float('nan')):.3f}" for f in fams)
+                     + f" | {a['all']:.3f} |")
+    return "\n".join(lines)
