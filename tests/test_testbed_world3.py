@@ -355,3 +355,41 @@ def test_random_by_layer_keeping_every_token_is_the_unrouted_model():
     assert "| 5 |" in format_layers(acc, 144)
     with pytest.raises(ValueError, match="not one of"):
         random_by_layer(ev, keep=8, layers=[12])
+
+
+def _tiny_v3(out, **kw):
+    from visroute.testbed.train import recipe_config
+
+    return recipe_config("v3", out=str(out), size="tiny", symbolic_steps=3, tower_steps=2, joint_steps=2, images=2,
+                         text_rows=1, text_questions=2, warmup=1, eval_every=0, log_every=1, threads=1,
+                         place_rows=2, **kw)
+
+
+def test_v3_training_resumes_exactly_and_from_the_compact_state(tmp_path, monkeypatch):
+    """Recipe v3 end to end on a tiny model: a run stopped and resumed from its full state ends with the weights
+    of an uninterrupted run; the compact state is a fifth of the full one or less, and a run resumed from it
+    alone finishes (its weights come back in bfloat16); saving by the clock saves at every step when due."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from visroute.testbed import train as train_module
+    from visroute.testbed.train import COMPACT_STATE, train
+
+    straight = train(_tiny_v3(tmp_path / "a", save_every=100), progress=False)
+    assert train(_tiny_v3(tmp_path / "b", save_every=100), progress=False, stop_at=4) is None  # in the tower phase
+    resumed = train(_tiny_v3(tmp_path / "b", save_every=100), resume=True, progress=False)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert train(_tiny_v3(tmp_path / "c", save_every=100), progress=False, stop_at=2) is None
+    full, compact = tmp_path / "c" / "train_state.pt", tmp_path / "c" / COMPACT_STATE
+    assert os.path.getsize(compact) < 0.4 * os.path.getsize(full)
+    state = torch.load(compact, weights_only=False)
+    assert state["step"] == 2 and "optimizer" not in state
+    full.unlink()
+    assert train(_tiny_v3(tmp_path / "c", save_every=100), resume=True, progress=False) is not None
+    saved = []
+    monkeypatch.setattr(train_module, "save_compact", lambda path, model, sym, head, phase, step, *a: saved.append(step))
+    train(_tiny_v3(tmp_path / "d", save_every=100, save_minutes=1e-9), progress=False)
+    train(_tiny_v3(tmp_path / "e", save_every=100, save_minutes=0), progress=False)
+    assert saved == [1, 2, 3, 4, 5, 6, 7, 7]

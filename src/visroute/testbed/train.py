@@ -189,6 +189,9 @@ class TrainConfig:
         "help": "phase-3 steps between two held-out evaluations (0: none)", "recipe": False})
     eval_items: int = field(default=180, metadata={"help": "size of that held-out set", "recipe": False})
     save_every: int = field(default=100, metadata={"help": "steps between two saves of the state", "recipe": False})
+    save_minutes: float = field(default=10.0, metadata={
+        "help": "also save the state once this many minutes have passed since the last save (0: by steps only; "
+                "on a busy machine a step can take far longer than usual)", "recipe": False})
 
     def __post_init__(self):
         for f in self.questions:
@@ -977,7 +980,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     held_out = make_items(cfg.eval_items, seed=HELDOUT_SEED + 1, world=cfg.world)  # apart from the reported set
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last = t_saved = time.perf_counter()
     opt, opt_phase = None, None
     for step in range(start, cfg.steps):
         phase, d, n = cfg.phase(step)
@@ -1027,13 +1030,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
             model.train()
             log.append(log_path, {"step": done, "eval": acc, "elapsed_s": round(elapsed, 1)})
             t_last = time.perf_counter()
-        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at:
+        overdue = cfg.save_minutes > 0 and time.perf_counter() - t_saved >= 60 * cfg.save_minutes
+        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at or overdue:
             torch.save({"model": model.state_dict(), "symbolic": symbolic.state_dict(),
                         "optimizer": opt.state_dict(), "phase": phase, "step": done, "elapsed": elapsed,
                         "joined": joined, "window": window, "config": asdict(cfg),
                         **({"head": head.state_dict()} if head is not None else {})}, out / "train_state.pt")
             save_compact(compact_path, model, symbolic, head, phase, done, elapsed, joined, window, cfg)
-            t_last = time.perf_counter()
+            t_last = t_saved = time.perf_counter()
         if done == stop_at:
             bar.close()
             return None
