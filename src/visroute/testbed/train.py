@@ -52,10 +52,18 @@ rather than Hugging Face's 0.02, and word embeddings at std 1: at 0.02 the small
 hundreds of steps. With `bf16` the matrix products run in bfloat16 (autocast; attention and the loss stay in
 float32): on CPUs with bfloat16 units that is much faster, and the weights are kept and exported in float32.
 
+Recipes (`RECIPES`, `recipe_config`; `visroute testbed train --recipe NAME`): "v2" is the TrainConfig defaults
+described above (the shipped model). "v3" builds no answer in: world-3 scenes (`world`: textures, clutter,
+salient distractors, lures, touching and overlapping objects), symbolic tokens from fixed random codes rather than
+word embeddings (`targets` "codes", see SymbolicTokens), the tower's pooled [CLS] trained to say which colours and
+shapes the image holds (`tower_cls`, phases 2 and 3, through a linear head used in training only), no hop
+pointer, no hidden background, no early-answer loss, and every decoder layer trained from the first step.
+"v3-grow" is v3 with the decoder grown 6 -> 12.
+
 Every `log_every` steps one line goes to log.jsonl (loss, teacher-forced answer accuracy per family, learning
 rate, elapsed time); from the end of phase 2 on, a greedy evaluation on a small held-out set is logged every
-`eval_every` steps. The training state is saved every `save_every` steps (train_state.pt) and `resume`
-continues from it. At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
+`eval_every` steps. The training state is saved every `save_every` steps and every `save_minutes` of wall time
+(train_state.pt, and a small `train_state_compact.pt`, see save_compact) and `resume` continues from it. At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
 processor) and the curve is plotted to curve.png.
 """
 
