@@ -325,6 +325,17 @@ def test_named_models_tokens_are_learned_not_word_sums(name):
     assert got["own_cos"] - got["other_cos"] <= ALIGNMENT_GAP and got["background_cos"] <= BACKGROUND_COS, got
 
 
+@pytest.mark.parametrize("name", _extra_models())
+def test_named_models_meet_the_unrouted_bars_on_a_small_fixed_set(name):
+    from visroute.testbed import Evaluator, load_model
+    from visroute.testbed.quality import UNROUTED_BARS
+
+    model, processor = load_model(name)
+    acc = Evaluator(model, processor, make_items(81, seed=1009, world=3), progress=False).run(None).accuracy()
+    missed = {f: a for f, a in acc.items() if f in UNROUTED_BARS and a < UNROUTED_BARS[f]}
+    assert not missed, missed
+
+
 def test_models_load_by_name_or_folder(tmp_path, monkeypatch):
     import shutil
 
