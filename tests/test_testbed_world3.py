@@ -404,3 +404,16 @@ def test_v3_training_resumes_exactly_and_from_the_compact_state(tmp_path, monkey
     train(_tiny_v3(tmp_path / "d", save_every=100, save_minutes=1e-9), progress=False)
     train(_tiny_v3(tmp_path / "e", save_every=100, save_minutes=0), progress=False)
     assert saved == [1, 2, 3, 4, 5, 6, 7, 7]
+
+
+def test_curve_command_plots_a_run_in_progress(tmp_path, capsys):
+    import json
+
+    from visroute.cli import main
+
+    lines = [{"step": s, "phase": "symbolic", "loss": 4.0 / s, "train_acc": {"attribute": s / 40}} for s in (10, 20)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["testbed", "curve", str(tmp_path)]) == 0
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["testbed", "curve", str(tmp_path / "nothing")]) != 0
+    assert "no training log at" in capsys.readouterr().err

@@ -77,6 +77,12 @@ def add_parser(sub) -> None:
     add_debug(lay)
     lay.set_defaults(func=run_layers)
 
+    c = tsub.add_parser("curve", help="plot a training run's log.jsonl (also while it runs)")
+    c.add_argument("run", help="run folder (or its log.jsonl)")
+    c.add_argument("--out", help="PNG to write (default: curve.png in the run folder)")
+    add_debug(c)
+    c.set_defaults(func=run_curve)
+
 
 def run_make(args) -> int:
     from visroute.testbed.data import make_items, write_dataset
@@ -200,4 +206,17 @@ def run_layers(args) -> int:
     print(format_layers(acc, keep))
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in acc.items()}, indent=1))
+    return 0
+
+
+def run_curve(args) -> int:
+    from visroute.testbed.log import plot_curve
+
+    path = Path(args.run)
+    log_path = path / "log.jsonl" if path.is_dir() else path
+    if not log_path.exists():
+        raise FileNotFoundError(f"no training log at {log_path}")
+    out = Path(args.out) if args.out else log_path.parent / "curve.png"
+    plot_curve(log_path, out)
+    print(f"curve written to {out}")
     return 0
