@@ -247,6 +247,12 @@ RECIPES: dict[str, dict] = {
     "v3-grow": dict(world=3, targets="codes", tower_cls=0.5, grow_from=6, deepen_steps=1500, symbolic_steps=5000,
                     tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
                     background_hidden=0.0),
+    # v3-pointer: v3 plus v2's hop-2 pointer loss (layer 5, the three multi-hop families): a declared variant
+    # that trains the middle layers' hidden state to point at the answer's object, so hidden-state similarity
+    # is favoured on it by construction; for a model that must reach the multi-hop bars if v3 alone does not.
+    "v3-pointer": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
+                       tower_steps=400, joint_steps=1000, hop_pointer=0.5, early=0.0, early_families=(),
+                       background_hidden=0.0),
 }
 
 
