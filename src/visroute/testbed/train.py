@@ -540,11 +540,11 @@ def _pointer_targets(rows: PackedRows, scenes, families: tuple[str, ...]) -> tor
         for k, q in enumerate(questions, start=1):
             if q.family not in families:
                 continue
-            hop2 = objs[hop_targets_of(q, objs)[1][0]]
+            hop2 = hop_targets_of(q, objs)[1][0]
             at = int(((rows.blk[i] == k) & (rows.lab[i] != IGNORE)).nonzero()[0])
             target = torch.zeros(2 + GRID * GRID, dtype=torch.long)
             target[0], target[1] = i, at
-            target[2 + torch.tensor(object_tokens(hop2))] = 1
+            target[2 + torch.tensor(visible_tokens(objs, hop2))] = 1  # the patches where it shows
             out.append(target)
     return torch.stack(out) if out else None
 
