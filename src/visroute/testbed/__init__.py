@@ -77,7 +77,8 @@ def load_model(path: str | Path | None = None, dtype=None):
 
 
 __all__ = [
-    "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL", "Item", "make_item", "make_items", "read_dataset", "write_dataset",
+    "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL",
+    "Item", "make_item", "make_items", "read_dataset", "write_dataset",
     "with_bordering_tokens",
     "Evaluator", "EvalReport", "ItemResult", "evaluate", "format_table", "majority_rates", "score", "box_iou",
     "HELDOUT_SEED", "FAMILIES", "VISION_FAMILIES",

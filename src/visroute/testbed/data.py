@@ -186,7 +186,8 @@ def make_item(seed: int, index: int, family: str | None = None, template: str | 
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; worlds: {WORLDS}")
     family = family or FAMILIES[index % len(FAMILIES)]
-    rng = random.Random(f"visroute-testbed:{seed}:{index}" if world == 2 else f"visroute-testbed-w{world}:{seed}:{index}")
+    stream = "visroute-testbed" if world == 2 else f"visroute-testbed-w{world}"
+    rng = random.Random(f"{stream}:{seed}:{index}")
     for _ in range(MAX_DRAWS):
         background_seed = rng.getrandbits(32)
         questions, objs = ask(rng, random_scene(rng), [family], templates={template} if template else None)

@@ -63,7 +63,8 @@ pointer, no hidden background, no early-answer loss, and every decoder layer tra
 Every `log_every` steps one line goes to log.jsonl (loss, teacher-forced answer accuracy per family, learning
 rate, elapsed time); from the end of phase 2 on, a greedy evaluation on a small held-out set is logged every
 `eval_every` steps. The training state is saved every `save_every` steps and every `save_minutes` of wall time
-(train_state.pt, and a small `train_state_compact.pt`, see save_compact) and `resume` continues from it. At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
+(train_state.pt, and a small `train_state_compact.pt`, see save_compact) and `resume` continues from it.
+At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
 processor) and the curve is plotted to curve.png.
 """
 
@@ -87,7 +88,7 @@ from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
 from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, add_traps, answer_of, ask, hop_targets_of
 from visroute.testbed.scenes import (
-    ALL_COLORS, COLORS, DISTRACTOR_SHAPES, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, TEXTURES, Distractor,
+    ALL_COLORS, DISTRACTOR_SHAPES, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, TEXTURES, Distractor,
     distractor_tokens, object_tokens, random_scene, render, render_v3, texture_layout, texture_of_cells,
     visible_tokens,
 )
@@ -678,8 +679,8 @@ class SymbolicTokens(torch.nn.Module):
         if self.mode == "codes":
             if labels.shape[-1] != 5:
                 raise ValueError("symbolic codes need the 5-column labels of a world-3 scene")
-            return (self.color_codes[labels[..., 0]] + self.shape_codes[labels[..., 1]] + self.part_codes[labels[..., 2]]
-                    + self.texture_codes[labels[..., 3]] + labels[..., 4, None].float() * self.clutter_code
+            return (self.color_codes[labels[..., 0]] + self.shape_codes[labels[..., 1]]
+                    + self.part_codes[labels[..., 2]] + self.texture_codes[labels[..., 3]] + labels[..., 4, None].float() * self.clutter_code
                     + self.place)
         color, shape, part = labels[..., 0], labels[..., 1], labels[..., 2]
         obj = (embed[self.color_words[(color - 1).clamp(min=0)]] + embed[self.shape_words[(shape - 1).clamp(min=0)]]
@@ -1001,9 +1002,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         if step == cfg.symbolic_steps and cfg.grow_from:
             grow(model, cfg)
         if phase != opt_phase:  # every phase trains its own parameters with a fresh optimizer
-            params = _trainable(model, symbolic, phase, active_layers(cfg, step, len(model.model.language_model.layers)),
-                                head)
-            for p in list(model.parameters()) + list(symbolic.parameters()) + (list(head.parameters()) if head else []):
+            layers = active_layers(cfg, step, len(model.model.language_model.layers))
+            params = _trainable(model, symbolic, phase, layers, head)
+            everything = list(model.parameters()) + list(symbolic.parameters())
+            for p in everything + (list(head.parameters()) if head is not None else []):
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
