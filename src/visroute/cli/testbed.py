@@ -19,13 +19,19 @@ def add_parser(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--families", help="comma-separated subset of the question families")
+    m.add_argument("--world", type=int, choices=(2, 3), default=2,
+                   help="scene generator: 2 (the shipped model's world) or 3 (textures, clutter, distractors, lures)")
     add_debug(m)
     m.set_defaults(func=run_make)
 
-    from visroute.testbed.train import TrainConfig
+    from visroute.testbed.train import RECIPES, TrainConfig
 
     t = tsub.add_parser("train", help="train the testbed model from scratch (resumable)")
+    t.add_argument("--recipe", choices=list(RECIPES), default="v3",
+                   help="the recipe whose values the flags not given take (TRAINING.md; default v3; v2: the "
+                        "shipped model's recipe, the defaults each flag lists)")
     add_dataclass_flags(t, TrainConfig)
+    t.set_defaults(**{f.name: _NOT_GIVEN for f in dataclasses.fields(TrainConfig)})  # see train_config
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--no-progress", action="store_true")
     add_debug(t)
@@ -33,10 +39,12 @@ def add_parser(sub) -> None:
 
     e = tsub.add_parser("eval", help="accuracy per family, blind control and retention recall of a routing config")
     add_routing(e)  # --config, --stages (with --action, --scorer, --scorer-option) or --method; none: unrouted
-    e.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
+    e.add_argument("--model", help="testbed model: a name (`visroute.testbed.model_names()`) or a checkpoint folder "
+                                   "(default: the shipped one)")
     e.add_argument("--data", help="dataset folder from `testbed make` (default: the held-out set, generated)")
     e.add_argument("--n", type=int, default=300, help="size of the generated held-out set")
     e.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    e.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
     e.add_argument("--limit", type=int, help="evaluate only the first N items")
     e.add_argument("--blind", action="store_true", help="also run the blind control (image removed)")
     e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to the config")
@@ -47,15 +55,34 @@ def add_parser(sub) -> None:
 
     b = tsub.add_parser("bars", help="check a testbed checkpoint against the quality it must reach to ship "
                                      "(unrouted bars, blind control, discrimination at one prune stage)")
-    b.add_argument("--model", help="testbed checkpoint folder (default: the shipped one)")
+    b.add_argument("--model", help="testbed model: a name (`visroute.testbed.model_names()`) or a checkpoint folder "
+                                   "(default: the shipped one)")
     b.add_argument("--n", type=int, default=900, help="size of the generated held-out set (families take turns)")
     b.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    b.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
     b.add_argument("--layer", type=int, default=None, help="layer of the prune stage (default: the bar's, 3)")
     b.add_argument("--keep", type=int, default=None, help="visual tokens it keeps (default: the bar's, 8)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--json", help="write the accuracies and checks to this file")
     add_debug(b)
     b.set_defaults(func=run_bars)
+
+    lay = tsub.add_parser("layers", help="accuracy per family with one random prune stage at every decoder layer")
+    lay.add_argument("--model", help="testbed model: a name or a checkpoint folder (default: the shipped one)")
+    lay.add_argument("--n", type=int, default=270, help="size of the generated held-out set (families take turns)")
+    lay.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
+    lay.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
+    lay.add_argument("--keep", type=int, default=None, help="visual tokens the stage keeps (default: the bars', 8)")
+    lay.add_argument("--batch-size", type=int, default=64)
+    lay.add_argument("--json", help="write the accuracies to this file")
+    add_debug(lay)
+    lay.set_defaults(func=run_layers)
+
+    c = tsub.add_parser("curve", help="plot a training run's log.jsonl (also while it runs)")
+    c.add_argument("run", help="run folder (or its log.jsonl)")
+    c.add_argument("--out", help="PNG to write (default: curve.png in the run folder)")
+    add_debug(c)
+    c.set_defaults(func=run_curve)
 
 
 def run_make(args) -> int:
@@ -64,15 +91,29 @@ def run_make(args) -> int:
     families = [f.strip() for f in args.families.split(",")] if args.families else None
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    path = write_dataset(make_items(args.n, args.seed, families), args.out)
+    path = write_dataset(make_items(args.n, args.seed, families, world=args.world), args.out)
     print(f"wrote {args.n} items to {path}")
     return 0
+
+
+_NOT_GIVEN = object()  # the parsed value of a train flag that is not on the command line
+
+
+def train_config(args):
+    """The TrainConfig of `testbed train`: the flags given, and the recipe's values (else the listed defaults)
+    for the others."""
+    from visroute.testbed.train import RECIPES, TrainConfig
+
+    recipe, defaults = RECIPES[args.recipe], TrainConfig()
+    missing = {f.name: recipe.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(TrainConfig)
+               if getattr(args, f.name, _NOT_GIVEN) is _NOT_GIVEN}
+    return dataclass_from_args(TrainConfig, args, **missing)
 
 
 def run_train(args) -> int:
     from visroute.testbed.train import TrainConfig, train
 
-    cfg = dataclass_from_args(TrainConfig, args)
+    cfg = train_config(args)
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -92,9 +133,9 @@ def _routing(args):
 
         from visroute.families import family_for_config
         from visroute.methods import method_config
-        from visroute.testbed import checkpoint_path
+        from visroute.testbed import model_path
 
-        config = AutoConfig.from_pretrained(args.model or str(checkpoint_path()))
+        config = AutoConfig.from_pretrained(str(model_path(args.model)))
         family = family_for_config(config)
         return method_config(args.method, config.get_text_config().num_hidden_layers, family.visual_tokens(config),
                              family.name), args.method
@@ -112,7 +153,7 @@ def run_eval(args) -> int:
     if args.data:
         items = read_dataset(args.data)
     else:
-        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed)
+        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
     if args.limit is not None:
         items = items[: args.limit]
     if not items:
@@ -141,7 +182,7 @@ def run_bars(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed)
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
     model, processor = load_model(args.model)
     ev = Evaluator(model, processor, items, batch_size=args.batch_size)
     checks, acc = check_bars(ev, LAYER if args.layer is None else args.layer, KEEP if args.keep is None else args.keep)
@@ -150,3 +191,33 @@ def run_bars(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"accuracy": acc, "checks": [c.__dict__ for c in checks]}, indent=1))
     return 0 if all(c.met for c in checks) else 1
+
+
+def run_layers(args) -> int:
+    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed.quality import KEEP, format_layers, random_by_layer
+
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    keep = KEEP if args.keep is None else args.keep
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
+    model, processor = load_model(args.model)
+    acc = random_by_layer(Evaluator(model, processor, items, batch_size=args.batch_size), keep)
+    print(f"model {args.model or 'shipped testbed checkpoint'}; {len(items)} held-out items, world {args.world}")
+    print(format_layers(acc, keep))
+    if args.json:
+        Path(args.json).write_text(json.dumps({str(k): v for k, v in acc.items()}, indent=1))
+    return 0
+
+
+def run_curve(args) -> int:
+    from visroute.testbed.log import plot_curve
+
+    path = Path(args.run)
+    log_path = path / "log.jsonl" if path.is_dir() else path
+    if not log_path.exists():
+        raise FileNotFoundError(f"no training log at {log_path}")
+    out = Path(args.out) if args.out else log_path.parent / "curve.png"
+    plot_curve(log_path, out)
+    print(f"curve written to {out}")
+    return 0

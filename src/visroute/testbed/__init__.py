@@ -9,6 +9,7 @@ LLaVA-architecture model shipped with the package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from visroute.testbed.data import Item, make_item, make_items, read_dataset, with_bordering_tokens, write_dataset
@@ -31,14 +32,43 @@ def checkpoint_path() -> Path:
     return Path(__file__).resolve().parent / "checkpoint"
 
 
+DEFAULT_MODEL = "testbed-v2"  # the name of the checkpoint shipped in the package
+MODELS_ENV = "VISROUTE_TESTBED_MODELS"  # a folder of further named checkpoints (default: models/ in the repository)
+
+
+def models_dir() -> Path:
+    """The folder of the named testbed checkpoints kept outside the package: one Hugging Face folder per name
+    (`$VISROUTE_TESTBED_MODELS`, else `models/` at the root of the repository this package is installed from)."""
+    return Path(os.environ.get(MODELS_ENV) or Path(__file__).resolve().parents[3] / "models")
+
+
+def model_names() -> list[str]:
+    """Every testbed model `load_model` knows by name: the shipped one first."""
+    folder = models_dir()
+    extra = sorted(p.name for p in folder.iterdir() if (p / "config.json").exists()) if folder.is_dir() else []
+    return [DEFAULT_MODEL] + [n for n in extra if n != DEFAULT_MODEL]
+
+
+def model_path(model: str | Path | None = None) -> Path:
+    """The checkpoint folder of `model`: a name (`model_names`), a folder, or None for the shipped one."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return checkpoint_path()
+    if (Path(model) / "config.json").exists():
+        return Path(model)
+    named = models_dir() / str(model)
+    if (named / "config.json").exists():
+        return named
+    raise FileNotFoundError(f"no testbed model {str(model)!r}: neither a checkpoint folder nor one of the names "
+                            f"{', '.join(model_names())}")
+
+
 def load_model(path: str | Path | None = None, dtype=None):
-    """(model, processor) of a testbed checkpoint (default: the shipped one), in eval mode on CPU."""
+    """(model, processor) of a testbed checkpoint, in eval mode on CPU: `path` a name (`model_names`), a
+    checkpoint folder, or None for the shipped one."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    folder = Path(path) if path is not None else checkpoint_path()
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"no testbed checkpoint in {folder}")
+    folder = model_path(path)
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, dtype=dtype or torch.float32, attn_implementation="sdpa"
     ).eval()
@@ -47,7 +77,8 @@ def load_model(path: str | Path | None = None, dtype=None):
 
 
 __all__ = [
-    "checkpoint_path", "load_model", "Item", "make_item", "make_items", "read_dataset", "write_dataset",
+    "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL",
+    "Item", "make_item", "make_items", "read_dataset", "write_dataset",
     "with_bordering_tokens",
     "Evaluator", "EvalReport", "ItemResult", "evaluate", "format_table", "majority_rates", "score", "box_iou",
     "HELDOUT_SEED", "FAMILIES", "VISION_FAMILIES",

@@ -11,7 +11,9 @@ exclusive; else null), grid ([rows, cols]), relevant_tokens (row-major indices o
 the objects the question is about, all hops together), targets (their indices in objects), hops (per hop, the
 sorted visual-token indices of that hop's objects: one hop for the one-hop families; for the multi-hop ones hop 1
 = the object the question names, hop 2 = the object the answer is about), hop_targets (per hop, the indices in
-objects), objects (shape, color, x, y, size, margin, tint) and background_seed. Files written before hops
+objects), objects (shape, color, x, y, size, margin, tint; drawn in this order) and background_seed; world-3 items
+also have `scene`: the background layout (texture classes of two regions, clutter cells), the salient
+distractors, the lure objects and the touching and overlapping object pairs (`questions.add_traps`). Files written before hops
 existed load with a single hop: hops = [relevant_tokens], hop_targets = [targets].
 """
 
@@ -33,10 +35,13 @@ from visroute.testbed.questions import (
     Question,
     answer_choices,
     answer_of,
+    add_traps,
     ask,
     hop_targets_of,
 )
-from visroute.testbed.scenes import GRID, Obj, object_tokens, random_scene, render
+from visroute.testbed.scenes import GRID, Obj, random_scene, render, render_v3, visible_tokens
+
+WORLDS = (2, 3)  # scene generators: 2 the shipped model's world, 3 the one with traps (scenes.py, add_traps)
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Item:
     grid: tuple[int, int] = (GRID, GRID)
     hops: list[list[int]] | None = None
     hop_targets: list[list[int]] | None = None
+    scene: dict | None = None  # world 3: layout, distractors, lures, contacts (see questions.add_traps)
     _image: Image.Image | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -78,6 +84,8 @@ class Item:
         if self._image is None:
             if self.image_path is not None:
                 self._image = Image.open(self.image_path).convert("RGB")
+            elif self.scene is not None:
+                self._image = render_v3(self.objects, self.background_seed, self.scene)
             else:
                 self._image = render(self.objects, self.background_seed)
         return self._image
@@ -106,6 +114,7 @@ class Item:
             "grid": list(self.grid), "relevant_tokens": self.relevant_tokens, "targets": self.targets,
             "hops": self.hops, "hop_targets": self.hop_targets,
             "objects": [o.to_dict() for o in self.objects], "background_seed": self.background_seed,
+            **({"scene": self.scene} if self.scene is not None else {}),
         }
 
     @classmethod
@@ -118,12 +127,14 @@ class Item:
             box=d.get("box"), image_path=path, grid=tuple(d.get("grid", (GRID, GRID))),
             hops=[list(h) for h in d["hops"]] if d.get("hops") is not None else None,
             hop_targets=[list(h) for h in d["hop_targets"]] if d.get("hop_targets") is not None else None,
+            scene=d.get("scene"),
         )
 
 
 def relevant_tokens(objs: list[Obj], targets: list[int]) -> list[int]:
-    """Sorted visual-token indices covered by the objects `targets`."""
-    return sorted({t for i in targets for t in object_tokens(objs[i])})
+    """Sorted visual-token indices where the objects `targets` show (the patches holding a pixel of theirs that
+    no later object covers)."""
+    return sorted({t for i in targets for t in visible_tokens(objs, i)})
 
 
 def with_bordering_tokens(item: Item) -> Item:
@@ -146,7 +157,8 @@ def with_bordering_tokens(item: Item) -> Item:
     return replace(item, hops=hops, relevant_tokens=sorted({t for h in hops for t in h}))
 
 
-def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int) -> Item:
+def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int, scene: dict | None = None
+               ) -> Item:
     """An Item for question `q` on the (final) scene `objs`; answer and relevance are read off the scene."""
     answer = answer_of(q, objs)
     if answer is None:
@@ -158,7 +170,7 @@ def build_item(item_id: str, q: Question, objs: list[Obj], background_seed: int)
         id=item_id, family=q.family, subtype=q.subtype, template=q.template, question=q.text, answer=answer,
         objects=list(objs), targets=targets, relevant_tokens=relevant_tokens(objs, targets),
         background_seed=background_seed, box=box, hops=[relevant_tokens(objs, hop) for hop in hop_targets],
-        hop_targets=hop_targets,
+        hop_targets=hop_targets, scene=scene,
     )
 
 
@@ -166,17 +178,24 @@ MAX_DRAWS = 10_000  # draws of one item; far above what any reachable form and a
 
 
 def make_item(seed: int, index: int, family: str | None = None, template: str | None = None,
-              answer: str | None = None) -> Item:
+              answer: str | None = None, world: int = 2) -> Item:
     """Item `index` of the set `seed` (family: FAMILIES[index % len(FAMILIES)] unless given). With `template`
     and/or `answer`, the item's draws go on until the question has that form and answer: the item is then drawn
-    from the generator's distribution given them."""
+    from the generator's distribution given them. `world` 3 draws the scene with its traps (a stream of its own,
+    so world-2 sets stay what they were)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; worlds: {WORLDS}")
     family = family or FAMILIES[index % len(FAMILIES)]
-    rng = random.Random(f"visroute-testbed:{seed}:{index}")
+    stream = "visroute-testbed" if world == 2 else f"visroute-testbed-w{world}"
+    rng = random.Random(f"{stream}:{seed}:{index}")
     for _ in range(MAX_DRAWS):
         background_seed = rng.getrandbits(32)
         questions, objs = ask(rng, random_scene(rng), [family], templates={template} if template else None)
         if questions and (answer is None or answer_of(questions[0], objs) == answer):
-            return build_item(f"{seed}-{index:06d}", questions[0], objs, background_seed)
+            scene = None
+            if world == 3:
+                objs, scene = add_traps(rng, objs, questions, background_seed)
+            return build_item(f"{seed}-{index:06d}", questions[0], objs, background_seed, scene)
     raise ValueError(f"no {family} item of form {template!r} with answer {answer!r} in {MAX_DRAWS} draws")
 
 
@@ -193,7 +212,8 @@ def balanced_target(seed: int, family: str, j: int) -> tuple[str, str | None]:
     return template, order[k % len(order)]
 
 
-def make_items(n: int, seed: int = 0, families: list[str] | None = None, balanced: bool = True) -> list[Item]:
+def make_items(n: int, seed: int = 0, families: list[str] | None = None, balanced: bool = True,
+               world: int = 2) -> list[Item]:
     """`n` items of the set `seed`, families cycling through `families` (default: all of them).
 
     `balanced` (the default, for every evaluation set): within each family the question forms come in turn,
@@ -210,7 +230,7 @@ def make_items(n: int, seed: int = 0, families: list[str] | None = None, balance
         fam = fams[i % len(fams)]
         template, answer = balanced_target(seed, fam, seen[fam]) if balanced else (None, None)
         seen[fam] += 1
-        out.append(make_item(seed, i, fam, template, answer))
+        out.append(make_item(seed, i, fam, template, answer, world))
     return out
 
 

@@ -39,7 +39,7 @@ def plot_curve(log_path: str | Path, png: str | Path) -> None:
 
     train_lines, eval_lines = read_log(log_path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for key, label in (("loss", "answer loss"), ("patch_loss", "per-patch loss")):
+    for key, label in (("loss", "answer loss"), ("patch_loss", "per-patch loss"), ("cls_loss", "tower [CLS] loss")):
         pts = [(x["step"], x[key]) for x in train_lines if key in x]
         if pts:
             ax1.plot(*zip(*pts), lw=1, label=label)
@@ -47,16 +47,23 @@ def plot_curve(log_path: str | Path, png: str | Path) -> None:
     ax1.set_xlabel("step")
     ax1.set_title("training losses")
     ax1.legend(fontsize=8)
+    # before any held-out evaluation (a run still in phase 1): the teacher-forced training accuracy instead
+    held_out = bool(eval_lines)
     for fam in FAMILIES:
-        pts = [(x["step"], x["eval"][fam]) for x in eval_lines if fam in x["eval"]]
+        if held_out:
+            pts = [(x["step"], x["eval"][fam]) for x in eval_lines if fam in x["eval"]]
+        else:
+            pts = [(x["step"], x["train_acc"][fam]) for x in train_lines if fam in x.get("train_acc", {})]
         if pts:
-            ax2.plot(*zip(*pts), marker="o", ms=3, label=fam, ls="--" if fam.startswith(("relation_", "same_")) else "-")
+            ax2.plot(*zip(*pts), marker="o" if held_out else None, ms=3, lw=1 if held_out else 0.8, label=fam,
+                     ls="--" if fam.startswith(("relation_", "same_")) else "-")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("held-out accuracy (greedy)")
+    ax2.set_ylabel("held-out accuracy (greedy)" if held_out else "training accuracy (teacher-forced)")
     ax2.set_ylim(0, 1.02)
-    if eval_lines:
+    if ax2.lines:
         ax2.legend(fontsize=7, ncol=2)
-    ax2.set_title("held-out accuracy per family (real image path)")
+    ax2.set_title("held-out accuracy per family (real image path)" if held_out
+                  else "training accuracy per family (no held-out evaluation yet)")
     previous = None
     for x in train_lines:
         if previous is not None and x.get("phase") != previous:

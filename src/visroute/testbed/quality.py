@@ -33,6 +33,12 @@ BLIND_MARGIN = 0.10
 LAYER, KEEP = 3, 8
 ORACLE_LOSS = 0.05
 RANDOM_LOSS = 0.20
+# Set before the v3 models trained (`token_alignment`, on world-3 items): a model's object tokens are no closer to
+# the sum of their own colour and shape word embeddings than to another colour's by more than ALIGNMENT_GAP (the
+# shipped v2 model: about 0.4), and its background tokens at one grid position in two images have a mean cosine of at
+# most BACKGROUND_COS (v2: about 0.97).
+ALIGNMENT_GAP = 0.15
+BACKGROUND_COS = 0.90
 
 
 @dataclass
@@ -125,4 +131,78 @@ def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: 
     missed = [c for c in checks if not c.met]
     lines += ["", f"{len(checks) - len(missed)} of {len(checks)} checks met"
               + ("" if not missed else ": missed " + ", ".join(f"{c.family} {c.what}" for c in missed))]
+    return "\n".join(lines)
+
+
+def token_alignment(model, items) -> dict[str, float]:
+    """How much a model's visual tokens (its projector outputs) look like word embeddings, and how alike its
+    background tokens are, on `items` (their images):
+
+    - `own_cos`: mean cosine between an object patch's token and the sum of the decoder's input embeddings of its
+      colour and shape words; `other_cos`: the same with another colour's word in place of its own (a model whose
+      tokens were trained to be these sums scores high on the first and clearly lower on the second);
+    - `background_cos`: mean cosine between the background tokens (patches that show no object and no
+      distractor) at the same grid position in two different images: near 1 when every background patch is one
+      vector plus its place, lower when background tokens carry content.
+    Patches are those where objects show (`scenes.visible_tokens`); world-3 distractors are left out."""
+    import torch
+
+    from visroute.testbed.modeling import VOCAB, pixel_values
+    from visroute.testbed.scenes import COLORS, GRID, Distractor, distractor_tokens, visible_tokens
+
+    embed = model.get_input_embeddings().weight.detach().float()
+    word = {w: embed[VOCAB.index(w)] for w in VOCAB}
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values([it.image() for it in items]),
+                                               vision_feature_layer=-1, vision_feature_select_strategy="default")
+        tokens = torch.stack(list(feats.pooler_output)).float()
+    cos = torch.nn.functional.cosine_similarity
+    own, other, background = [], [], []
+    for n, it in enumerate(items):
+        taken = set()
+        for i, o in enumerate(it.objects):
+            shown = visible_tokens(it.objects, i)
+            taken.update(shown)
+            if o.color not in COLORS:
+                continue  # prior shapes: every one of them has a single colour
+            wrong = next(c for c in sorted(COLORS) if c != o.color)
+            for t in shown:
+                own.append(float(cos(tokens[n, t], word[o.color] + word[o.shape], dim=0)))
+                other.append(float(cos(tokens[n, t], word[wrong] + word[o.shape], dim=0)))
+        for d in (it.scene or {}).get("distractors", []):
+            taken.update(distractor_tokens(Distractor(**d)))
+        background.append({t for t in range(GRID * GRID) if t not in taken})
+    pairs = []
+    for n in range(len(items) - 1):
+        common = sorted(background[n] & background[n + 1])
+        if common:
+            pairs.append(float(cos(tokens[n, common], tokens[n + 1, common], dim=-1).mean()))
+    return {"own_cos": sum(own) / len(own), "other_cos": sum(other) / len(other),
+            "background_cos": sum(pairs) / len(pairs)}
+
+
+def random_by_layer(evaluator, keep: int = KEEP, layers: list[int] | None = None) -> dict[int, dict[str, float]]:
+    """Accuracy per family with one random prune stage keeping `keep` visual tokens, at each of `layers` (default:
+    every decoder layer): where a model's reading of its image jumps from one layer to the next, any claim about
+    "which layer" is fragile (`visroute testbed layers`)."""
+    from visroute import RoutingConfig, Stage
+
+    depth = evaluator.model.config.get_text_config().num_hidden_layers
+    out = {}
+    for layer in layers if layers is not None else range(depth):
+        if not 0 <= layer < depth:
+            raise ValueError(f"layer {layer} is not one of the model's 0..{depth - 1}")
+        config = RoutingConfig("prune", "random", [Stage(layer, keep)])
+        out[layer] = evaluator.run(config, name=f"random @L{layer}:{keep}").accuracy()
+    return out
+
+
+def format_layers(acc: dict[int, dict[str, float]], keep: int) -> str:
+    """A Markdown table: one row per layer, one column per family."""
+    fams = [f for f in FAMILIES if any(f in a for a in acc.values())]
+    lines = [f"random selection, one prune stage keeping {keep} visual tokens", "",
+             "| layer | " + " | ".join(fams) + " | all |", "|---|" + "---|" * (len(fams) + 1)]
+    for layer, a in acc.items():
+        lines.append(f"| {layer} | " + " | ".join(f"{a.get(f, float('nan')):.3f}" for f in fams)
+                     + f" | {a['all']:.3f} |")
     return "\n".join(lines)

@@ -47,7 +47,11 @@ from visroute.testbed.scenes import (
     SIZE_NAMES,
     Obj,
     _free,
+    contacts,
     new_object,
+    place_distractors,
+    place_near,
+    texture_layout,
 )
 
 FAMILIES = ("attribute", "existence", "counting", "relation", "grounding", "blind_solvable",
@@ -555,3 +559,61 @@ def ask(rng: random.Random, objs: list[Obj], families: list[str], tries: int = 6
             objs = new
             break
     return questions, objs
+
+
+# ---- world v3: traps added once the questions are drawn -----------------------------------------------------------
+def _named_words(questions: list[Question]) -> list[tuple[str, str]]:
+    """("color" | "shape", word) for every ordinary colour and shape the questions name."""
+    out = []
+    for q in questions:
+        for w in q.a + q.b:
+            if w in COLORS:
+                out.append(("color", w))
+            elif w in SHAPES:
+                out.append(("shape", w))
+    return out
+
+
+def _labels(questions: list[Question], objs: list[Obj]) -> list:
+    """Answer and per-hop objects of every question (None where it is ill-posed)."""
+    out = []
+    for q in questions:
+        a = answer_of(q, objs)
+        out.append((a, hop_targets_of(q, objs) if a is not None else None))
+    return out
+
+
+def add_traps(rng: random.Random, objs: list[Obj], questions: list[Question], background_seed: int
+              ) -> tuple[list[Obj], dict]:
+    """The v3 traps for a scene whose questions are drawn: a lure for word matchers (a colour the questions name
+    on another shape, or a named shape in another colour), an extra object touching or overlapping another, and
+    0-2 salient distractors (large, black, half of them on the bottom row). A lure or extra object is kept only
+    if every question keeps its answer and the objects of each of its hops (so it is relevant to none of them).
+    Returns the scene's objects (the new ones last: drawn on top) and its metadata: `layout` (texture_layout),
+    `distractors`, `lures` (indices of the lure objects), `touching` and `overlapping` (pairs of indices)."""
+    labels = _labels(questions, objs)
+    lures: list[int] = []
+    words = _named_words(questions)
+    if words and rng.random() < 0.8 and len(objs) < MAX_OBJECTS:
+        kind, word = rng.choice(words)
+        if kind == "color":
+            color, shape = word, rng.choice(SHAPES)
+        else:
+            color, shape = rng.choice(sorted(COLORS)), word
+        named = {w for q in questions for w in (q.a, q.b)}
+        mode = rng.choices(("free", "touch", "overlap"), (0.5, 0.3, 0.2))[0]
+        lure = new_object(rng, objs, shape, color) if mode == "free" else place_near(rng, objs, shape, color, mode)
+        if lure is not None and (color, shape) not in named and _labels(questions, objs + [lure]) == labels:
+            objs = objs + [lure]
+            lures.append(len(objs) - 1)
+    if objs and rng.random() < 0.5 and len(objs) < MAX_OBJECTS:
+        color, shape = rng.choice(COMBOS)
+        extra = place_near(rng, objs, shape, color, rng.choice(("touch", "touch", "overlap")))
+        if extra is not None and _labels(questions, objs + [extra]) == labels:
+            objs = objs + [extra]
+    distractors = place_distractors(rng, objs, rng.choice((0, 1, 1, 2)))
+    touching, overlapping = contacts(objs)
+    scene = {"version": 3, "layout": texture_layout(background_seed),
+             "distractors": [d.to_dict() for d in distractors], "lures": lures,
+             "touching": touching, "overlapping": overlapping}
+    return objs, scene

@@ -226,3 +226,222 @@ def render(objs: list[Obj], background_seed: int) -> Image.Image:
         col = np.clip(np.array(ALL_COLORS[o.color]) + np.array(o.tint), 0, 255).astype(np.uint8)
         img[object_pixels(o)] = col
     return Image.fromarray(img)
+
+
+# ---- world v3: textured backgrounds, clutter, salient distractors, lures, touching and overlapping objects -----
+# A v3 scene is a v2 scene (the objects its questions are about) plus a layout that the questions never name:
+# a background of two regions of different texture classes, clutter marks in some background cells, and large
+# black "salient distractors". All of it is recorded per item (`Item.scene`), with the lures and the touching and
+# overlapping pairs, so every label stays exact: relevance is the tokens an object actually paints (see
+# `visible_tokens`), and no question is ever about a distractor or a background region.
+TEXTURES = ("plain", "stripes", "checker", "dots")
+DISTRACTOR_SHAPES = ("bar", "ring", "blob")  # never named by a question (not in the vocabulary)
+DISTRACTOR_COLOR = (12, 12, 12)  # black: darker than any background pixel (those stay in 39..211)
+DISTRACTOR_SIZES = ((3, 2), (2, 3), (3, 3), (4, 2), (2, 4))  # (w, h) in cells: larger than any object
+
+
+@dataclass(frozen=True)
+class Distractor:
+    """A salient distractor: a large black `shape` (one of DISTRACTOR_SHAPES) on the cell block at column `x`,
+    row `y`, `w` x `h` cells, drawn `margin` pixels inside it. Never asked about, never an "object"."""
+
+    shape: str
+    x: int
+    y: int
+    w: int
+    h: int
+    margin: int = 2
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x, self.y, self.x + self.w, self.y + self.h)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distractor_pixels(d: Distractor) -> np.ndarray:
+    """(IMAGE_SIZE, IMAGE_SIZE) bool: the pixels distractor `d` paints."""
+    full = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    w, h = d.w * PATCH - 2 * d.margin, d.h * PATCH - 2 * d.margin
+    x0, y0 = d.x * PATCH + d.margin, d.y * PATCH + d.margin
+    im = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(im)
+    if d.shape == "bar":
+        draw.rectangle((0, h // 4, w - 1, h - 1 - h // 4), fill=255)
+    elif d.shape == "ring":
+        t = max(4, min(w, h) // 5)
+        draw.ellipse((0, 0, w - 1, h - 1), fill=255)
+        draw.ellipse((t, t, w - 1 - t, h - 1 - t), fill=0)
+    elif d.shape == "blob":
+        draw.ellipse((0, 0, w - 1, h - 1), fill=255)
+    else:
+        raise ValueError(f"unknown distractor shape {d.shape!r}")
+    full[y0:y0 + h, x0:x0 + w] = np.asarray(im) >= 128
+    return full
+
+
+def _cells(pixels: np.ndarray) -> list[int]:
+    """Row-major indices of the patches holding any of `pixels`."""
+    return [int(i) for i in np.flatnonzero(pixels.reshape(GRID, PATCH, GRID, PATCH).any(axis=(1, 3)))]
+
+
+def distractor_tokens(d: Distractor) -> list[int]:
+    return _cells(distractor_pixels(d))
+
+
+def visible_pixels(objs: list[Obj], i: int) -> np.ndarray:
+    """The pixels of object `objs[i]` that no later object (drawn over it) covers."""
+    px = object_pixels(objs[i]).copy()
+    for o in objs[i + 1:]:
+        px &= ~object_pixels(o)
+    return px
+
+
+def visible_tokens(objs: list[Obj], i: int) -> list[int]:
+    """Indices of the visual tokens whose patch shows a pixel of object `objs[i]` (objects are drawn in list
+    order; where none overlap this is `object_tokens`)."""
+    return _cells(visible_pixels(objs, i))
+
+
+def texture_layout(background_seed: int) -> dict:
+    """The background layout of a v3 scene, a pure function of its seed: the image is cut along a cell line
+    (`split` "v": a vertical cut at column `cut`; "h": a horizontal one at row `cut`) into two regions with
+    texture classes `classes` (indices into TEXTURES, first region: left / top), and `clutter` lists the
+    background cells that hold a clutter mark."""
+    rng = random.Random(f"visroute-texture:{background_seed}")
+    first = rng.randrange(len(TEXTURES))
+    second = rng.choice([t for t in range(len(TEXTURES)) if t != first])
+    cells = rng.sample(range(GRID * GRID), rng.randint(8, 24))
+    return {"split": rng.choice("vh"), "cut": rng.randint(3, GRID - 3), "classes": [first, second],
+            "clutter": sorted(cells)}
+
+
+def texture_of_cells(layout: dict) -> np.ndarray:
+    """(GRID * GRID,) texture class of every cell, row-major."""
+    rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
+    second = (cols >= layout["cut"]) if layout["split"] == "v" else (rows >= layout["cut"])
+    return np.where(second, layout["classes"][1], layout["classes"][0])
+
+
+def _texture(cls: str, rng: random.Random, nrng: np.random.Generator) -> np.ndarray:
+    """(IMAGE_SIZE, IMAGE_SIZE, 3) float image of texture class `cls` (muted grey, slight tint)."""
+    base = rng.randint(85, 145)
+    tint = np.array([rng.randint(-12, 12) for _ in range(3)], dtype=np.float32)
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    if cls == "plain":
+        coarse = nrng.uniform(-12, 12, size=(4, 4)).astype(np.float32)
+        field_ = np.asarray(Image.fromarray(coarse, mode="F").resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                                     Image.Resampling.BILINEAR))
+    elif cls == "stripes":
+        period, angle = rng.choice((6, 8)), rng.choice((0, 1, 2, 3))
+        u = (xx, yy, xx + yy, xx - yy)[angle]
+        field_ = np.where((u // (period / 2)) % 2 == 0, 24.0, -24.0)
+    elif cls == "checker":
+        side = rng.choice((4, 8))
+        field_ = np.where(((xx // side) + (yy // side)) % 2 == 0, 22.0, -22.0)
+    elif cls == "dots":
+        step = 8
+        ox, oy = rng.randrange(step), rng.randrange(step)
+        d2 = ((xx - ox) % step - step / 2) ** 2 + ((yy - oy) % step - step / 2) ** 2
+        field_ = np.where(d2 <= 3.0, rng.choice((-40.0, 40.0)), 0.0)
+    else:
+        raise ValueError(f"unknown texture {cls!r}")
+    noise = nrng.standard_normal(size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32) * 3
+    return base + tint + field_[..., None] + noise
+
+
+def background_v3(background_seed: int, layout: dict | None = None) -> np.ndarray:
+    """The v3 background (H, W, 3) uint8: two texture regions and the clutter marks of `texture_layout`.
+    Pixels stay in 39..211 and low in saturation: nothing in it looks like an object or a distractor."""
+    layout = layout or texture_layout(background_seed)
+    rng = random.Random(f"visroute-texture-pixels:{background_seed}")
+    nrng = np.random.default_rng(rng.getrandbits(63))
+    textures = [_texture(TEXTURES[c], rng, nrng) for c in layout["classes"]]
+    cls = texture_of_cells(layout).reshape(GRID, GRID).repeat(PATCH, 0).repeat(PATCH, 1)
+    img = np.where((cls == layout["classes"][1])[..., None], textures[1], textures[0])
+    im = Image.fromarray(np.clip(img, 40, 210).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for cell in layout["clutter"]:  # a few grey strokes and specks inside the cell, 2 px from its edges
+        cy, cx = divmod(cell, GRID)
+        x0, y0 = cx * PATCH + 2, cy * PATCH + 2
+        for _ in range(rng.randint(2, 4)):
+            g = rng.choice((rng.randint(45, 70), rng.randint(180, 205)))
+            col = tuple(g + rng.randint(-6, 6) for _ in range(3))
+            pts = [(x0 + rng.randint(0, PATCH - 5), y0 + rng.randint(0, PATCH - 5)) for _ in range(2)]
+            draw.line(pts, fill=col, width=rng.choice((1, 2)))
+    return np.asarray(im).copy()
+
+
+def render_v3(objs: list[Obj], background_seed: int, scene: dict) -> Image.Image:
+    """Draw a v3 scene: its background (`scene["layout"]`), its distractors, then `objs` in list order (a later
+    object covers an earlier one where they overlap)."""
+    img = background_v3(background_seed, scene["layout"])
+    for d in scene.get("distractors", []):
+        img[distractor_pixels(Distractor(**d))] = DISTRACTOR_COLOR
+    for o in objs:
+        col = np.clip(np.array(ALL_COLORS[o.color]) + np.array(o.tint), 0, 255).astype(np.uint8)
+        img[object_pixels(o)] = col
+    return Image.fromarray(img)
+
+
+def _blocks_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = 0) -> bool:
+    """The cell blocks a and b (x1, y1, x2, y2) come within `gap` cells of each other (gap 0: they overlap)."""
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def place_distractors(rng: random.Random, objs: list[Obj], n: int, bottom: float = 0.6) -> list[Distractor]:
+    """Up to `n` distractors on blocks that overlap no object and no other distractor (they may touch); with
+    probability `bottom` each sits on the bottom row of the grid, nearest the question text."""
+    out: list[Distractor] = []
+    for _ in range(n):
+        w, h = rng.choice(DISTRACTOR_SIZES)
+        at_bottom = rng.random() < bottom
+        places = [(x, y) for y in ([GRID - h] if at_bottom else range(GRID - h + 1)) for x in range(GRID - w + 1)
+                  if not any(_blocks_meet((x, y, x + w, y + h), o.box) for o in objs)
+                  and not any(_blocks_meet((x, y, x + w, y + h), d.box) for d in out)]
+        if places:
+            x, y = rng.choice(places)
+            out.append(Distractor(rng.choice(DISTRACTOR_SHAPES), x, y, w, h, rng.randint(1, 3)))
+    return out
+
+
+def place_near(rng: random.Random, objs: list[Obj], shape: str, color: str, mode: str) -> Obj | None:
+    """A new small object that touches an object ("touch": its cell shares an edge with an object's block, no
+    gap) or overlaps a corner cell of a large object ("overlap"; drawn over it), and overlaps no other block."""
+    places = []
+    for y in range(GRID):
+        for x in range(GRID):
+            cell = (x, y, x + 1, y + 1)
+            hit = [o for o in objs if _blocks_meet(cell, o.box)]
+            if mode == "touch":
+                near = [o for o in objs if _blocks_meet(cell, o.box, gap=1)
+                        and (x in (o.x - 1, o.x + o.size) and o.y <= y < o.y + o.size
+                             or y in (o.y - 1, o.y + o.size) and o.x <= x < o.x + o.size)]
+                if not hit and near:
+                    places.append((x, y))
+            elif mode == "overlap":
+                if len(hit) == 1 and hit[0].size == 2:
+                    places.append((x, y))
+            else:
+                raise ValueError(f"unknown placement {mode!r}")
+    if not places:
+        return None
+    x, y = rng.choice(places)
+    return Obj(shape, color, x, y, 1, rng.randint(2, 3), tuple(rng.randint(-12, 12) for _ in range(3)))
+
+
+def contacts(objs: list[Obj]) -> tuple[list[list[int]], list[list[int]]]:
+    """(touching pairs, overlapping pairs) of object indices: blocks sharing an edge with no gap, blocks that
+    share a cell."""
+    touch, overlap = [], []
+    for i, a in enumerate(objs):
+        for j in range(i + 1, len(objs)):
+            b = objs[j]
+            if _blocks_meet(a.box, b.box):
+                overlap.append([i, j])
+            elif _blocks_meet(a.box, b.box, gap=1) and (
+                    (a.x + a.size == b.x or b.x + b.size == a.x) and a.y < b.y + b.size and b.y < a.y + a.size
+                    or (a.y + a.size == b.y or b.y + b.size == a.y) and a.x < b.x + b.size and b.x < a.x + a.size):
+                touch.append([i, j])
+    return touch, overlap

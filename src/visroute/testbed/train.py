@@ -52,10 +52,19 @@ rather than Hugging Face's 0.02, and word embeddings at std 1: at 0.02 the small
 hundreds of steps. With `bf16` the matrix products run in bfloat16 (autocast; attention and the loss stay in
 float32): on CPUs with bfloat16 units that is much faster, and the weights are kept and exported in float32.
 
+Recipes (`RECIPES`, `recipe_config`; `visroute testbed train --recipe NAME`): "v2" is the TrainConfig defaults
+described above (the shipped model). "v3" builds no answer in: world-3 scenes (`world`: textures, clutter,
+salient distractors, lures, touching and overlapping objects), symbolic tokens from fixed random codes rather than
+word embeddings (`targets` "codes", see SymbolicTokens), the tower's pooled [CLS] trained to say which colours and
+shapes the image holds (`tower_cls`, phases 2 and 3, through a linear head used in training only), no hop
+pointer, no hidden background, no early-answer loss, and every decoder layer trained from the first step.
+"v3-grow" is v3 with the decoder grown 6 -> 12.
+
 Every `log_every` steps one line goes to log.jsonl (loss, teacher-forced answer accuracy per family, learning
 rate, elapsed time); from the end of phase 2 on, a greedy evaluation on a small held-out set is logged every
-`eval_every` steps. The training state is saved every `save_every` steps (train_state.pt) and `resume`
-continues from it. At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
+`eval_every` steps. The training state is saved every `save_every` steps and every `save_minutes` of wall time
+(train_state.pt, and a small `train_state_compact.pt`, see save_compact) and `resume` continues from it.
+At the end the model is exported as a Hugging Face folder (weights, config, tokenizer,
 processor) and the curve is plotted to curve.png.
 """
 
@@ -77,9 +86,11 @@ import torch.nn.functional as F
 from visroute.testbed import log
 from visroute.testbed.data import make_items
 from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
-from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, answer_of, ask, hop_targets_of
+from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, add_traps, answer_of, ask, hop_targets_of
 from visroute.testbed.scenes import (
-    ALL_COLORS, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render,
+    ALL_COLORS, DISTRACTOR_SHAPES, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, TEXTURES, Distractor,
+    distractor_tokens, object_tokens, random_scene, render, render_v3, texture_layout, texture_of_cells,
+    visible_tokens,
 )
 
 IGNORE = -100
@@ -167,6 +178,18 @@ class TrainConfig:
         "help": "init std of the decoder's o_proj and down_proj, relative to fan_in**-0.5"})
     match_layers: int = field(default=0, metadata={
         "help": "first decoder layers whose query projections start equal to their key projections"})
+    world: int = field(default=2, metadata={
+        "help": "scene generator: 2 (the v2 world) or 3 (textured backgrounds, clutter, salient distractors, lures, "
+                "touching and overlapping objects; see data.make_item)", "choices": (2, 3), "absent": 2})
+    targets: str = field(default="words", metadata={
+        "help": "symbolic visual tokens: 'words' (an object patch is the sum of the decoder's word embeddings of "
+                "its colour and shape, the background one learned vector: v2) or 'codes' (fixed random codes per "
+                "colour, shape, part, texture class and clutter, independent of the word embeddings: the decoder "
+                "must learn which code a word names)", "choices": ("words", "codes"), "absent": "words"})
+    tower_cls: float = field(default=0.0, metadata={
+        "help": "weight of the tower's image-level loss in phases 2 and 3 (0: none): its pooled [CLS] output, "
+                "through a linear head used in training only, predicts which colours and shapes the image holds "
+                "(multi-label cross-entropy)", "absent": 0.0})
     bf16: bool = field(default=True, metadata={
         "help": "matrix products in bfloat16 (autocast); attention, loss and weights stay float32"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads", "recipe": False})
@@ -175,6 +198,9 @@ class TrainConfig:
         "help": "phase-3 steps between two held-out evaluations (0: none)", "recipe": False})
     eval_items: int = field(default=180, metadata={"help": "size of that held-out set", "recipe": False})
     save_every: int = field(default=100, metadata={"help": "steps between two saves of the state", "recipe": False})
+    save_minutes: float = field(default=10.0, metadata={
+        "help": "also save the state once this many minutes have passed since the last save (0: by steps only; "
+                "on a busy machine a step can take far longer than usual)", "recipe": False})
 
     def __post_init__(self):
         for f in self.questions:
@@ -184,6 +210,8 @@ class TrainConfig:
             fam, eq, step = entry.partition("=")
             if fam not in FAMILIES or not eq or not step.strip().isdigit():
                 raise ValueError(f"unlock entries are family=step with a known family, not {entry!r}")
+        if self.world == 3 and self.targets != "codes":
+            raise ValueError("world 3 has no word targets for its textures and distractors: use targets 'codes'")
         low, high = self.scene_objects
         if not 0 <= low <= high <= MAX_OBJECTS:
             raise ValueError(f"scene_objects must be 0 <= fewest <= most <= {MAX_OBJECTS}, not {self.scene_objects}")
@@ -204,6 +232,36 @@ class TrainConfig:
         """The phase-1 step from which each family may be asked (with a gate, it may join later)."""
         given = {fam: int(step) for fam, _, step in (e.partition("=") for e in self.unlock)}
         return {f: given.get(f, 0) for f in FAMILIES}
+
+
+RECIPES: dict[str, dict] = {
+    # v2: the TrainConfig defaults (the shipped model).
+    "v2": {},
+    # v3: visual tokens the model learns (random codes, not word embeddings), the v3 world, a tower [CLS] trained
+    # on what the image holds, no auxiliary loss that favours one signal (no hop pointer, no hidden background,
+    # no early-answer loss) and a decoder trained at its full depth from the first step (no inserted layers).
+    "v3": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
+               tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
+               background_hidden=0.0),
+    # v3-grow: v3 with the decoder grown 6 -> 12 layers (a growth pattern that differs from v3's), to tell which
+    # findings depend on how the layers came about.
+    "v3-grow": dict(world=3, targets="codes", tower_cls=0.5, grow_from=6, deepen_steps=1500, symbolic_steps=5000,
+                    tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
+                    background_hidden=0.0),
+    # v3-pointer: v3 plus v2's hop-2 pointer loss (layer 5, the three multi-hop families): a declared variant
+    # that trains the middle layers' hidden state to point at the answer's object, so hidden-state similarity
+    # is favoured on it by construction; for a model that must reach the multi-hop bars if v3 alone does not.
+    "v3-pointer": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
+                       tower_steps=400, joint_steps=1000, hop_pointer=0.5, early=0.0, early_families=(),
+                       background_hidden=0.0),
+}
+
+
+def recipe_config(name: str, **overrides) -> TrainConfig:
+    """The TrainConfig of recipe `name` (RECIPES), with `overrides` on top."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **overrides})
 
 
 class PackedRows(NamedTuple):
@@ -427,15 +485,16 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         """Rows of (objects, questions, background seed); each background token stays visible to the
         questions with probability `visible` (one per row, or one for all); early-answer labels for the
         families in `early`."""
-        blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _ in scenes]
+        blocks = [[tok.question_block(q, objs, early) for q in questions] for objs, questions, _, _ in scenes]
         rows = pack([image_prefix] * len(scenes), blocks)
         if cfg.hop_pointer and step >= cfg.hop_pointer_start:
             rows = rows._replace(pointer=_pointer_targets(rows, scenes, cfg.hop_pointer_families))
-        labels = torch.stack([_patch_labels(objs) for objs, _, _ in scenes])
+        labels = torch.stack([_patch_labels(objs, scene, seed) for objs, _, seed, scene in scenes])
         visible = torch.as_tensor(visible, dtype=torch.float).reshape(-1, 1)
         hide = (labels[..., 0] == 0) & (torch.rand(labels.shape[:2], generator=generator) >= visible)
         rows.blk[:, first:first + GRID * GRID][hide] = HIDDEN
-        pixels = pixel_values([render(objs, seed) for objs, _, seed in scenes]) if draw else None
+        pixels = pixel_values([render(objs, seed) if scene is None else render_v3(objs, seed, scene)
+                               for objs, _, seed, scene in scenes]) if draw else None
         return rows._replace(pixels=pixels, labels=labels)
 
     scenes = []
@@ -444,7 +503,10 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         background_seed = rng.getrandbits(32)
         fams = question_families(cfg, step, rng, joined)
         questions, objs = ask(rng, random_scene(rng, *scene_sizes(cfg, step)), fams, templates=forms)
-        scenes.append((objs, questions, background_seed))
+        scene = None
+        if cfg.world == 3:
+            objs, scene = add_traps(rng, objs, questions, background_seed)
+        scenes.append((objs, questions, background_seed, scene))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     batch = {"image": image_rows(scenes, background_visible(cfg, step, len(scenes), g), g, cfg.early_families)}
     places = []
@@ -452,7 +514,8 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
         background_seed = rng.getrandbits(32)
         questions, objs = ask(rng, [], ["grounding"])
-        places.append((objs, questions, background_seed))
+        scene = {"layout": texture_layout(background_seed), "distractors": []} if cfg.world == 3 else None
+        places.append((objs, questions, background_seed, scene))
     if places:
         rows = drop_hidden(image_rows(places, 0.0, g))  # the place rows never see the background
         batch["place"] = rows._replace(fams=[["place" if f else "" for f in row] for row in rows.fams])
@@ -474,15 +537,15 @@ def _pointer_targets(rows: PackedRows, scenes, families: tuple[str, ...]) -> tor
     """(P, 2 + 144) for every question of `families`: its row, the position of its last question token (whose
     next-token label is the first answer token) and the patches of its hop-2 object (1 where they are)."""
     out = []
-    for i, (objs, questions, _) in enumerate(scenes):
+    for i, (objs, questions, _, _) in enumerate(scenes):
         for k, q in enumerate(questions, start=1):
             if q.family not in families:
                 continue
-            hop2 = objs[hop_targets_of(q, objs)[1][0]]
+            hop2 = hop_targets_of(q, objs)[1][0]
             at = int(((rows.blk[i] == k) & (rows.lab[i] != IGNORE)).nonzero()[0])
             target = torch.zeros(2 + GRID * GRID, dtype=torch.long)
             target[0], target[1] = i, at
-            target[2 + torch.tensor(object_tokens(hop2))] = 1
+            target[2 + torch.tensor(visible_tokens(objs, hop2))] = 1  # the patches where it shows
             out.append(target)
     return torch.stack(out) if out else None
 
@@ -501,15 +564,39 @@ SHAPE_IDS = {s: i + 1 for i, s in enumerate(list(SHAPES) + sorted(PRIOR_SHAPES))
 PARTS = ("whole", "top left", "top right", "bottom left", "bottom right")  # part ids 1..5; 0: no object
 
 
-def _patch_labels(objs) -> torch.Tensor:
+DISTRACTOR_COLOR_ID = len(ALL_COLORS) + 1  # world 3: the black of the salient distractors
+DISTRACTOR_SHAPE_IDS = {s: len(SHAPE_IDS) + 1 + i for i, s in enumerate(DISTRACTOR_SHAPES)}
+TEXTURE_IDS = {t: i + 1 for i, t in enumerate(TEXTURES)}  # 0: an object or distractor shows there
+
+
+def _patch_labels(objs, scene: dict | None = None, background_seed: int | None = None) -> torch.Tensor:
     """(GRID*GRID, 3) colour id, shape id and part id of the object painting each patch (0 where there is
-    none): part 1 for a small object, 2..5 for the quarters of a large one (see PARTS)."""
+    none): part 1 for a small object, 2..5 for the quarters of a large one (see PARTS). With a world-3 `scene`,
+    (GRID*GRID, 5): also the texture id (TEXTURE_IDS) and the clutter flag of every patch that shows neither an
+    object nor a distractor; a distractor's patches carry DISTRACTOR_COLOR_ID, its DISTRACTOR_SHAPE_IDS and part 0;
+    where objects overlap, the patch is the one drawn on top."""
+    if scene is not None:
+        return _patch_labels_v3(objs, scene)
     lab = torch.zeros(GRID * GRID, 3, dtype=torch.long)
     for o in objs:
         for t in object_tokens(o):
             lab[t, 0] = COLOR_IDS[o.color]
             lab[t, 1] = SHAPE_IDS[o.shape]
             lab[t, 2] = 1 if o.size == 1 else 2 + 2 * (t // GRID - o.y) + (t % GRID - o.x)
+    return lab
+
+
+def _patch_labels_v3(objs, scene: dict) -> torch.Tensor:
+    lab = torch.zeros(GRID * GRID, 5, dtype=torch.long)
+    lab[:, 3] = torch.from_numpy(texture_of_cells(scene["layout"])).long() + 1
+    lab[scene["layout"]["clutter"], 4] = 1
+    for d in scene.get("distractors", []):
+        d = Distractor(**d)
+        lab[distractor_tokens(d)] = torch.tensor([DISTRACTOR_COLOR_ID, DISTRACTOR_SHAPE_IDS[d.shape], 0, 0, 0])
+    for i, o in enumerate(objs):  # drawing order: an object drawn later takes the patches it shares
+        for t in visible_tokens(objs, i):
+            part = 1 if o.size == 1 else 2 + 2 * (t // GRID - o.y) + (t % GRID - o.x)
+            lab[t] = torch.tensor([COLOR_IDS[o.color], SHAPE_IDS[o.shape], part, 0, 0])
     return lab
 
 
@@ -546,10 +633,34 @@ class SymbolicTokens(torch.nn.Module):
     """The visual tokens the decoder learns on in phase 1 and the tower learns to produce in phases 2 and 3:
     embed(colour word) + embed(shape word) + a learned vector of the object part for a patch an object paints,
     a learned `nothing` vector for the background, plus a learned vector for the patch's column and one for its
-    row. Used only in training; not part of the exported model."""
+    row. Used only in training; not part of the exported model.
 
-    def __init__(self, dim: int, tok: _Tok):
+    With `mode` "codes" (recipe v3) the vectors of colours, shapes, parts, texture classes and clutter are fixed
+    random codes (buffers drawn from `code_seed`, std 1 like the word embeddings, never trained), unrelated to
+    any word embedding: an object patch is colour code + shape code + part code, a background patch texture
+    code (+ the clutter code where a clutter mark lies), a distractor patch the black code + its shape code; each
+    plus the learned place vectors. Index 0 of every table is the zero vector ("none"). Labels are then the
+    5-column world-3 labels of `_patch_labels`."""
+
+    def __init__(self, dim: int, tok: _Tok, mode: str = "words", code_seed: int = 0):
         super().__init__()
+        if mode not in ("words", "codes"):
+            raise ValueError(f"unknown symbolic mode {mode!r}")
+        self.mode = mode
+        if mode == "codes":
+            g = torch.Generator().manual_seed(1_000_003 * code_seed + 77)
+
+            def table(n: int) -> torch.Tensor:
+                return torch.cat([torch.zeros(1, dim), torch.randn(n, dim, generator=g)])
+
+            self.register_buffer("color_codes", table(DISTRACTOR_COLOR_ID))
+            self.register_buffer("shape_codes", table(len(SHAPE_IDS) + len(DISTRACTOR_SHAPES)))
+            self.register_buffer("part_codes", table(len(PARTS)))
+            self.register_buffer("texture_codes", table(len(TEXTURES)))
+            self.register_buffer("clutter_code", torch.randn(dim, generator=g))
+            self.column = torch.nn.Parameter(torch.randn(GRID, dim, generator=g) * 0.5)
+            self.row = torch.nn.Parameter(torch.randn(GRID, dim, generator=g) * 0.5)
+            return
         self.register_buffer("color_words", torch.tensor([tok.ids(c)[0] for c in ALL_COLORS]), persistent=False)
         self.register_buffer("shape_words", torch.tensor([tok.ids(s)[0] for s in SHAPE_IDS]), persistent=False)
         self.nothing = torch.nn.Parameter(torch.randn(dim))
@@ -563,7 +674,14 @@ class SymbolicTokens(torch.nn.Module):
         return (self.row[:, None, :] + self.column[None, :, :]).flatten(0, 1)
 
     def forward(self, labels: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        """(B, GRID*GRID, dim) tokens for per-patch (colour, shape, part) ids, `embed` the word embeddings."""
+        """(B, GRID*GRID, dim) tokens for per-patch (colour, shape, part) ids, `embed` the word embeddings (not
+        used by the "codes" mode)."""
+        if self.mode == "codes":
+            if labels.shape[-1] != 5:
+                raise ValueError("symbolic codes need the 5-column labels of a world-3 scene")
+            return (self.color_codes[labels[..., 0]] + self.shape_codes[labels[..., 1]]
+                    + self.part_codes[labels[..., 2]] + self.texture_codes[labels[..., 3]] + labels[..., 4, None].float() * self.clutter_code
+                    + self.place)
         color, shape, part = labels[..., 0], labels[..., 1], labels[..., 2]
         obj = (embed[self.color_words[(color - 1).clamp(min=0)]] + embed[self.shape_words[(shape - 1).clamp(min=0)]]
                + self.part[(part - 1).clamp(min=0)])
@@ -646,11 +764,42 @@ def grow(model, cfg: TrainConfig) -> None:
                 layer.mlp.down_proj.weight.zero_()
 
 
-def projected_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
-    """(N, 144, dim) projector outputs for `pixels`: the visual tokens the model feeds its decoder."""
-    feats = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                           vision_feature_select_strategy="default").pooler_output
-    return torch.stack(list(feats)).float()
+def projected_tokens(model, pixels: torch.Tensor, with_cls: bool = False):
+    """(N, 144, dim) projector outputs for `pixels`: the visual tokens the model feeds its decoder. With
+    `with_cls`, also (N, tower hidden) the tower's pooled [CLS] output (CLIP's post-layernorm of the last
+    layer's [CLS] state), from the same forward pass."""
+    out = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="default")
+    tokens = torch.stack(list(out.pooler_output)).float()
+    if not with_cls:
+        return tokens
+    return tokens, model.model.vision_tower.post_layernorm(out.last_hidden_state[:, 0]).float()
+
+
+N_IMAGE_CLASSES = len(ALL_COLORS) + len(SHAPE_IDS)  # what the tower's [CLS] predicts: colours, shapes present
+
+
+def image_head(model) -> torch.nn.Linear:
+    """The training-only linear head on the tower's pooled [CLS] output (see TrainConfig.tower_cls)."""
+    return torch.nn.Linear(model.config.vision_config.hidden_size, N_IMAGE_CLASSES)
+
+
+def image_classes(labels: torch.Tensor) -> torch.Tensor:
+    """(N, N_IMAGE_CLASSES) 1 for every colour and every shape some object shows in the image, from its patch
+    labels (distractors, textures and clutter are not objects)."""
+    out = torch.zeros(labels.shape[0], N_IMAGE_CLASSES)
+    for i in range(labels.shape[0]):
+        colors = labels[i, :, 0][(labels[i, :, 0] >= 1) & (labels[i, :, 0] <= len(ALL_COLORS))]
+        shapes = labels[i, :, 1][(labels[i, :, 1] >= 1) & (labels[i, :, 1] <= len(SHAPE_IDS))]
+        out[i, colors - 1] = 1.0
+        out[i, len(ALL_COLORS) + shapes - 1] = 1.0
+    return out
+
+
+def cls_loss(head: torch.nn.Linear, cls: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label cross-entropy of the image-level head against `image_classes(labels)`."""
+    with torch.autocast("cpu", enabled=False):
+        return F.binary_cross_entropy_with_logits(head(cls.float()), image_classes(labels))
 
 
 def patch_loss(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -676,9 +825,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _trainable(model, symbolic: SymbolicTokens, phase: str, layers: list[int] | None = None
-               ) -> list[torch.nn.Parameter]:
+def _trainable(model, symbolic: SymbolicTokens, phase: str, layers: list[int] | None = None,
+               head: torch.nn.Module | None = None) -> list[torch.nn.Parameter]:
     tower = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    tower += list(head.parameters()) if head is not None else []
     if phase == "tower":
         return tower
     decoder = model.model.language_model
@@ -731,18 +881,29 @@ def precision(model, cfg: TrainConfig):
 
 
 def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, batch: dict[str, PackedRows],
-               window: "_Window"):
-    """Forward and backward of one step (the caller steps the optimizer)."""
+               window: "_Window", head: torch.nn.Linear | None = None):
+    """Forward and backward of one step (the caller steps the optimizer). `head`: the image-level head of the
+    tower's [CLS] (trained in phases 2 and 3 when cfg.tower_cls > 0)."""
     phase = cfg.phase(step)[0]
     embed = model.get_input_embeddings().weight
     target = symbolic(batch["image"].labels, embed)
+    use_cls = head is not None and cfg.tower_cls > 0 and phase in ("tower", "joint")
+    cls_term = 0.0
     with precision(model, cfg):
+        if phase in ("tower", "joint"):
+            tokens = projected_tokens(model, batch["image"].pixels, with_cls=use_cls)
+            if use_cls:
+                tokens, cls = tokens
+                cls_value = cls_loss(head, cls, batch["image"].labels)
+                cls_term = cfg.tower_cls * cls_value
+                window.add(cls=float(cls_value.detach()))
         if phase == "tower":
-            loss = patch_loss(projected_tokens(model, batch["image"].pixels), target.detach())
-            loss.backward()
+            loss = patch_loss(tokens, target.detach())
+            (loss + cls_term).backward()
             window.add(patch=float(loss.detach()))
             return
-        tokens = target if phase in ("symbolic", "deepen") else projected_tokens(model, batch["image"].pixels)
+        if phase in ("symbolic", "deepen"):
+            tokens = target
         layers = active_layers(cfg, step, len(model.model.language_model.layers))
         losses, early_losses, count, pointer_term = [], [], 0, 0.0
         for name, rows in batch.items():
@@ -768,7 +929,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             count += n
             window.add_stats(stats)
         total = torch.stack(losses).sum() / count
-        objective = total + pointer_term
+        objective = total + pointer_term + cls_term
         if early_losses:
             early_total = torch.stack(early_losses).mean()
             objective = objective + early_weight(cfg, step) * early_total
@@ -801,39 +962,50 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out / "train_state.pt", out / "log.jsonl"
+    compact_path = out / COMPACT_STATE
     model = build_model(cfg.size, cfg.seed)
     init_weights(model, cfg.plurals, cfg.match_layers, cfg.out_scale)
     tok = _Tok()
-    symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok)
+    symbolic = SymbolicTokens(model.config.text_config.hidden_size, tok, cfg.targets, cfg.seed)
+    head = image_head(model) if cfg.tower_cls > 0 else None
     start, elapsed, opt_state = 0, 0.0, None
     joined = {f: s for f, s in cfg.unlock_steps().items() if s == 0} if cfg.gate else cfg.unlock_steps()
     window = _Window()
+    rewarm_from = None  # after a resume from the compact state: the step its fresh optimizer starts at
+    if resume and not state_path.exists() and compact_path.exists():
+        state_path, rewarm_from = compact_path, -1
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if _recipe(state["config"]) != _recipe(asdict(cfg)):
             raise ValueError(f"{state_path} was written with other training settings: {state['config']}")
         model.load_state_dict(state["model"])
         symbolic.load_state_dict(state["symbolic"])
+        if head is not None:
+            head.load_state_dict(state["head"])
         start, elapsed = state["step"], state["elapsed"]
         joined, window = state["joined"], state["window"]
-        if start < cfg.steps and state["phase"] == cfg.phase(start)[0]:
+        if start < cfg.steps and state["phase"] == cfg.phase(start)[0] and "optimizer" in state:
             opt_state = state["optimizer"]
+        if rewarm_from is not None:
+            rewarm_from = start
         log.truncate(log_path, start)
     elif log_path.exists():
         log_path.unlink()
     processor = build_processor()
-    held_out = make_items(cfg.eval_items, seed=HELDOUT_SEED + 1)  # a small set apart from the reported one
+    held_out = make_items(cfg.eval_items, seed=HELDOUT_SEED + 1, world=cfg.world)  # apart from the reported set
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last = t_saved = time.perf_counter()
     opt, opt_phase = None, None
     for step in range(start, cfg.steps):
         phase, d, n = cfg.phase(step)
         if step == cfg.symbolic_steps and cfg.grow_from:
             grow(model, cfg)
         if phase != opt_phase:  # every phase trains its own parameters with a fresh optimizer
-            params = _trainable(model, symbolic, phase, active_layers(cfg, step, len(model.model.language_model.layers)))
-            for p in list(model.parameters()) + list(symbolic.parameters()):
+            layers = active_layers(cfg, step, len(model.model.language_model.layers))
+            params = _trainable(model, symbolic, phase, layers, head)
+            everything = list(model.parameters()) + list(symbolic.parameters())
+            for p in everything + (list(head.parameters()) if head is not None else []):
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
@@ -842,10 +1014,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
                 opt.load_state_dict(opt_state)
                 opt_state = None
             bar.set_description(f"train ({phase})")
+        lr = lr_at(cfg, step)
+        if rewarm_from is not None and step - rewarm_from < cfg.warmup:  # fresh AdamW moments: warm up again
+            lr *= (step - rewarm_from + 1) / cfg.warmup
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        train_step(model, symbolic, cfg, step, make_batch(cfg, step, tok, joined), window)
+        train_step(model, symbolic, cfg, step, make_batch(cfg, step, tok, joined), window, head)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         now = time.perf_counter()
@@ -871,11 +1046,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
             model.train()
             log.append(log_path, {"step": done, "eval": acc, "elapsed_s": round(elapsed, 1)})
             t_last = time.perf_counter()
-        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at:
+        overdue = cfg.save_minutes > 0 and time.perf_counter() - t_saved >= 60 * cfg.save_minutes
+        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at or overdue:
             torch.save({"model": model.state_dict(), "symbolic": symbolic.state_dict(),
                         "optimizer": opt.state_dict(), "phase": phase, "step": done, "elapsed": elapsed,
-                        "joined": joined, "window": window, "config": asdict(cfg)}, state_path)
-            t_last = time.perf_counter()
+                        "joined": joined, "window": window, "config": asdict(cfg),
+                        **({"head": head.state_dict()} if head is not None else {})}, out / "train_state.pt")
+            save_compact(compact_path, model, symbolic, head, phase, done, elapsed, joined, window, cfg)
+            t_last = t_saved = time.perf_counter()
         if done == stop_at:
             bar.close()
             return None
@@ -884,6 +1062,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     folder = export(model, out / "model")
     log.plot_curve(log_path, out / "curve.png")
     return folder
+
+
+COMPACT_STATE = "train_state_compact.pt"
+
+
+def save_compact(path: Path, model, symbolic: SymbolicTokens, head, phase: str, step: int, elapsed: float,
+                 joined: dict, window: "_Window", cfg: TrainConfig) -> None:
+    """A small resume point beside train_state.pt (about a fifth of its size: float weights in bfloat16, no
+    optimizer state), small enough to keep in a repository. `train(resume=True)` falls back to it when
+    train_state.pt is missing: the weights come back rounded to bfloat16 and AdamW starts with fresh moments
+    (its learning rate warms up again over `warmup` steps), so the run goes on close to, not exactly as, an
+    uninterrupted one."""
+    def small(sd: dict) -> dict:
+        return {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in sd.items()}
+
+    torch.save({"model": small(model.state_dict()), "symbolic": symbolic.state_dict(), "phase": phase,
+                "step": step, "elapsed": elapsed, "joined": joined, "window": window, "config": asdict(cfg),
+                **({"head": head.state_dict()} if head is not None else {})}, path)
 
 
 class _Window:
@@ -909,7 +1105,7 @@ class _Window:
         out = {}
         if self.sums.get("tokens"):
             out["loss"] = self.sums["loss"] / self.sums["tokens"]
-        for k in ("patch", "early", "pointer"):
+        for k in ("patch", "early", "pointer", "cls"):
             if k in self.sums:
                 out[f"{k}_loss"] = self.sums[k] / self.steps[k]
         if self.stats:
