@@ -301,12 +301,16 @@ def test_token_alignment_finds_what_v2_built_in():
     """The measure sees the shipped v2 model's construction: object tokens near their own colour and shape word
     embeddings (the science review measured 0.62 against 0.25), every background token one vector plus its place."""
     from visroute.testbed import load_model
-    from visroute.testbed.quality import ALIGNMENT_GAP, BACKGROUND_COS, token_alignment
+    from visroute.testbed.quality import ALIGNMENT_GAP, BACKGROUND_COS, alignment_checks, token_alignment
 
     model, _ = load_model()
     got = token_alignment(model, make_items(18, seed=1007, world=3))
     assert got["own_cos"] > 0.5 and got["own_cos"] - got["other_cos"] > 2 * ALIGNMENT_GAP
     assert got["background_cos"] > BACKGROUND_COS
+    # `testbed bars` reports both as missed checks
+    checks = alignment_checks(model, make_items(18, seed=1007, world=3))
+    assert [(c.what, c.met) for c in checks] == [("own - other word-sum cosine", False), ("background cosine", False)]
+    assert checks[1].value == pytest.approx(got["background_cos"])
 
 
 def _extra_models() -> list[str]:

@@ -5,6 +5,8 @@ On held-out items, greedy:
 - unrouted accuracy per family at least `UNROUTED_BARS` (boxes correct at IoU >= 0.5);
 - the blind control (the image removed) within `BLIND_MARGIN` of the majority rate of every vision family (the
   model answers from the image, not from the question's words), and the blind-solvable family at its bar;
+- the visual tokens are learned, not dictated (`alignment_checks`): object tokens are not the sums of their
+  colour and shape word embeddings, background tokens are not one vector;
 - the instrument discriminates: with one prune stage at layer `LAYER` keeping `KEEP` visual tokens, the oracle
   (the tokens of every hop: the objects the question names and the ones the answer is about) loses at most
   `ORACLE_LOSS` on every family, and random selection loses at least `RANDOM_LOSS` on the multi-hop families:
@@ -94,7 +96,19 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
             loss = u - acc["random"][fam]
             checks.append(Check(fam, f"random loss @L{layer}:{keep}", loss, f">= {RANDOM_LOSS:.2f}",
                                 loss >= RANDOM_LOSS - 1e-9))
-    return checks, acc
+    return checks + alignment_checks(evaluator.model, evaluator.items), acc
+
+
+def alignment_checks(model, items) -> list[Check]:
+    """The two construction bars on `items`' images (`token_alignment`): object tokens not word-embedding sums
+    (own minus other colour's cosine at most ALIGNMENT_GAP), background tokens not one vector (mean cosine at one
+    grid position across images at most BACKGROUND_COS)."""
+    got = token_alignment(model, items)
+    gap = got["own_cos"] - got["other_cos"]
+    return [Check("visual tokens", "own - other word-sum cosine", gap, f"<= {ALIGNMENT_GAP:.2f}",
+                  gap <= ALIGNMENT_GAP),
+            Check("visual tokens", "background cosine", got["background_cos"], f"<= {BACKGROUND_COS:.2f}",
+                  got["background_cos"] <= BACKGROUND_COS)]
 
 
 def split_by_budget(unrouted: list[ItemResult], oracle: list[ItemResult]) -> dict[str, dict[str, float]]:
@@ -126,7 +140,7 @@ def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: 
             lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     lines += ["", "| family | check | value | bar | met |", "|---|---|---|---|---|"]
     for c in checks:
-        value = f"{c.value:+.3f}" if c.what not in ("unrouted", "blind") else f"{c.value:.3f}"
+        value = f"{c.value:+.3f}" if c.what not in ("unrouted", "blind", "background cosine") else f"{c.value:.3f}"
         lines.append(f"| {c.family} | {c.what} | {value} | {c.bar} | {'yes' if c.met else '**no**'} |")
     missed = [c for c in checks if not c.met]
     lines += ["", f"{len(checks) - len(missed)} of {len(checks)} checks met"
