@@ -401,6 +401,8 @@ def test_v3_training_resumes_exactly_and_from_the_compact_state(tmp_path, monkey
     assert os.path.getsize(compact) < 0.4 * os.path.getsize(full)
     state = torch.load(compact, weights_only=False)
     assert state["step"] == 2 and "optimizer" not in state
+    # neither state keeps a path of the machine that trained it
+    assert state["config"]["out"] == "c" == torch.load(full, weights_only=False)["config"]["out"]
     full.unlink()
     assert train(_tiny_v3(tmp_path / "c", save_every=100), resume=True, progress=False) is not None
     saved = []

@@ -1050,7 +1050,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         if done % cfg.save_every == 0 or done == cfg.steps or done == stop_at or overdue:
             torch.save({"model": model.state_dict(), "symbolic": symbolic.state_dict(),
                         "optimizer": opt.state_dict(), "phase": phase, "step": done, "elapsed": elapsed,
-                        "joined": joined, "window": window, "config": asdict(cfg),
+                        "joined": joined, "window": window, "config": stored_config(cfg),
                         **({"head": head.state_dict()} if head is not None else {})}, out / "train_state.pt")
             save_compact(compact_path, model, symbolic, head, phase, done, elapsed, joined, window, cfg)
             t_last = t_saved = time.perf_counter()
@@ -1067,6 +1067,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
 COMPACT_STATE = "train_state_compact.pt"
 
 
+def stored_config(cfg: TrainConfig) -> dict:
+    """The config as a saved state keeps it: the output folder by its name only, so that a state committed to a
+    repository carries no path of the machine that trained it (a resumed run takes its folder from `--out`)."""
+    return {**asdict(cfg), "out": Path(cfg.out).name}
+
+
 def save_compact(path: Path, model, symbolic: SymbolicTokens, head, phase: str, step: int, elapsed: float,
                  joined: dict, window: "_Window", cfg: TrainConfig) -> None:
     """A small resume point beside train_state.pt (about a fifth of its size: float weights in bfloat16, no
@@ -1078,7 +1084,7 @@ def save_compact(path: Path, model, symbolic: SymbolicTokens, head, phase: str, 
         return {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in sd.items()}
 
     torch.save({"model": small(model.state_dict()), "symbolic": symbolic.state_dict(), "phase": phase,
-                "step": step, "elapsed": elapsed, "joined": joined, "window": window, "config": asdict(cfg),
+                "step": step, "elapsed": elapsed, "joined": joined, "window": window, "config": stored_config(cfg),
                 **({"head": head.state_dict()} if head is not None else {})}, path)
 
 
