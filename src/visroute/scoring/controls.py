@@ -208,7 +208,12 @@ class PoolScorer(Scorer):
     proportion to their tokens (largest remainder); image i keeps the centre token of each of the k_i blocks of
     `pool_blocks`. Paired with the `pool_average` merge at layer 0, each kept token enters the decoder as the
     mean of its block: the visual token grid average-pooled to the budget's count. Deterministic, uses no
-    model state."""
+    model state.
+
+    Departure from feeding a downsampled image (VTC-Bench's control): each pooled token keeps the rotary position
+    of its block's centre and the text keeps its own, as every pruning method here keeps its tokens' positions, so
+    that pooling differs from selection in the tokens' content only; a downsampled image would instead give k
+    contiguous positions and move the text k - N positions earlier. The effect of that difference is not measured."""
 
     name = "pool"
     description = "pooling control: the centre token of each pooling block (pair with merge pool_average at layer 0)"
