@@ -99,9 +99,6 @@ def note_primary(grid: Grid, db: str | Path) -> None:
 
 def describe(identity: dict[str, Any]) -> str:
     """One line naming a database's grid and model(s)."""
-    if is_index(identity):
-        models = ", ".join(f"{m['label']!r}" for m in identity["models"])
-        return f"grid {identity.get('grid')!r} version {identity.get('version')}, models {models}"
-    model = identity.get("model", {})
-    return (f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.get('path')!r} "
-            f"({model.get('dtype')})")
+    from visroute.evaluation.store import _describe
+
+    return _describe(identity)

@@ -340,6 +340,9 @@ def _alive(owner: str, when: float) -> bool:
 
 
 def _describe(identity: dict) -> str:
+    if "models" in identity:  # a study's index over several models (visroute.evaluation.layout)
+        labels = ", ".join(repr(m.get("label")) for m in identity["models"])
+        return f"grid {identity.get('grid')!r} version {identity.get('version')}, models {labels}"
     model = dict(identity.get("model", {}))
     text = f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.pop('path', None)!r}"
     rest = ", ".join(f"{k} {v}" for k, v in sorted(model.items()) if v is not None)  # dtype, box frame, ...
