@@ -227,6 +227,11 @@ def test_a_grid_over_two_models_runs_lists_reports_and_resumes(two_models, tmp_p
     assert row[3].startswith(f"{np.mean(diffs):+.3f}")
     assert row[4].startswith(f"{diffs[0]:+.3f}") and row[5].startswith(f"{diffs[1]:+.3f}")
 
+    # `study pooled` on the index reads every model's database and the contrasts recorded there: the same rows
+    assert main(["study", "pooled", "--db", str(db), "--out", str(tmp_path / "pooled")]) == 0
+    pooled = (tmp_path / "pooled" / "pooled.md").read_text()
+    assert _line(pooled, "| testbed | prune/text_attention") == _line(text, "| testbed | prune/text_attention")
+
     # another list of models is another study: refused before anything runs, the databases untouched
     other = _grid(tmp_path / "other.yaml", ["testbed-mute", "testbed"])
     assert main(["study", "run", str(other), "--db", str(db), "--no-progress"]) == 2

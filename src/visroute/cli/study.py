@@ -8,6 +8,8 @@ and reports with intervals and plots (visroute.evaluation).
     visroute study report --db results.sqlite --out report/
     visroute study grids                                                 # the shipped grids and their paths
     visroute study pooled --db llava.sqlite --db qwen.sqlite --grid grid.yaml --out pooled/   # across models
+    visroute study run models.yaml --db study.sqlite     # a grid with `models:`: study.<model>.sqlite for each,
+    visroute study report --db study.sqlite --out report/   # study.sqlite their index; each model, then pooled
 """
 
 from __future__ import annotations
