@@ -248,3 +248,10 @@ def _correct(db, name):
         "SELECT item_id, correct FROM results JOIN runs USING (run_id) WHERE name = ?", (name,))}
     con.close()
     return out
+
+
+def test_a_missing_model_is_named_before_any_model_runs(tmp_path, capsys):
+    grid = _grid(tmp_path / "grid.yaml", ["testbed", "./no-such-model"])
+    assert main(["study", "run", str(grid), "--db", str(tmp_path / "study.sqlite"), "--no-progress"]) == 2
+    assert "no-such-model: no such folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "grid.yaml"]  # neither the index nor a model's database
