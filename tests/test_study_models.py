@@ -122,12 +122,12 @@ def test_report_tests_the_recorded_primary_contrasts_with_holm(tmp_path):
     # a - b on the vision-required items 0-4: d = [1, 1, 1, 0, 0]: mean 3/5; three equal non-zero differences:
     # exact sign-flip p = 2 / 2^3 = 0.25
     first = _line(text, "| testbed | a - b | vision_required |").split(" | ")
-    assert first[3].startswith("+0.600") and first[5] == "0.2500"
+    assert first[3].startswith("+0.600") and first[4:6] == ["5", "0.2500"]
     # c - b on all items: d = [0, 1, 0, 0, 0, 1]: mean 2/6, p = 2 / 2^2 = 0.5
     second = _line(text, "| testbed | c - b | all |").split(" | ")
-    assert second[3].startswith("+0.333") and second[5] == "0.5000"
+    assert second[3].startswith("+0.333") and second[4:6] == ["6", "0.5000"]
     # Holm over the two, by hand: 2 x 0.25 = 0.5; then max(0.5, 1 x 0.5) = 0.5
-    assert first[6] == "0.5000" and second[6] == "0.5000"
+    assert first[6] == "0.5000 |" and second[6] == "0.5000 |"
     assert "Comparisons between configs here are exploratory" in _line(text, "Model `m`")
 
 

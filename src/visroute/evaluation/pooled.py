@@ -248,16 +248,28 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
                   "exploratory.", ""]
     else:
         rows = primary_table(models, contrasts, seed, samples)
-        lines += ["## Primary contrasts (declared in the grid, Holm-corrected)", "",
-                  "a - b in accuracy on the same items (matched by id across models); p from a paired sign-flip "
-                  "test over items (an item flips for every model at once; exact up to 16 differing items, else "
-                  "10,000 random sign vectors; models weighed equally; p conditions on the models, whose variation "
-                  "shows in the pooled interval and the flag), Holm-adjusted over the rows of this table. Every "
-                  "other comparison in the reports is exploratory.", "",
-                  "| task | contrast | items | pooled [95% CI] | " + " | ".join(names) + " | p | p (Holm) | |",
-                  "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+        lines += ["## Primary contrasts (declared in the grid, Holm-corrected)", ""]
+        if len(names) > 1:
+            lines += ["a - b in accuracy on the same items (matched by id across models); p from a paired sign-flip "
+                      "test over items (an item flips for every model at once; exact up to 16 differing items, else "
+                      "10,000 random sign vectors; models weighed equally; p conditions on the models, whose "
+                      "variation shows in the pooled interval and the flag), Holm-adjusted over the rows of this "
+                      "table. Every other comparison in the reports is exploratory.", "",
+                      "| task | contrast | items | pooled [95% CI] | " + " | ".join(names) + " | p | p (Holm) | |",
+                      "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+        else:
+            lines += ["a - b in accuracy on the same items, with a paired bootstrap interval over items (95%); p "
+                      "from a paired sign-flip test over items (exact up to 16 differing items, else 10,000 random "
+                      "sign vectors), Holm-adjusted over the rows of this table. Every other comparison in this "
+                      "report is exploratory.", "",
+                      "| task | contrast | items | a - b [95% CI] | n | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             c, pooled = r["contrast"], r["pooled"]
+            if len(names) == 1:
+                one = pooled.per_model[names[0]]
+                lines.append(f"| {r['task']} | {c.label} | {c.items} | {_ci(one, True)} | {one.n} | {r['p']:.4f} | "
+                             f"{r['p_holm']:.4f} |")
+                continue
             cells = [_ci(pooled.per_model[m], True) + f" (n={pooled.per_model[m].n})" for m in names]
             flag = "model-specific" if pooled.model_specific else ""
             lines.append(f"| {r['task']} | {c.label} | {c.items} | {_ci(pooled.pooled, True)} | " + " | ".join(cells)
