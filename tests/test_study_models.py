@@ -129,6 +129,13 @@ def test_report_tests_the_recorded_primary_contrasts_with_holm(tmp_path):
     # Holm over the two, by hand: 2 x 0.25 = 0.5; then max(0.5, 1 x 0.5) = 0.5
     assert first[6] == "0.5000 |" and second[6] == "0.5000 |"
     assert "Comparisons between configs here are exploratory" in _line(text, "Model `m`")
+    # a grid given to `study report` replaces the recorded declaration (a database run before it was recorded)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "tasks": ["testbed"], "primary": [["c", "b"]], "configs": [
+        {"name": n, "config": _stage("random", 1)} for n in "abc"]}))
+    assert main(["study", "report", "--db", str(db), "--out", str(tmp_path / "g"), "--grid", str(grid)]) == 0
+    text = (tmp_path / "g" / "report.md").read_text()
+    assert "| testbed | c - b | vision_required |" in text and "| testbed | a - b |" not in text
 
 
 def test_report_gives_chance_corrected_accuracy_beside_vision_required(tmp_path):

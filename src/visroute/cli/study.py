@@ -58,6 +58,8 @@ def add_parser(sub) -> None:
                                          "index over several models: each model, then pooled)")
     rep.add_argument("--db", required=True)
     rep.add_argument("--out", required=True, help="output folder")
+    rep.add_argument("--grid", help="test this grid's `primary` contrasts (YAML or shipped name) instead of those "
+                                    "recorded in the database when the grid was run")
     rep.add_argument("--delta", type=float, help="the information horizon's margin: best - random below it "
                                                  "(default 0.05, visroute.evaluation.statistics.HORIZON_DELTA)")
     rep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals and the item split "
@@ -257,7 +259,10 @@ def _delta(args) -> dict:
 def report_study(args) -> int:
     from visroute.evaluation.report import write_report
 
-    path = write_report(args.db, args.out, seed=args.seed, **_delta(args))
+    from visroute.evaluation.grid import load_grid
+
+    contrasts = load_grid(args.grid).primary if args.grid else None
+    path = write_report(args.db, args.out, seed=args.seed, contrasts=contrasts, **_delta(args))
     print(f"report written to {path}")
     return 0
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from visroute.evaluation import metrics as M
-from visroute.evaluation.grid import keep_name
+from visroute.evaluation.grid import Contrast, keep_name
 from visroute.evaluation.statistics import HORIZON_DELTA, loyalty
 from visroute.evaluation.store import Row, Run, Store
 
@@ -431,9 +431,11 @@ def _table(summaries: list[RunSummary], expected: int) -> list[str]:
     return lines
 
 
-def write_report(db: str | Path, out: str | Path, seed: int = 0, delta: float = HORIZON_DELTA) -> Path:
+def write_report(db: str | Path, out: str | Path, seed: int = 0, delta: float = HORIZON_DELTA,
+                 contrasts: "list[Contrast] | None" = None) -> Path:
     """Write `report.md` and the PNG plots of every task in database `db` (or of every model of the study whose
-    index `db` is) into folder `out`; returns the report's path. `delta`: the information horizon's margin."""
+    index `db` is) into folder `out`; returns the report's path. `delta`: the information horizon's margin;
+    `contrasts`: the primary contrasts to test (default: those recorded in `db` when its grid was run)."""
     from visroute.evaluation.layout import databases, describe, is_index, primary_contrasts
     from visroute.evaluation.pooled import pooled_sections
 
@@ -442,7 +444,7 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0, delta: float = 
         identity = store.identity
     finally:
         store.close()
-    contrasts = primary_contrasts(db)
+    contrasts = primary_contrasts(db) if contrasts is None else contrasts
     out = Path(out)
     several = is_index(identity)
     models: dict[str, dict[str, list[RunSummary]]] = {}
