@@ -8,7 +8,7 @@ import pytest
 
 from visroute.evaluation.report import RunSummary
 from visroute.evaluation.store import Row, Run, Store
-from visroute.evaluation.study import horizon, matched_pairs, position_bias, reentry, signal_differences
+from visroute.evaluation.study import matched_pairs, position_bias, reentry, signal_differences
 
 
 def summary(name, config, rows):
@@ -44,16 +44,6 @@ def test_position_bias_is_the_selection_rate_per_row_and_column_relative_to_unif
     np.testing.assert_allclose(bias["cols"], [0.75, 1.5, 0.75])  # picks by column 1, 2, 1 of 4; uniform 4/3
     listed = summary("fastv@16", config, rows)  # a listed (method) config is not pooled with the sweep
     assert position_bias([listed]) == {}
-
-
-def test_the_information_horizon_is_where_random_stays_within_two_points():
-    table = {"random": {0: 0.30, 1: 0.50, 2: 0.69, 3: 0.80}, "a": {0: 0.60, 1: 0.70, 2: 0.70, 3: 0.81},
-             "oracle": {0: 0.99, 1: 0.99, 2: 0.99, 3: 0.99}}
-    assert horizon(table) == 2  # 0.69 >= 0.70 - 0.02 and 0.80 >= 0.81 - 0.02; at layer 1 0.50 < 0.68
-    table["random"][2] = 0.67
-    assert horizon(table) == 3
-    table["random"][3] = 0.70
-    assert horizon(table) is None
 
 
 def test_signal_differences_pair_each_signal_with_random_on_the_vision_required_items():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from visroute.cli import main
-from visroute.evaluation.report import information_horizon, pareto_front, summarize
+from visroute.evaluation.report import pareto_front, summarize
 from visroute.evaluation.store import Store
 
 N = 24
@@ -117,18 +117,5 @@ def test_report_writes_markdown_and_plots(study):
     assert "Information horizon" in text and "Blind-solvable:" in text
 
 
-def test_pareto_front_and_horizon_on_fixed_points():
+def test_pareto_front_on_fixed_points():
     assert pareto_front([(10, 0.5), (5, 0.6), (20, 0.55), (20, 0.7), (1, 0.1)]) == [(1, 0.1), (5, 0.6), (20, 0.7)]
-
-    class S:  # a stand-in summary: a single-stage prune config and its accuracy
-        def __init__(self, scorer, layer, acc):
-            self.accuracy, self._st = acc, ("prune", scorer, layer, "k0.1")
-
-        def single_stage(self):
-            return self._st
-
-    runs = [S("random", 0, 0.40), S("attn", 0, 0.60), S("random", 2, 0.59), S("attn", 2, 0.60),
-            S("random", 4, 0.50), S("attn", 4, 0.60), S("random", 6, 0.60), S("attn", 6, 0.61),
-            S("oracle", 6, 0.90)]
-    # within 2 points at layers 2 and 6 but not 4: the horizon is 6 (the oracle, a control, does not count)
-    assert information_horizon(runs) == {"k0.1": 6}

@@ -615,20 +615,28 @@ def test_lazy_help_lines_match_the_full_parser():
 
 
 def test_the_readme_documents_every_grid_key():
-    from visroute.evaluation.grid import ModelSpec
+    """The README's grid block holds every key the parser takes (the parser's own key sets, so a new key cannot
+    go undocumented), and parses; its commented `models:` line parses as a multi-model grid."""
+    from visroute.evaluation.grid import CONFIG_KEYS, CONTRAST_KEYS, GRID_KEYS, SWEEP_KEYS, TASK_KEYS, ModelSpec
 
     text = (Path(__file__).parent.parent / "README.md").read_text()
     block = text.split("### The grid format", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     grid = yaml.safe_load(block)
-    assert set(grid) == {"name", "version", "description", "model", "tasks", "configs", "sweep"}
+    assert set(grid) | {"models"} == GRID_KEYS and "\n# models:" in block
     assert set(grid["model"]) == set(ModelSpec.__dataclass_fields__)
-    assert set(grid["tasks"][0]) == {"name", "label", "data", "limit", "options"}
-    assert set().union(*grid["configs"]) == {"name", "config", "method", "scorer"}
-    assert set(grid["sweep"][0]) | {"avg_T"} == {"action", "scorer", "layers", "keep", "avg_T", "scorer_options"}
-    assert "# avg_T:" in block
+    assert set(grid["tasks"][0]) == TASK_KEYS
+    assert set().union(*grid["configs"]) == CONFIG_KEYS
+    assert set().union(*grid["sweep"]) | {"avg_T"} == SWEEP_KEYS and "# avg_T:" in block
+    assert set().union(*grid["primary"]) == CONTRAST_KEYS
     grid["configs"] = [c for c in grid["configs"] if not isinstance(c.get("config"), str)]  # no file here
-    names = [c.name for c in parse_grid(grid).configs]
+    parsed = parse_grid(grid)
+    names = [c.name for c in parsed.configs]
     assert "mine" in names and "prune/random/L{layer}/k0.25" in names and "reroute/random/L0.25-0.5-0.75/k16" in names
+    assert "prune/random-s4/L2/k0.25" in names and len(parsed.primary) == 2
+    models_line = next(l for l in block.splitlines() if l.startswith("# models:"))
+    shared = {k: v for k, v in grid["model"].items() if k not in ("path", "label")}
+    multi = parse_grid({**grid, "model": shared, **yaml.safe_load(models_line[2:].split("#")[0])})
+    assert [m.label for m in multi.models] == ["testbed-v2", "testbed-v3-a"] and multi.models[1].batch_size == 8
 
 
 def test_study_grids_lists_the_shipped_grids_and_their_paths(capsys):

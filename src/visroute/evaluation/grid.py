@@ -52,6 +52,18 @@ once the model is known, and an unreachable one is an error naming the config. T
 visual tokens: `{scorer: pool, layers: [0], avg_T: [0.25], merge: {pool: pool_average}}` (a stage at layer 0
 keeps avg_T tokens; with the sweep's own avg_T it lands in the same tables and plot panels).
 
+Several models: `models:` lists them (each a path or testbed name, or a mapping like `model:`); with it, `model:`
+(optional, without `path`) holds the settings every model shares, and an entry overrides them:
+
+    model: {dtype: bfloat16, device: cuda, batch_size: 16}
+    models: [llava-hf/llava-1.5-7b-hf, {path: Qwen/Qwen2.5-VL-7B-Instruct, batch_size: 8, label: qwen}]
+
+Each model's results go to a database of its own, named after the `--db` given and the model's label (the last
+part of its path, or `label:`): `--db study.sqlite` gives `study.llava-1.5-7b-hf.sqlite` and `study.qwen.sqlite`,
+each bound to the grid and that model exactly as a single-model run with `--model` would be (so each is resumed,
+shared and refused like any results database, and `study pooled` reads them), and `study.sqlite` becomes the
+study's index, bound to the grid and its list of models (see `visroute.evaluation.layout`).
+
 Every grid also runs the unrouted model and the blind control on every task. Configs are resolved against the
 model once it is loaded (its decoder depth, its visual tokens per image); a layer outside the model is an
 error naming the config."""
@@ -59,6 +71,7 @@ error naming the config."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -75,6 +88,12 @@ if TYPE_CHECKING:
     from visroute.evaluation.tasks import Task
 
 GRIDS_PACKAGE = "visroute.grids"
+# the keys each part of a grid takes (anything else is refused, naming these); the model's: ModelSpec's fields
+GRID_KEYS = {"name", "version", "description", "model", "models", "tasks", "configs", "sweep", "primary"}
+TASK_KEYS = {"name", "label", "data", "limit", "options"}
+CONFIG_KEYS = {"name", "config", "method", "scorer", "action"}
+SWEEP_KEYS = {"action", "scorer", "layers", "keep", "avg_T", "scorer_options", "seeds", "merge"}
+CONTRAST_KEYS = {"a", "b", "items"}
 
 
 def shipped_grids() -> dict[str, Path]:
@@ -106,11 +125,22 @@ class ModelSpec:
     batch_size: int = 16
     box_frame: str | None = None
     attn_implementation: str = "sdpa"
+    label: str = ""  # its name in file names and reports (default: the last part of its path)
+
+    def __post_init__(self) -> None:
+        self.label = self.label or model_label(self.path)
 
     def fingerprint(self) -> dict[str, Any]:
         """What changes a model's answers (not where it runs, nor the batch size)."""
         return {"path": self.path, "dtype": self.dtype, "box_frame": self.box_frame,
                 "attn_implementation": self.attn_implementation}
+
+
+def model_label(path: str) -> str:
+    """A model's name in file names and reports: the last part of its path or hub id, with any character other
+    than letters, digits, ".", "_" and "-" replaced by "_" (llava-hf/llava-1.5-7b-hf -> llava-1.5-7b-hf)."""
+    last = next((part for part in reversed(str(path).replace("\\", "/").split("/")) if part), str(path))
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in last) or "model"
 
 
 @dataclass
@@ -248,6 +278,18 @@ class Grid:
     configs: list[ConfigSpec]
     source: Path | None = None
     primary: list[Contrast] = field(default_factory=list)
+    models: list[ModelSpec] = field(default_factory=list)  # every model, in order (`model` is the first)
+
+    def __post_init__(self) -> None:
+        self.models = self.models or [self.model]
+
+    @property
+    def multi_model(self) -> bool:
+        return len(self.models) > 1
+
+    def for_model(self, spec: ModelSpec) -> "Grid":
+        """This grid on one of its models only (what one model's database is bound to)."""
+        return dataclasses.replace(self, model=spec, models=[spec])
 
     def identity(self) -> dict[str, Any]:
         """What a results database is bound to: results of another grid version are never mixed in."""
@@ -281,7 +323,7 @@ def _layer_name(layer) -> str:
 
 def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
     """The configs of one sweep block: action x scorer x layers x (keep or avg_T)."""
-    _check_keys(sweep, {"action", "scorer", "layers", "keep", "avg_T", "scorer_options", "seeds", "merge"}, where)
+    _check_keys(sweep, SWEEP_KEYS, where)
     for key in ("scorer", "layers"):
         if key not in sweep:
             raise ValueError(f"{where}: a sweep needs {key!r}")
@@ -335,7 +377,7 @@ def expand_sweep(sweep: dict[str, Any], where: str) -> list[ConfigSpec]:
 
 
 def _listed_config(entry: dict[str, Any], root: Path, where: str) -> ConfigSpec:
-    _check_keys(entry, {"name", "config", "method", "scorer", "action"}, where)
+    _check_keys(entry, CONFIG_KEYS, where)
     if "name" not in entry:
         raise ValueError(f"{where}: a listed config needs a name")
     if ("config" in entry) == ("method" in entry):
@@ -366,21 +408,13 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
     where = f"grid {source}" if source else "grid"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a YAML mapping")
-    _check_keys(data, {"name", "version", "model", "tasks", "configs", "sweep", "description", "primary"}, where)
+    _check_keys(data, GRID_KEYS, where)
     root = source.parent if source else Path(".")
-    m = data.get("model") or {}
-    if isinstance(m, str):
-        m = {"path": m}
-    _check_keys(m, set(ModelSpec.__dataclass_fields__), f"{where}, model")
-    model = ModelSpec(**m)
-    if model.dtype not in DTYPES:
-        raise ValueError(f"{where}, model: dtype must be one of {', '.join(DTYPES)}, not {model.dtype!r}")
-    if model.batch_size < 1:
-        raise ValueError(f"{where}, model: batch_size must be at least 1")
+    models = _models(data, where)
     tasks = []
     for i, t in enumerate(data.get("tasks") or []):
         t = {"name": t} if isinstance(t, str) else dict(t)
-        _check_keys(t, {"name", "label", "data", "limit", "options"}, f"{where}, task {i + 1}")
+        _check_keys(t, TASK_KEYS, f"{where}, task {i + 1}")
         if "name" not in t:
             raise ValueError(f"{where}, task {i + 1}: a task needs a name")
         d = t.get("data") or {}
@@ -402,9 +436,43 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
         raise ValueError(f"{where}: config name(s) {', '.join(dup)} occur twice (unrouted and blind are built in)")
     primary = _contrasts(data.get("primary") or [], configs, where)
     grid = Grid(name=str(data.get("name") or (source.stem if source else "grid")), version=int(data.get("version", 1)),
-                model=model, tasks=tasks, configs=configs, source=source, primary=primary)
+                model=models[0], tasks=tasks, configs=configs, source=source, primary=primary, models=models)
     check_names(grid)
     return grid
+
+
+def _model_spec(m: dict[str, Any], where: str) -> ModelSpec:
+    _check_keys(m, set(ModelSpec.__dataclass_fields__), where)
+    model = ModelSpec(**m)
+    if model.dtype not in DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {', '.join(DTYPES)}, not {model.dtype!r}")
+    if model.batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be at least 1")
+    return model
+
+
+def _models(data: dict[str, Any], where: str) -> list[ModelSpec]:
+    """The grid's models: `model` alone, or each entry of `models` over the settings `model` gives them all."""
+    m = data.get("model") or {}
+    m = {"path": m} if isinstance(m, str) else dict(m)
+    if "models" not in data:
+        return [_model_spec(m, f"{where}, model")]
+    entries = data["models"]
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: models must be a non-empty list of model paths or mappings")
+    if "path" in m or "label" in m:
+        raise ValueError(f"{where}: with models, model holds only the settings they share (no path or label)")
+    out = []
+    for i, e in enumerate(entries):
+        e = {"path": e} if isinstance(e, str) else e
+        if not isinstance(e, dict) or "path" not in e:
+            raise ValueError(f"{where}, models entry {i + 1}: give a path (or testbed name), or a mapping with path")
+        out.append(_model_spec({**m, **e}, f"{where}, models entry {i + 1}"))
+    labels = [s.label for s in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{where}: model labels must differ (they name each model's database); give repeated "
+                         f"ones a label (got {labels})")
+    return out
 
 
 def _contrasts(entries: list, configs: list[ConfigSpec], where: str) -> list[Contrast]:
@@ -421,7 +489,7 @@ def _contrasts(entries: list, configs: list[ConfigSpec], where: str) -> list[Con
             e = {"a": e[0], "b": e[1]}
         if not isinstance(e, dict):
             raise ValueError(f"{here}: give {{a: config, b: config}} (optionally items: vision_required | all)")
-        _check_keys(e, {"a", "b", "items"}, here)
+        _check_keys(e, CONTRAST_KEYS, here)
         c = Contrast(str(e.get("a")), str(e.get("b")), str(e.get("items", "vision_required")))
         for name in (c.a, c.b):
             if name not in exact and not any(p.match(name) for p in patterns):

@@ -32,20 +32,25 @@ ModelRuns = dict[str, dict[str, list[RunSummary]]]  # model -> task label -> its
 
 
 def load(dbs: Sequence[str | Path], seed: int = 0, samples: int = 200) -> ModelRuns:
-    """model label (its path in the grid identity; the database's file name where two agree) -> task -> runs."""
+    """model label -> task -> runs, from results databases (a multi-model study's index stands for every model's
+    database; a model is labelled as in its grid, or by its database's file name where two agree)."""
+    from visroute.evaluation.layout import databases
+
     out: ModelRuns = {}
-    for db in dbs:
-        store = Store(db)
-        try:
-            label = str((store.identity.get("model") or {}).get("path") or Path(db).stem)
-            runs = summarize(store, seed=seed, samples=samples)
-        finally:
-            store.close()
-        if label in out:
-            label = Path(db).stem
-        if label in out:
-            raise ValueError(f"two databases hold model {label!r}")
-        out[label] = runs
+    for given in dbs:
+        for label, db in databases(given).items():
+            if not db.is_file():
+                raise FileNotFoundError(f"{given}: model {label!r} has no database yet ({db}); run the grid first")
+            store = Store(db)
+            try:
+                runs = summarize(store, seed=seed, samples=samples)
+            finally:
+                store.close()
+            if label in out:
+                label = Path(db).stem
+            if label in out:
+                raise ValueError(f"two databases hold model {label!r}")
+            out[label] = runs
     return out
 
 
@@ -159,7 +164,7 @@ def item_families(summaries: list[RunSummary]) -> dict[str, str]:
 
 
 def horizon_table(models: ModelRuns, task: str, delta: float, seed: int = 0, samples: int = 1000,
-                  min_seeds: int = 5, family: str | None = None
+                  min_seeds: int = S.HORIZON_MIN_SEEDS, family: str | None = None
                   ) -> dict[str, dict[str, tuple[int | None, list[S.HorizonLayer]] | str]]:
     """budget -> model -> (horizon, per-layer rows) on the vision-required items (of `family` when given), or a
     reason it is missing."""
@@ -180,6 +185,17 @@ def horizon_table(models: ModelRuns, task: str, delta: float, seed: int = 0, sam
             out[budget][m] = S.horizon_by_interval(signals, random, delta=delta, min_seeds=min_seeds,
                                                    samples=samples, seed=seed)
     return out
+
+
+def horizon_text(h: tuple[int | None, list[S.HorizonLayer]] | str | None) -> str:
+    """A `horizon_table` cell: the horizon layer with best - random there (or at the last layer) and the items
+    measured, or why it is missing."""
+    if h is None or isinstance(h, str):
+        return h or "-"
+    layer, rows = h
+    at = next((r for r in rows if r.layer == layer), rows[-1] if rows else None)
+    where = "not reached" if layer is None else f"layer {layer}"
+    return where + (f" ({at.best}: {_ci(at.difference, True)}, n={at.difference.n})" if at else "")
 
 
 def chance_by_family() -> dict[str, float]:
@@ -215,26 +231,45 @@ def _ci(e: S.Estimate, signed: bool = False) -> str:
     return f"{e.value:{fmt}} [{e.low:{fmt}}, {e.high:{fmt}}]"
 
 
-def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed: int = 0, delta: float = 0.05,
-                    samples: int = 1000) -> list[str]:
-    """The Markdown of the pooled report (see the module docstring)."""
+def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed: int = 0,
+                    delta: float = S.HORIZON_DELTA, samples: int = 1000, loyalty: bool = True) -> list[str]:
+    """The Markdown of the pooled report (see the module docstring); with one model, the same statistics on it
+    alone. `loyalty=False` leaves the loyalty tables out (a report whose run tables carry it already)."""
     names = list(models)
-    lines = [f"# Across models: {', '.join(f'`{m}`' for m in names)}", "",
-             "Pooled estimates weigh models equally, with a hierarchical bootstrap interval (models, then items; 95%); "
-             "each model's own estimate has an interval over its items. A claim whose sign differs across models is "
-             "flagged model-specific.", ""]
-    if contrasts:
+    if len(names) > 1:
+        lines = [f"# Across models: {', '.join(f'`{m}`' for m in names)}", "",
+                 "Pooled estimates weigh models equally, with a hierarchical bootstrap interval (models, then items; "
+                 "95%); each model's own estimate has an interval over its items. A claim whose sign differs across "
+                 "models is flagged model-specific.", ""]
+    else:
+        lines = [f"# Declared contrasts, information horizon and chance-corrected accuracy (`{names[0]}`)", ""]
+    if not contrasts:
+        lines += ["The grid declares no primary contrasts (its `primary` key): every comparison in this report is "
+                  "exploratory.", ""]
+    else:
         rows = primary_table(models, contrasts, seed, samples)
-        lines += ["## Primary contrasts (declared in the grid, Holm-corrected)", "",
-                  "a - b in accuracy on the same items (matched by id across models); p from a paired sign-flip "
-                  "test over items (an item flips for every model at once; exact up to 16 differing items, else "
-                  "10,000 random sign vectors; models weighed equally; p conditions on the models, whose variation "
-                  "shows in the pooled interval and the flag), Holm-adjusted over the rows of this table. Every "
-                  "other comparison in the reports is exploratory.", "",
-                  "| task | contrast | items | pooled [95% CI] | " + " | ".join(names) + " | p | p (Holm) | |",
-                  "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+        lines += ["## Primary contrasts (declared in the grid, Holm-corrected)", ""]
+        if len(names) > 1:
+            lines += ["a - b in accuracy on the same items (matched by id across models); p from a paired sign-flip "
+                      "test over items (an item flips for every model at once; exact up to 16 differing items, else "
+                      "10,000 random sign vectors; models weighed equally; p conditions on the models, whose "
+                      "variation shows in the pooled interval and the flag), Holm-adjusted over the rows of this "
+                      "table. Every other comparison in the reports is exploratory.", "",
+                      "| task | contrast | items | pooled [95% CI] | " + " | ".join(names) + " | p | p (Holm) | |",
+                      "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+        else:
+            lines += ["a - b in accuracy on the same items, with a paired bootstrap interval over items (95%); p "
+                      "from a paired sign-flip test over items (exact up to 16 differing items, else 10,000 random "
+                      "sign vectors), Holm-adjusted over the rows of this table. Every other comparison in this "
+                      "report is exploratory.", "",
+                      "| task | contrast | items | a - b [95% CI] | n | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             c, pooled = r["contrast"], r["pooled"]
+            if len(names) == 1:
+                one = pooled.per_model[names[0]]
+                lines.append(f"| {r['task']} | {c.label} | {c.items} | {_ci(one, True)} | {one.n} | {r['p']:.4f} | "
+                             f"{r['p_holm']:.4f} |")
+                continue
             cells = [_ci(pooled.per_model[m], True) + f" (n={pooled.per_model[m].n})" for m in names]
             flag = "model-specific" if pooled.model_specific else ""
             lines.append(f"| {r['task']} | {c.label} | {c.items} | {_ci(pooled.pooled, True)} | " + " | ".join(cells)
@@ -244,7 +279,7 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
             lines += ["", "Not evaluated (a model lacks a run or the blind control): " + "; ".join(missing)]
         lines.append("")
     for task in sorted({t for runs in models.values() for t in runs}):
-        loyal = loyalty_table(models, task, seed, samples)
+        loyal = loyalty_table(models, task, seed, samples) if loyalty else {}
         if loyal:
             lines += [f"## Loyalty ({task})", "",
                       "Share of items whose answer equals the unrouted model's (exact-match normalisation): pooled "
@@ -270,17 +305,7 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
                       "| budget | items | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
             for family, horizons in tables:
                 for budget in sorted(horizons, key=_budget_order):
-                    cells = []
-                    for m in names:
-                        h = horizons[budget].get(m)
-                        if h is None or isinstance(h, str):
-                            cells.append(h or "-")
-                            continue
-                        layer, rows = h
-                        at = next((r for r in rows if r.layer == layer), rows[-1] if rows else None)
-                        where = "not reached" if layer is None else f"layer {layer}"
-                        cells.append(where + (f" ({at.best}: {_ci(at.difference, True)}, n={at.difference.n})"
-                                              if at else ""))
+                    cells = [horizon_text(horizons[budget].get(m)) for m in names]
                     values = [h[0] for h in horizons[budget].values() if isinstance(h, tuple)]
                     flag = " (differs across models)" if len(set(values)) > 1 else ""
                     lines.append(f"| {budget}{flag} | {family or 'all'} | " + " | ".join(cells) + " |")
@@ -307,7 +332,7 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
 
 
 def write_pooled_report(dbs: Sequence[str | Path], out: str | Path, contrasts: Sequence[Contrast] = (),
-                        seed: int = 0, delta: float = 0.05) -> Path:
+                        seed: int = 0, delta: float = S.HORIZON_DELTA) -> Path:
     """Write `pooled.md` for databases `dbs` (one per model) into folder `out`; returns its path."""
     models = load(dbs, seed=seed)
     out = Path(out)

@@ -9,9 +9,18 @@ Per task:
 * accuracy against avg_T with the Pareto front (the best accuracy at or below each avg_T);
 * retention recall against the stage layer (per hop where items have several);
 * reroute - prune: paired differences of accuracy at equal avg_T (the same scorer and schedule), with
-  paired-bootstrap intervals;
-* the information horizon per budget: the first stage layer from which random selection stays within 2 points
-  of the best signal (controls excluded) at every deeper layer.
+  paired-bootstrap intervals (exploratory).
+
+Then, from `visroute.evaluation.pooled` on this model alone: the grid's declared primary contrasts (recorded in
+the database by `study run`) with sign-flip p-values, Holm-corrected, every other comparison labelled
+exploratory; the information horizon by the interval criterion of `statistics.horizon_by_interval` (the
+upper end of the interval of best - random below delta, the best signal chosen on one half of the
+vision-required items and measured on the other, random averaged over at least five seeds), overall and per
+family; and chance-corrected accuracy per family with fixed (equal) family weights beside vision-required
+accuracy. A study over several models (`models:` in the grid; `db` its index, `visroute.evaluation.layout`)
+gives each model's sections in turn, then those statistics pooled over the models (hierarchical bootstrap,
+models then items; each model's estimate beside the pooled one; a sign that differs across models flagged
+model-specific).
 
 Intervals use the bootstrap of `visroute.evaluation.metrics` (seeded); all accuracies are computed on the
 items a run holds, and comparisons on the items both runs hold."""
@@ -27,12 +36,11 @@ from typing import Any, Callable
 import numpy as np
 
 from visroute.evaluation import metrics as M
-from visroute.evaluation.grid import keep_name
-from visroute.evaluation.statistics import loyalty
+from visroute.evaluation.grid import Contrast, keep_name
+from visroute.evaluation.statistics import HORIZON_DELTA, loyalty
 from visroute.evaluation.store import Row, Run, Store
 
 CONTROLS = ("random", "uniform", "oracle", "pool")
-HORIZON_POINTS = 0.02
 
 
 @dataclass
@@ -187,31 +195,6 @@ def reroute_vs_prune(summaries: list[RunSummary], seed: int = 0) -> list[dict[st
                                                seed=seed)
         out.append({"reroute": s.name, "prune": p.name, "n": len(common), "diff": diff, "low": lo, "high": hi,
                     "avg_T_reroute": s.avg_T, "avg_T_prune": p.avg_T, "identical": False})
-    return out
-
-
-def information_horizon(summaries: list[RunSummary]) -> dict[str, int | None]:
-    """Per budget: the first stage layer from which random selection stays within 2 points of the best signal
-    (the best non-control scorer) at that layer and every deeper one; None when it never does."""
-    acc: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    for s in summaries:
-        st = s.single_stage()
-        if st and st[0] == "prune":
-            acc[st[3]][st[2]][st[1]] = s.accuracy
-    out = {}
-    for budget, layers in acc.items():
-        ok = {}
-        for layer, by in layers.items():
-            signals = [v for k, v in by.items() if k not in CONTROLS]
-            if "random" in by and signals:
-                ok[layer] = by["random"] >= max(signals) - HORIZON_POINTS
-        horizon = None
-        for layer in sorted(ok, reverse=True):
-            if not ok[layer]:
-                break
-            horizon = layer
-        if ok:
-            out[budget] = horizon
     return out
 
 
@@ -448,9 +431,50 @@ def _table(summaries: list[RunSummary], expected: int) -> list[str]:
     return lines
 
 
-def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """Write `report.md` and the PNG plots of every task in database `db` into folder `out`; returns the
-    report's path."""
+def write_report(db: str | Path, out: str | Path, seed: int = 0, delta: float = HORIZON_DELTA,
+                 contrasts: "list[Contrast] | None" = None) -> Path:
+    """Write `report.md` and the PNG plots of every task in database `db` (or of every model of the study whose
+    index `db` is) into folder `out`; returns the report's path. `delta`: the information horizon's margin;
+    `contrasts`: the primary contrasts to test (default: those recorded in `db` when its grid was run)."""
+    from visroute.evaluation.layout import databases, describe, is_index, primary_contrasts
+    from visroute.evaluation.pooled import pooled_sections
+
+    store = Store(db)
+    try:
+        identity = store.identity
+    finally:
+        store.close()
+    contrasts = primary_contrasts(db) if contrasts is None else contrasts
+    out = Path(out)
+    several = is_index(identity)
+    models: dict[str, dict[str, list[RunSummary]]] = {}
+    lines = [f"# Study report: {describe(identity)}", "",
+             "Each model's sections, then the declared contrasts and the information horizon pooled over the models "
+             "(last section).", ""] if several else []
+    for label, path in databases(db).items():
+        if not path.is_file():
+            lines += [f"# Model `{label}`", "", f"Not run yet (no database {path.name}).", ""]
+            continue
+        body, summaries = model_sections(path, out, seed, delta, prefix=f"{label}_" if several else "")
+        if not any(summaries.values()):
+            lines += [f"# Model `{label}`", "", "No results yet.", ""] if several else []
+            continue
+        models[label] = summaries
+        if several:  # each model's report one heading level down, under the model's name
+            body = [f"# Model `{label}`", ""] + ["#" + line if line.startswith("#") else line for line in body]
+        lines += body
+    if not models:
+        raise ValueError(f"{db} holds no results yet")
+    lines += pooled_sections(models, contrasts, seed=seed, delta=delta, loyalty=len(models) > 1)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def model_sections(db: str | Path, out: Path, seed: int = 0, delta: float = HORIZON_DELTA,
+                   prefix: str = "") -> tuple[list[str], dict[str, list[RunSummary]]]:
+    """The Markdown of one model's database (its plots written into `out`, file names starting with `prefix`)
+    and its runs' summaries per task."""
     store = Store(db)
     try:
         all_summaries = summarize(store, seed=seed)
@@ -460,8 +484,7 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
     finally:
         store.close()
     if not any(all_summaries.values()):
-        raise ValueError(f"{db} holds no results yet")
-    out = Path(out)
+        return [], all_summaries
     out.mkdir(parents=True, exist_ok=True)
     model = identity.get("model", {})
     lines = [f"# Study report: grid `{identity.get('grid')}` (version {identity.get('version')})", "",
@@ -470,10 +493,12 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
              "wrong; gain ret.: visual gain retained, (acc - acc(blind)) / (acc(unrouted) - acc(blind)); loyalty: "
              "share of answers equal to the unrouted model's (exact-match normalisation, Wilson interval); avg_T: "
              "visual tokens per decoder layer; FLOPs and K/V: decoder prefill FLOPs and cached K/V entries relative "
-             "to the unrouted prompt; s/item: generation time per item.", ""]
+             "to the unrouted prompt; s/item: generation time per item. Comparisons between configs here are "
+             "exploratory (no multiplicity control); the grid's declared primary contrasts are tested, "
+             "Holm-corrected, in their own section.", ""]
     lines += completeness(runs, counts, expected_rows, asked, skipped)
     for label, summaries in all_summaries.items():
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        safe = prefix + "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
         lines += [f"## {label}", ""]
         if not summaries:
             lines += [f"No rows: no run of task {label} has stored a result yet (see the skipped items above, "
@@ -494,7 +519,7 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
                 lines += [f"{caption}:", "", f"![{caption}]({png.name})", ""]
         diffs = reroute_vs_prune(summaries, seed=seed)
         if diffs:
-            lines += ["Reroute - prune at equal avg_T (paired bootstrap, 95%):", "",
+            lines += ["Reroute - prune at equal avg_T (paired bootstrap, 95%; exploratory):", "",
                       "| reroute | prune | n | difference [95% CI] | avg_T |", "|---|---|---|---|---|"]
             lines += [f"| {d['reroute']} | {d['prune']} | {d['n']} | "
                       + ("identical by definition (one stage: nothing re-enters)" if d["identical"] else
@@ -504,15 +529,8 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0) -> Path:
             lines += [""]
             if plot_differences(diffs, png, label):
                 lines += [f"![reroute - prune]({png.name})", ""]
-        horizon = information_horizon(summaries)
-        if horizon:
-            lines += ["Information horizon (first stage layer from which random stays within 2 points of the best "
-                      "signal): " + "; ".join(f"{b}: {'not reached' if h is None else f'layer {h}'}"
-                                              for b, h in sorted(horizon.items(), key=lambda kv: _budget_order(kv[0]))),
-                      ""]
     from visroute.evaluation.study import study_sections
 
-    lines += study_sections(db, out, seed=seed)  # items with a question family (the testbed): the study's analyses
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    # items with a question family (the testbed): the study's analyses
+    lines += study_sections(db, out, seed=seed, delta=delta, prefix=prefix)
+    return lines, all_summaries

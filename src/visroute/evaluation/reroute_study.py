@@ -208,7 +208,7 @@ def section(summaries: list[RunSummary], groups: dict[str, tuple[str, ...]], fam
     found = designs(summaries)
     if not found:
         return []
-    lines = ["## Reroute against pruning: the 2 x 2 of schedule and action", "",
+    lines = ["## Reroute against pruning: the 2 x 2 of schedule and action (exploratory)", "",
              "Accuracy of each cell (all items), then paired differences on the same items (bootstrap, 95%; * marks "
              "an interval without 0). Base = the method's own schedule; Reroute = the Reroute variant's schedule. A "
              "cell marked ≡ runs the same computation as the named one by definition (no bypassed token ever has "

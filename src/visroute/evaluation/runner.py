@@ -38,10 +38,10 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any
 
     dtype = dtype_of(spec.dtype)
     target = device or (torch.device(spec.device) if spec.device else None)
-    if spec.path == "testbed":
+    if is_testbed(spec.path):
         from visroute.testbed import load_model as load_testbed
 
-        model, processor = load_testbed(dtype=dtype)
+        model, processor = load_testbed(None if spec.path == "testbed" else spec.path, dtype=dtype)
         if target is not None:
             model = model.to(target)
     else:
@@ -50,6 +50,13 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any
         model, processor = load_pretrained(spec.path, dtype, device=None if target is None else str(target),
                                            device_map=None if device is not None else spec.device_map)
     return model, processor
+
+
+def is_testbed(path: str) -> bool:
+    """"testbed" (the shipped testbed checkpoint) or a testbed model's name (`visroute.testbed.model_names`)."""
+    from visroute.testbed import model_names
+
+    return path == "testbed" or path in model_names()
 
 
 def default_box_frame(spec: ModelSpec, model) -> str | None:
@@ -327,7 +334,7 @@ class Runner:
 
             if self.ctx.device is None:
                 check_device(self.grid.model.device)
-            if self.grid.model.path != "testbed":
+            if not is_testbed(self.grid.model.path):
                 check_model_path(self.grid.model.path)
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
         session = Session(self.model, self.processor, default_box_frame(self.grid.model, self.model), self.ctx.rank)

@@ -49,6 +49,8 @@ from visroute.evaluation.metrics import BOOTSTRAP_SAMPLES, normalize_exact
 EXACT_FLIPS = 16  # exact sign-flip test up to 2**16 sign vectors
 SIGN_FLIP_SAMPLES = 10_000
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+HORIZON_DELTA = 0.05  # the information horizon's margin: best - random below it (one item is 3-5 points of a family)
+HORIZON_MIN_SEEDS = 5  # random's seeds averaged at each layer of the horizon
 
 
 # ---- hierarchical bootstrap ----------------------------------------------------------------------------------
@@ -274,8 +276,8 @@ def split_items(ids: Sequence[str], seed: int = 0) -> tuple[list[str], list[str]
 
 
 def horizon_by_interval(signals: Mapping[str, Mapping[int, Mapping[str, float]]],
-                        random: Mapping[int, Sequence[Mapping[str, float]]], delta: float = 0.05,
-                        min_seeds: int = 5, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                        random: Mapping[int, Sequence[Mapping[str, float]]], delta: float = HORIZON_DELTA,
+                        min_seeds: int = HORIZON_MIN_SEEDS, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
                         level: float = 0.95) -> tuple[int | None, list[HorizonLayer]]:
     """The information horizon by an interval criterion: the first stage layer from which, at that layer and
     every deeper one, the upper bound of the `level` interval of best - random lies below `delta`.

@@ -2,7 +2,8 @@
 
 Tables:
   meta    key -> value: the schema version and the identity of the grid that wrote the database (its name,
-          version and model); a database written by another grid identity is refused, never mixed.
+          version and model); a database written by another grid identity is refused, never mixed. Notes
+          (`note:<key>`, JSON) record what is not part of the identity, e.g. the grid's primary contrasts.
   runs    one row per (config, task): the config (JSON) and its hash, the kind (unrouted / blind / routed), the
           task and its hash (name, data, options), the model, package versions and hardware.
   results one row per (run, item): prediction, correctness, the task's metric values (JSON), avg_T, K/V
@@ -170,6 +171,16 @@ class Store:
                 f"{self.path} holds results of another grid ({_describe(self.identity)}), not of this one "
                 f"({_describe(identity)}); results are never mixed: use another --db")
 
+    def set_note(self, key: str, value: Any) -> None:
+        """Record `value` (JSON-able) under `key`, replacing an earlier note."""
+        with self.transaction():
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"note:{key}", json.dumps(value)))
+
+    def note(self, key: str) -> Any:
+        """The note recorded under `key`, or None."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (f"note:{key}",)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def transaction(self) -> "_Transaction":
         return _Transaction(self.conn)
 
@@ -329,6 +340,9 @@ def _alive(owner: str, when: float) -> bool:
 
 
 def _describe(identity: dict) -> str:
+    if "models" in identity:  # a study's index over several models (visroute.evaluation.layout)
+        labels = ", ".join(repr(m.get("label")) for m in identity["models"])
+        return f"grid {identity.get('grid')!r} version {identity.get('version')}, models {labels}"
     model = dict(identity.get("model", {}))
     text = f"grid {identity.get('grid')!r} version {identity.get('version')}, model {model.pop('path', None)!r}"
     rest = ", ".join(f"{k} {v}" for k, v in sorted(model.items()) if v is not None)  # dtype, box frame, ...

@@ -6,23 +6,24 @@ changes when the items the model answers blind are left in. `visroute study repo
 its report when a database holds such items.
 
 Definitions (docs/DESIGN.md): vision-required accuracy is accuracy on the items the blind control gets wrong;
-the information horizon is the first stage layer from which random selection stays within 2 points of the best
-signal (controls excluded) at that layer and every deeper one; retention recall of a stage is the share of an
-item's relevant tokens active in it, per hop."""
+the information horizon is the first stage layer from which the upper end of the 95% interval of best - random
+lies below delta at that layer and every deeper one (`statistics.horizon_by_interval`: the best signal, controls
+excluded, chosen on one half of the vision-required items and measured on the other, random averaged over at
+least five seeds); retention recall of a stage is the share of an item's relevant tokens active in it, per hop.
+Every comparison here is exploratory; the grid's declared primary contrasts are tested in their own section."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from visroute.evaluation import metrics as M
 from visroute.evaluation import reroute_study
+from visroute.evaluation.pooled import horizon_table, horizon_text
 from visroute.evaluation.report import (
     CONTROLS,
-    HORIZON_POINTS,
     RunSummary,
     _budget_order,
     _f,
@@ -32,6 +33,7 @@ from visroute.evaluation.report import (
     plot_scorer_lines,
     summarize,
 )
+from visroute.evaluation.statistics import HORIZON_DELTA
 from visroute.evaluation.store import Row, Store
 
 
@@ -83,22 +85,6 @@ def layer_table(summaries: list[RunSummary], value: str = "vision_required") -> 
                 if getattr(s, value) is not None:
                     out[budget][scorer][layer] = getattr(s, value)
     return out
-
-
-def horizon(table: dict[str, dict[int, float]]) -> int | None:
-    """The information horizon of one budget's scorer -> layer -> value table."""
-    layers = sorted({l for by in table.values() for l in by})
-    ok = {}
-    for layer in layers:
-        signals = [by[layer] for name, by in table.items() if name not in CONTROLS and layer in by]
-        if "random" in table and layer in table["random"] and signals:
-            ok[layer] = table["random"][layer] >= max(signals) - HORIZON_POINTS
-    found = None
-    for layer in sorted(ok, reverse=True):
-        if not ok[layer]:
-            break
-        found = layer
-    return found
 
 
 def _markdown_layer_table(table: dict[str, dict[int, float]], best_marker: bool = True) -> list[str]:
@@ -304,9 +290,11 @@ def signal_differences(summaries: list[RunSummary], seed: int = 0) -> dict[str, 
 
 
 # ---- the sections -------------------------------------------------------------------------------------------
-def study_sections(db: str | Path, out: Path, seed: int = 0) -> list[str]:
-    """The study's Markdown sections (with their plots written into `out`) for database `db`, or [] when its
-    items carry no question family."""
+def study_sections(db: str | Path, out: Path, seed: int = 0, delta: float = HORIZON_DELTA,
+                   prefix: str = "") -> list[str]:
+    """The study's Markdown sections (with their plots written into `out`, file names starting with `prefix`)
+    for database `db`, or [] when its items carry no question family. `delta`: the information horizon's
+    margin."""
     store = Store(db)
     try:
         if not has_families(store):
@@ -315,16 +303,12 @@ def study_sections(db: str | Path, out: Path, seed: int = 0) -> list[str]:
         everything = summarize(store, seed=seed)
         grouped = {g: summarize(store, seed=seed, keep=lambda r, fams=fams: _family(r) in fams)
                    for g, fams in groups.items()}
-        families = sorted({_family(r) for s in next(iter(everything.values())) for r in s.rows.values()} - {None})
-        # per family only the accuracies are read (the horizon), not their intervals
-        per_family = {f: summarize(store, seed=seed, samples=20, keep=lambda r, f=f: _family(r) == f)
-                      for f in families}
     finally:
         store.close()
     lines = ["# The study's analyses", ""]
     for label in everything:
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-        lines += _where_to_prune(label, safe, grouped, per_family, out)
+        safe = prefix + "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        lines += _where_to_prune(label, safe, grouped, out, delta, seed)
         lines += _bias_section(label, safe, everything[label], out)
         for group, by_task in grouped.items():
             lines += _differences_section(f"{group} families ({label})", by_task.get(label, []), seed)
@@ -334,44 +318,29 @@ def study_sections(db: str | Path, out: Path, seed: int = 0) -> list[str]:
     return lines
 
 
-def _where_to_prune(label, safe, grouped, per_family, out) -> list[str]:
+def _where_to_prune(label, safe, grouped, out, delta, seed) -> list[str]:
     lines = []
     for group, by_task in grouped.items():
         summaries = by_task.get(label, [])
         table = layer_table(summaries)
         if not table:
             continue
+        horizons = horizon_table({"": by_task}, label, delta, seed)
         base = next((s for s in summaries if s.run.kind == "unrouted"), None)
         lines += [f"## Where to prune: {group} families ({label})", "",
                   f"Vision-required accuracy of one prune stage at each layer (the unrouted model: "
-                  f"{_f(base.vision_required if base else None, '.2f')}), the best signal in bold:", ""]
+                  f"{_f(base.vision_required if base else None, '.2f')}), the best signal in bold; the information "
+                  f"horizon by the interval criterion (delta {delta:g}; see the section on it below):", ""]
         for budget in sorted(table, key=_budget_order):
-            lines += [f"Budget {budget}; information horizon: "
-                      f"{_horizon_text(horizon(table[budget]))}", ""] + _markdown_layer_table(table[budget]) + [""]
+            lines += [f"Budget {budget}; information horizon: {horizon_text(horizons.get(budget, {}).get(''))}",
+                      ""] + _markdown_layer_table(table[budget]) + [""]
         png = out / f"{safe}_{group}_vision_required_vs_layer.png"
         if plot_vision_required(summaries, png, group):
             lines += [f"![vision-required accuracy, {group}]({png.name})", ""]
         png = out / f"{safe}_{group}_recall_by_hop.png"
         if plot_recall_by_hop(summaries, png, group):
             lines += [f"![retention recall per hop, {group}]({png.name})", ""]
-    rows = []
-    for fam, by_task in per_family.items():
-        table = layer_table(by_task.get(label, []))
-        if table:
-            rows.append((fam, {b: horizon(t) for b, t in table.items()}))
-    if rows:
-        budgets = sorted({b for _, h in rows for b in h}, key=_budget_order)
-        lines += ["## Information horizon per family", "",
-                  "First stage layer from which random selection stays within 2 points of the best signal's "
-                  "vision-required accuracy at every deeper layer:", "",
-                  "| family | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
-        lines += [f"| {fam} | " + " | ".join(_horizon_text(h.get(b)) for b in budgets) + " |" for fam, h in rows]
-        lines.append("")
     return lines
-
-
-def _horizon_text(h: int | None) -> str:
-    return "not reached" if h is None else f"layer {h}"
 
 
 def _bias_section(label, safe, summaries, out) -> list[str]:
@@ -396,7 +365,7 @@ def _differences_section(title: str, summaries: list[RunSummary], seed: int) -> 
     diffs = signal_differences(summaries, seed)
     if not diffs:
         return []
-    lines = [f"## Each signal against random: {title}", "",
+    lines = [f"## Each signal against random (exploratory): {title}", "",
              "Vision-required accuracy of one prune stage minus random's at the same layer and budget, per item "
              "averaged over the early (first half) or the late (second half) stage layers; paired bootstrap, 95%, "
              "over the items the blind control gets wrong. An interval that holds 0 is no measurable difference.", "",
@@ -419,7 +388,7 @@ def _reroute_section(label, grouped, summaries, seed) -> list[str]:
         return []
     groups = family_groups()
     names = list(groups) + ["all"]
-    lines = ["## Reroute against the pruning method it is matched to", "",
+    lines = ["## Reroute against the pruning method it is matched to (exploratory)", "",
              "Accuracy difference reroute - base on the same items (paired bootstrap, 95%), by family group, with "
              "both configs' avg_T, prefill FLOPs and K/V entries relative to the unrouted prompt:", "",
              "| reroute | base | avg_T (r / b) | FLOPs (r / b) | K/V (r / b) | " + " | ".join(names) + " |",
