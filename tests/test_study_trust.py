@@ -211,6 +211,21 @@ def test_generate_reads_its_image_before_loading_the_model(tmp_path, monkeypatch
         assert time.perf_counter() - t0 < 1.0
 
 
+def test_a_truncated_image_stays_unreadable_when_pil_is_told_to_load_truncated_files(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES process-wide on import; the harness still refuses the file."""
+    from PIL import ImageFile
+
+    from visroute.evaluation.tasks.base import UnreadableImage, to_image
+
+    _png(tmp_path / "t.png", 1)
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(UnreadableImage, match="truncated"):
+        to_image("t.png", tmp_path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process-wide setting is left as it was
+
+
 # ---- 2. keeps mean what they say ---------------------------------------------------------------------------------
 def test_a_float_keep_above_one_is_an_error_naming_the_count():
     with pytest.raises(ValueError, match=r"Stage.keep 16.0 is a float above 1.*write 16 for a count or a fraction"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from visroute.evaluation import metrics as M
 
@@ -283,11 +283,16 @@ def to_image(value: Any, root: Path) -> Image.Image:
         if not p.is_file():
             raise UnreadableImage(f"image {p} does not exist")
         source, name = p, f"image {p}"
+    # lmms-eval turns PIL's LOAD_TRUNCATED_IMAGES on for the whole process when imported; a truncated file must
+    # still be a skipped item, not an image padded with grey.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(source) as im:  # decoding happens in convert: a truncated file fails there
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"cannot read {name}: {e}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def answer_list(value: Any) -> list[str]:
