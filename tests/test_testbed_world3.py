@@ -412,6 +412,31 @@ def test_v3_training_resumes_exactly_and_from_the_compact_state(tmp_path, monkey
     assert saved == [1, 2, 3, 4, 5, 6, 7, 7]
 
 
+def test_a_finished_run_kept_as_its_compact_state_loads_by_name(tmp_path, monkeypatch):
+    """A run kept only as its compact state (training/NAME/) loads by its name, with the weights of the model the
+    run exported rounded to bfloat16; a run stopped before its end is refused in one line."""
+    import shutil
+
+    import visroute.testbed as tb
+    from visroute.testbed.train import train
+
+    runs = tmp_path / "training"
+    exported = train(_tiny_v3(runs / "tiny-a"), progress=False)
+    reference = tb.load_model(exported)[0].state_dict()
+    shutil.rmtree(exported)
+    (runs / "tiny-a" / "train_state.pt").unlink()
+    assert train(_tiny_v3(runs / "tiny-b"), progress=False, stop_at=2) is None
+    monkeypatch.setattr(tb, "training_dir", lambda: runs)
+    monkeypatch.setattr(tb, "models_dir", lambda: tmp_path / "no-models")
+    assert tb.candidate_names() == ["tiny-a", "tiny-b"]
+    got = tb.load_model("tiny-a")[0].state_dict()
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k].to(torch.bfloat16).float()) for k in got)
+    assert (runs / "tiny-a" / "model" / "config.json").exists()
+    with pytest.raises(ValueError, match="stopped at step 2 of 7"):
+        tb.load_model("tiny-b")
+
+
 def test_curve_command_plots_a_run_in_progress(tmp_path, capsys):
     import json
 

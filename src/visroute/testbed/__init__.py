@@ -49,8 +49,26 @@ def model_names() -> list[str]:
     return [DEFAULT_MODEL] + [n for n in extra if n != DEFAULT_MODEL]
 
 
+def training_dir() -> Path:
+    """The folder of the training runs kept in the repository as their compact state (`training/` at the root of
+    the repository this package is installed from): one folder per run, named as the model it trains."""
+    return Path(__file__).resolve().parents[3] / "training"
+
+
+def candidate_names() -> list[str]:
+    """Models kept only as a finished training run's compact state (`training_dir`): loadable by name like the
+    shipped ones, not shipped (the tests that every shipped model meets its bars do not cover them; TRAINING.md
+    says which bars each meets)."""
+    from visroute.testbed.train import COMPACT_STATE
+
+    folder = training_dir()
+    runs = sorted(p.name for p in folder.iterdir() if (p / COMPACT_STATE).exists()) if folder.is_dir() else []
+    return [n for n in runs if n not in model_names()]
+
+
 def model_path(model: str | Path | None = None) -> Path:
-    """The checkpoint folder of `model`: a name (`model_names`), a folder, or None for the shipped one."""
+    """The checkpoint folder of `model`: a name (`model_names`, `candidate_names`), a folder, or None for the
+    shipped one. A candidate is exported from its compact state into `training/NAME/model/` on first use."""
     if model is None or str(model) == DEFAULT_MODEL:
         return checkpoint_path()
     if (Path(model) / "config.json").exists():
@@ -58,8 +76,17 @@ def model_path(model: str | Path | None = None) -> Path:
     named = models_dir() / str(model)
     if (named / "config.json").exists():
         return named
+    if str(model) in candidate_names():
+        from visroute.testbed.train import COMPACT_STATE, export_state
+
+        run = training_dir() / str(model)
+        folder = run / "model"
+        if not (folder / "config.json").exists() or (
+                (folder / "config.json").stat().st_mtime < (run / COMPACT_STATE).stat().st_mtime):
+            export_state(run / COMPACT_STATE, folder)
+        return folder
     raise FileNotFoundError(f"no testbed model {str(model)!r}: neither a checkpoint folder nor one of the names "
-                            f"{', '.join(model_names())}")
+                            f"{', '.join(model_names() + candidate_names())}")
 
 
 def load_model(path: str | Path | None = None, dtype=None):
@@ -78,6 +105,7 @@ def load_model(path: str | Path | None = None, dtype=None):
 
 __all__ = [
     "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL",
+    "candidate_names", "training_dir",
     "Item", "make_item", "make_items", "read_dataset", "write_dataset",
     "with_bordering_tokens",
     "Evaluator", "EvalReport", "ItemResult", "evaluate", "format_table", "majority_rates", "score", "box_iou",

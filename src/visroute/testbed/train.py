@@ -1131,6 +1131,21 @@ def export(model, folder: str | Path) -> Path:
     return folder
 
 
+def export_state(state_path: str | Path, folder: str | Path) -> Path:
+    """Export the model held by a saved training state (train_state.pt or the compact one) as a Hugging Face
+    folder, as the run would have at its end: how a model kept in a repository only as its compact state
+    (`training/NAME/`) is loaded by name. The compact state's bfloat16 weights come back as float32."""
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in known})
+    if state["step"] < cfg.steps:
+        raise ValueError(f"{state_path} is a run stopped at step {state['step']} of {cfg.steps}: finish it first "
+                         "(`visroute testbed train` with its recipe, seed and --resume, TRAINING.md)")
+    model = build_model(cfg.size, cfg.seed)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+    return export(model.eval(), folder)
+
+
 def _recipe(cfg: dict) -> dict:
     """The settings that decide the trained weights: every field but those marked `"recipe": False`. A field
     missing from `cfg` (a state saved before the field existed) counts as its `"absent"` metadata, the value that
