@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from visroute.loading import DTYPES
+from visroute.dtypes import DTYPE_NAMES
 
 
 def add_debug(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_debug(p: argparse.ArgumentParser) -> None:
 
 
 def add_dtype(p: argparse.ArgumentParser, default: str = "float32") -> None:
-    p.add_argument("--dtype", choices=list(DTYPES), default=default, help=f"model dtype (default {default})")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=default, help=f"model dtype (default {default})")
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:
