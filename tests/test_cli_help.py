@@ -37,12 +37,7 @@ def run_probe(*argv: str) -> tuple[str, int, list[str]]:
     return "\n".join(lines[:-2]), int(code) if code.isdigit() else -1, lines[-1].removeprefix("heavy:").split()
 
 
-# `bench` builds its flags from `BenchSettings` (visroute.bench.run) and lists the presets and tiers of
-# visroute.budget, and both modules import torch: its help does too until they have a torch-free home
-BENCH = pytest.param("bench", marks=pytest.mark.xfail(strict=True, reason="BenchSettings and the presets import torch"))
-
-
-@pytest.mark.parametrize("command", [BENCH if c == "bench" else c for c in sorted(COMMANDS)])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_subcommand_help_does_not_import_torch(command):
     text, code, heavy = run_probe(command, "--help")
     assert code == 0 and f"usage: visroute {command}" in text

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from visroute.dtypes import DTYPE_NAMES
+from visroute.names import DTYPE_NAMES
 from visroute.testbed import checkpoint_path
 
 TESTBED = "testbed"  # the model name of the shipped testbed checkpoint, wherever a model is named

@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from visroute.dtypes import DTYPE_NAMES
+from visroute.names import DTYPE_NAMES
 
 
 class DeferredParser(argparse.ArgumentParser):
