@@ -23,6 +23,16 @@ N = 24
 ROUTED = RoutingConfig("reroute", "last_token_attention", [Stage(1, 24), Stage(4, 12)])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def pil_default_for_truncated_images():
+    """lmms-eval sets PIL's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` when its tasks load; the test modules
+    after this one get PIL's default back (the harness's tests expect a truncated image to be unreadable)."""
+    yield
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")

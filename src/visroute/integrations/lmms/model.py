@@ -234,7 +234,7 @@ class VisrouteLMM(lmms):
             for it, relevant in zip(items, batch.relevant):
                 if relevant is None:
                     raise ValueError(f"The oracle scorer needs each item's relevant visual tokens; task {it['task']} "
-                                     "carries neither boxes nor a relevant_tokens column")
+                                     "carries neither boxes nor relevant_tokens with their grid")
         new, texts, record = self.session.complete(batch, self._generation_settings(items[0]["gen"]), self.router)
         stats = self.session.stats(batch, record)
         results, rows = [], []
