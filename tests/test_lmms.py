@@ -23,6 +23,16 @@ N = 24
 ROUTED = RoutingConfig("reroute", "last_token_attention", [Stage(1, 24), Stage(4, 12)])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def pil_default_for_truncated_images():
+    """lmms-eval sets PIL's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` when its tasks load; the test modules
+    after this one get PIL's default back (the harness's tests expect a truncated image to be unreadable)."""
+    yield
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
@@ -210,8 +220,9 @@ def process_results(doc, results):
 
 def test_the_plugin_and_the_harness_agree_on_tiled_and_multi_image_samples(tmp_path, monkeypatch):
     """A tiny LLaVA-NeXT (tiled frames) with one or two images per sample, routed by the oracle from each
-    sample's box: lmms-eval through the plug-in and `study run` give the same predictions, avg_T and retention
-    recall (both size relevance by the sample's visual tokens, `runner.item_frames`)."""
+    sample's box: lmms-eval through the plug-in and `study run` give the same predictions, relevant tokens, avg_T
+    and retention recall (both go through the harness's `Session`, which sizes relevance by the sample's visual
+    tokens: every tile of every image)."""
     from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
     from PIL import Image
     from transformers import LlavaNextProcessor
@@ -266,6 +277,7 @@ def test_the_plugin_and_the_harness_agree_on_tiled_and_multi_image_samples(tmp_p
     store = Store(tmp_path / "r.sqlite")
     run = next(r for r in store.runs() if r.name == "oracle")
     ours = {row.item_id: row for row in store.rows(run.run_id)}
+    unrouted = {row.item_id: row for row in store.rows(next(r for r in store.runs() if r.name == "unrouted").run_id)}
     store.close()
 
     task_dir = tmp_path / "task"
@@ -283,6 +295,11 @@ def test_the_plugin_and_the_harness_agree_on_tiled_and_multi_image_samples(tmp_p
         mine = ours[str(s["doc_id"])]
         assert " ".join(s["filtered_resps"][0].split()) == " ".join(mine.prediction.split())
         side = rows[s["doc_id"]]
+        assert side["relevant"] == mine.routing["relevant"] and side["relevant"][0]
         assert side["avg_T"] == pytest.approx(mine.avg_T)
         assert side["recall"] == pytest.approx([stage[0] for stage in mine.recall])
     assert len(samples) == len(docs) and all(r["recall"][0] == 1.0 > r["recall"][1] for r in rows.values())
+    # both count every visual token of the sample (the harness's unrouted avg_T); the relevant ones lie in the first
+    # image, which on a two-image sample holds only part of them
+    for doc_id, r in rows.items():
+        assert r["num_visual"] == unrouted[str(doc_id)].avg_T > max(r["relevant"][0])

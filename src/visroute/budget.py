@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from visroute.config import ACTIONS, RoutingConfig, Stage, check_increasing
-
-TIERS = (192, 128, 64)  # LLaVA-1.5 and Qwen2.5-VL; a shape may name its own (`ModelShape.tiers`)
+from visroute.names import PRESETS, TIERS  # noqa: F401  (their home is torch-free, for the command line's help)
 DEFAULT_SCORER = "last_token_attention"
 
 
@@ -275,12 +274,7 @@ PDROP_LAYERS = (2, 7, 15, 23)
 REROUTE_FASTV_RESELECT = (7, 15, 23)
 REROUTE_PDROP_WEIGHTS = (1.0, 1.0, 0.5, 0.25)
 
-PRESETS = {
-    "fastv": "FastV K=3, prune: one stage at layer 3",
-    "pdrop": "PyramidDrop, prune: geometric keeps at [2, 7, 15, 23]",
-    "reroute-fastv": "reroute matched to FastV: FastV's keep, re-selected at [3, 7, 15, 23]",
-    "reroute-pdrop": "reroute matched to PyramidDrop: keeps [a, a, a/2, a/4] at [2, 7, 15, 23]",
-}
+# PRESETS (visroute.names): the four configs below, by name.
 
 
 def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int = 32) -> list[int]:

@@ -1,5 +1,5 @@
-"""Loading a supported model and its processor (a local folder or a Hugging Face id), and the dtypes the command
-line and the benchmarks accept by name."""
+"""Loading a supported model and its processor (a local folder, a Hugging Face id, or "testbed": the shipped
+testbed checkpoint), and the dtypes the command line and the benchmarks accept by name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from visroute.names import DTYPE_NAMES
+from visroute.testbed import candidate_names, checkpoint_path, model_names, model_path
+
+TESTBED = "testbed"  # the model name of the shipped testbed checkpoint, wherever a model is named
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -25,9 +29,21 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
+def model_location(name_or_path: str) -> str:
+    """The folder or hub id a model name means: "testbed" is the shipped testbed checkpoint's folder, a testbed
+    model's name (`visroute.testbed.model_names`, `candidate_names`) its folder."""
+    name = str(name_or_path)
+    if name == TESTBED:
+        return str(checkpoint_path())
+    if name in model_names() or (not Path(name).exists() and name in candidate_names()):
+        return str(model_path(name))
+    return name
+
+
 def check_model_path(name_or_path: str) -> None:
     """A model that can be found, checked before anything loads: an existing folder, or a hub id that is cached
     (or that the hub, when online, may serve). A path that cannot be a hub id (./x, /x, a/b/c) must be a folder."""
+    name_or_path = model_location(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -66,13 +82,15 @@ def check_device(name: str | None) -> None:
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str | None = "cpu",
                device_map: Any = None, processor_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """(model, processor) of a supported VLM, with SDPA attention, in eval mode: on `device`, or dispatched by
-    `device_map` ("auto", a dict, ...) when given; `processor_kwargs` go to the processor (e.g. Qwen's
-    `max_pixels`). An architecture no family serves is refused before any weight loads."""
+    """(model, processor) of a supported VLM ("testbed": the shipped testbed checkpoint), with SDPA attention, in
+    eval mode: on `device`, or dispatched by `device_map` ("auto", a dict, ...) when given; `processor_kwargs` go
+    to the processor (e.g. Qwen's `max_pixels`). An architecture no family serves is refused before any weight
+    loads."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from visroute.families import UnsupportedModelError, supported_model_classes
 
+    name_or_path = model_location(name_or_path)
     dtype = dtype_of(dtype) if isinstance(dtype, str) else dtype
     check_model_path(name_or_path)
     if device_map is None:

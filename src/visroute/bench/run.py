@@ -13,7 +13,6 @@ import contextlib
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from visroute.bench.measure import (
     time_prefill,
     weight_bytes,
 )
+from visroute.bench.settings import BenchSettings
 from visroute.bench.shapes import build_model, get_shape, make_inputs, repeat_inputs
 from visroute.budget import PRESETS, preset
 from visroute.config import RoutingConfig
@@ -58,60 +58,6 @@ METHOD = """\
   cache and logits, not the weights; for one prefill of one prompt.
 * scoring: the scorer's `score` timed alone in every timed prefill (summed over stages).
 """
-
-
-@dataclass
-class BenchSettings:
-    """What `visroute bench` measures and how; each field is also a command-line flag."""
-
-    shape: str = field(metadata={"help": "model shape (visroute.families.shapes())"})
-    dtype: str = field(default="bfloat16", metadata={"help": "weights and activations", "choices": tuple(DTYPES)})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
-    repeats: int = field(default=3, metadata={"help": "timed prefills per config"})
-    warmup: int = field(default=1, metadata={"help": "untimed prefills per config before timing"})
-    prefill_batch: int = field(default=8, metadata={"help": "prompts per timed prefill (copies of the prompt)"})
-    new_tokens: int = field(default=16, metadata={"help": "greedy decode steps per run and batch (the first untimed)"})
-    decode_repeats: int = field(default=2, metadata={"help": "decode runs per config and batch (0: no decode timing)"})
-    decode_batches: str = field(default="1,8,32", metadata={"help": "batch sizes to time decode at, comma-separated"})
-    text_tokens: int = field(default=64, metadata={"help": "text tokens in the prompt besides the image"})
-    image_size: str = field(default="672x672", metadata={"help": "HxW of the image (Qwen shapes; LLaVA's is fixed)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's choice)"})
-    seed: int = field(default=0, metadata={"help": "random weights and inputs"})
-    keep_all: bool = field(default=True, metadata={"help": "measure the routed keep-all row (engine overhead)"})
-    static_baseline: bool = field(default=True, metadata={
-        "help": "also time the unrouted model's decode on transformers' StaticCache (a decode-only row)"})
-    memory: bool = field(default=True, metadata={"help": "measure peak memory"})
-
-    def __post_init__(self) -> None:
-        get_shape(self.shape)  # a clear error for an unknown shape before anything is built
-        if self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.repeats < 1 or self.prefill_batch < 1:
-            raise ValueError("repeats and prefill_batch must be at least 1")
-        self.batches  # a clear error for a bad list
-        for name in ("warmup", "new_tokens", "decode_repeats", "text_tokens", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        from visroute.bench.shapes import parse_image_size
-
-        parse_image_size(self.image_size)
-
-    @property
-    def batches(self) -> tuple[int, ...]:
-        """The decode batch sizes."""
-        try:
-            out = tuple(int(b) for b in str(self.decode_batches).split(",") if b.strip())
-        except ValueError:
-            out = ()
-        if not out or min(out) < 1:
-            raise ValueError(f"Bad decode_batches {self.decode_batches!r}: expected batch sizes, e.g. 1,8,32")
-        return out
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        from visroute.bench.shapes import parse_image_size
-
-        return parse_image_size(self.image_size)
 
 
 def default_configs(shape: str, num_visual: int, tiers: tuple[int, ...] | None = None,

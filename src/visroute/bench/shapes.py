@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from visroute.bench.settings import parse_image_size  # noqa: F401  (re-exported)
 from visroute.families import ModelShape, families, get_shape, shapes
 
 
@@ -43,15 +44,6 @@ def build_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | to
                 p.fill_(1.0)
     model.generation_config.pad_token_id = 0
     return model.eval()
-
-
-def parse_image_size(spec: str) -> tuple[int, int]:
-    """"672x480" -> (672, 480) as (height, width); "672" -> a square."""
-    try:
-        h, _, w = spec.lower().partition("x")
-        return int(h), int(w or h)
-    except ValueError:
-        raise ValueError(f"Bad image size {spec!r}: expected HxW, e.g. 672x672") from None
 
 
 def make_inputs(model: nn.Module, name: str, text_tokens: int = 64, image_size: tuple[int, int] = (672, 672),

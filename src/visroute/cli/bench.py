@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from visroute.bench.settings import BenchSettings
 from visroute.cli import COMMANDS
-from visroute.bench.run import BenchSettings
-from visroute.budget import PRESETS, TIERS
 from visroute.cli.common import (
     add_dataclass_flags,
     add_debug,
@@ -16,6 +15,7 @@ from visroute.cli.common import (
     parse_scorer_options,
     routing_from_args,
 )
+from visroute.names import PRESETS, TIERS
 
 
 def add_parser(sub) -> None:

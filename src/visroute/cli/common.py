@@ -7,9 +7,25 @@ import argparse
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from visroute.loading import DTYPES
+from visroute.names import DTYPE_NAMES
+
+
+class DeferredParser(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments `build(parser)` adds when it first parses (its --help included), so
+    that the help of the command above it lists it without importing what its flags are made from (a dataclass
+    in a module that imports torch)."""
+
+    def __init__(self, *args: Any, build: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._build = build
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._build is not None:
+            build, self._build = self._build, None
+            build(self)
+        return super().parse_known_args(args, namespace)
 
 
 def add_debug(p: argparse.ArgumentParser) -> None:
@@ -17,7 +33,7 @@ def add_debug(p: argparse.ArgumentParser) -> None:
 
 
 def add_dtype(p: argparse.ArgumentParser, default: str = "float32") -> None:
-    p.add_argument("--dtype", choices=list(DTYPES), default=default, help=f"model dtype (default {default})")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=default, help=f"model dtype (default {default})")
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:

@@ -129,15 +129,13 @@ def run_study(args) -> int:
 
     from visroute.evaluation import load_grid, run_grid
     from visroute.evaluation.layout import note_primary, open_study
-    from visroute.evaluation.runner import is_testbed
     from visroute.evaluation.store import Store
     from visroute.loading import check_model_path
 
     grid = load_grid(args.grid)
     apply_overrides(grid, args)
     for spec in grid.models:  # every model found before the first one runs
-        if not is_testbed(spec.path):
-            check_model_path(spec.path)
+        check_model_path(spec.path)
     plan = open_study(grid, args.db)
     main = int(os.environ.get("RANK", "0")) == 0  # under a launcher every process has waited for the others
     written: dict[str, dict] = {}

@@ -7,12 +7,19 @@ import json
 from pathlib import Path
 
 from visroute.cli import COMMANDS
-from visroute.cli.common import add_dataclass_flags, add_debug, add_routing, dataclass_from_args, routing_from_args
+from visroute.cli.common import (
+    DeferredParser,
+    add_dataclass_flags,
+    add_debug,
+    add_routing,
+    dataclass_from_args,
+    routing_from_args,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("testbed", help=COMMANDS["testbed"])
-    tsub = p.add_subparsers(dest="testbed_command", required=True)
+    tsub = p.add_subparsers(dest="testbed_command", required=True, parser_class=DeferredParser)
 
     m = tsub.add_parser("make", help="write a question set: images plus items.jsonl (deterministic by seed)")
     m.add_argument("--n", type=int, required=True, help="number of items (families take turns)")
@@ -24,18 +31,8 @@ def add_parser(sub) -> None:
     add_debug(m)
     m.set_defaults(func=run_make)
 
-    from visroute.testbed.train import RECIPES, TrainConfig
-
-    t = tsub.add_parser("train", help="train the testbed model from scratch (resumable)")
-    t.add_argument("--recipe", choices=list(RECIPES), default="v3",
-                   help="the recipe whose values the flags not given take (TRAINING.md; default v3; v2: the "
-                        "shipped model's recipe, the defaults each flag lists)")
-    add_dataclass_flags(t, TrainConfig)
-    t.set_defaults(**{f.name: _NOT_GIVEN for f in dataclasses.fields(TrainConfig)})  # see train_config
-    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    t.add_argument("--no-progress", action="store_true")
-    add_debug(t)
-    t.set_defaults(func=run_train)
+    # its flags come from TrainConfig, in a module that imports torch: added when `testbed train` parses
+    tsub.add_parser("train", help="train the testbed model from scratch (resumable)", build=_train_flags)
 
     e = tsub.add_parser("eval", help="accuracy per family, blind control and retention recall of a routing config")
     add_routing(e)  # --config, --stages (with --action, --scorer, --scorer-option) or --method; none: unrouted
@@ -94,6 +91,20 @@ def run_make(args) -> int:
     path = write_dataset(make_items(args.n, args.seed, families, world=args.world), args.out)
     print(f"wrote {args.n} items to {path}")
     return 0
+
+
+def _train_flags(t) -> None:
+    from visroute.testbed.train import RECIPES, TrainConfig
+
+    t.add_argument("--recipe", choices=list(RECIPES), default="v3",
+                   help="the recipe whose values the flags not given take (TRAINING.md; default v3; v2: the "
+                        "shipped model's recipe, the defaults each flag lists)")
+    add_dataclass_flags(t, TrainConfig)
+    t.set_defaults(**{f.name: _NOT_GIVEN for f in dataclasses.fields(TrainConfig)})  # see train_config
+    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    t.add_argument("--no-progress", action="store_true")
+    add_debug(t)
+    t.set_defaults(func=run_train)
 
 
 _NOT_GIVEN = object()  # the parsed value of a train flag that is not on the command line

@@ -33,6 +33,13 @@ def parse_box(text: str) -> list[float] | None:
     return None
 
 
+def answer_box(text: str, frame) -> list[float] | None:
+    """The box an answer gives (`parse_box`), brought from the model's answer frame into the task's (`frame`, the
+    item's `ImageFrame`: normalised x1, y1, x2, y2 of the original image), or None when it gives none."""
+    box = parse_box(text)
+    return None if box is None else [float(v) for v in frame.from_answer(box)]
+
+
 def xywh_to_xyxy(box, width: float, height: float) -> list[float]:
     """[x, y, w, h] in pixels (COCO) -> normalised [x1, y1, x2, y2]."""
     x, y, w, h = (float(v) for v in box)

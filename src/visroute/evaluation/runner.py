@@ -22,10 +22,16 @@ from typing import Any
 
 import torch
 
+from visroute.accounting import DecoderDims
+from visroute.engine import apply_routing
 from visroute.evaluation.grid import Grid, ModelSpec
 from visroute.evaluation.parallel import Context, context
 from visroute.evaluation.store import Row, Store
 from visroute.evaluation.tasks.base import Task, TaskItem
+from visroute.families import adapter_for
+from visroute.families.base import declared_box_frame
+from visroute.loading import check_device, check_model_path, dtype_of
+from visroute.loading import load_model as load_pretrained
 
 BLIND, UNROUTED = "blind", "unrouted"
 
@@ -34,37 +40,9 @@ BLIND, UNROUTED = "blind", "unrouted"
 def load_model(spec: ModelSpec, device: torch.device | None = None) -> tuple[Any, Any]:
     """(model, processor) for a grid's model section; "testbed" is the shipped testbed checkpoint. `device`
     (a data-parallel process's own device) overrides the grid's device and device_map."""
-    from visroute.loading import dtype_of
-
-    dtype = dtype_of(spec.dtype)
     target = device or (torch.device(spec.device) if spec.device else None)
-    if is_testbed(spec.path):
-        from visroute.testbed import load_model as load_testbed
-
-        model, processor = load_testbed(None if spec.path == "testbed" else spec.path, dtype=dtype)
-        if target is not None:
-            model = model.to(target)
-    else:
-        from visroute.loading import load_model as load_pretrained
-
-        model, processor = load_pretrained(spec.path, dtype, device=None if target is None else str(target),
-                                           device_map=None if device is not None else spec.device_map)
-    return model, processor
-
-
-def is_testbed(path: str) -> bool:
-    """"testbed" (the shipped testbed checkpoint) or a testbed model's name (`visroute.testbed.model_names`)."""
-    from visroute.testbed import model_names
-
-    return path == "testbed" or path in model_names()
-
-
-def default_box_frame(spec: ModelSpec, model) -> str | None:
-    """The grid's box frame, else the one the checkpoint declares (the testbed's: grid), else (None) its
-    family's."""
-    from visroute.families.base import declared_box_frame
-
-    return spec.box_frame or declared_box_frame(model)
+    return load_pretrained(spec.path, dtype_of(spec.dtype), device=None if target is None else str(target),
+                           device_map=None if device is not None else spec.device_map)
 
 
 def environment(ctx: Context) -> tuple[dict, dict]:
@@ -87,10 +65,8 @@ def config_hash(config: dict | None, kind: str) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---- per-item accounting -------------------------------------------------------------------------------------
+# ---- the evaluation core: batches, prompts, frames, relevance, generation, per-item costs --------------------------
 def _layer_flops(text_config):
-    from visroute.accounting import DecoderDims
-
     dims = DecoderDims.from_config(text_config)
     cache: dict[int, int] = {}
 
@@ -104,29 +80,61 @@ def _layer_flops(text_config):
 
 @dataclass
 class Batch:
-    """A batch of one task's items, processed once: prompts with the image, and (built on demand) without."""
+    """Samples processed once: their prompts with their images, and (built on demand) without them.
 
-    items: list[TaskItem]
+    texts:      per sample, its question as posed (before the family's prompt template).
+    frames:     per sample, one `ImageFrame` per image.
+    num_visual: per sample, its visual tokens (every image, every tile).
+    relevant:   per sample, per hop, the visual-token indices of its relevance regions (None: none known).
+    items:      the task items, when the batch was built from a task."""
+
+    texts: list[str]
     inputs: dict[str, Any]
-    frames: list[list]  # per item, one ImageFrame per image
+    frames: list[list]
     num_visual: list[int]
-    relevant: list[list[list[int]] | None]  # per item, per hop, visual-token indices
+    relevant: list[list[list[int]] | None]
+    items: list[TaskItem] = field(default_factory=list)
     blind_inputs: dict[str, Any] | None = None
 
 
-class Session:
-    """One loaded model and its processor: builds batches of a task's items and generates under a config.
+@dataclass
+class ItemStats:
+    """What one sample cost and kept under one generation.
 
-    `session.batch(task, items)` processes the items once; `session.generate(task, batch, config)` (None:
-    unrouted; `blind=True`: the blind control) returns one `Row` per item and the routing record."""
+    avg_T:       the mean over decoder layers of its active visual tokens (unrouted: all of them; blind: 0).
+    num_visual:  its visual tokens in the prompt.
+    kv_entries:  K/V entries cached after prefill (None where the record does not count them); `kv_unrouted`
+                 and `flops_unrouted` are those of the unrouted prompt with the image.
+    recall:      per stage, per hop: the share of the hop's relevant tokens active in the stage (None: no
+                 relevance, or not routed); `recall_all`: per stage, the same for all hops together.
+    routing:     what the database keeps of the routing (selected tokens per stage, relevance, decisions)."""
+
+    avg_T: float
+    num_visual: int
+    kv_entries: int | None
+    kv_unrouted: int
+    flops: float
+    flops_unrouted: float
+    recall: list[list[float | None]] | None = None
+    recall_all: list[float | None] | None = None
+    routing: dict[str, Any] | None = None
+
+
+class Session:
+    """One loaded model and its processor, and the one place that turns questions into answers and costs: the
+    study's runner, the testbed's `Evaluator` and the lmms-eval plug-in all go through it.
+
+    `session.prepare(texts, images, regions)` (or `session.batch(task, items)`) processes samples once;
+    `session.complete(batch, gen, router)` generates; `session.stats(batch, record)` gives each sample's costs and
+    recall; `session.generate(task, batch, config)` (None: unrouted; `blind=True`: the blind control) does all
+    three for a task and returns one scored `Row` per item. `box_frame`: the frame the model writes boxes in
+    (default: the one its checkpoint declares, else its family's)."""
 
     def __init__(self, model, processor, box_frame: str | None = None, rank: int = 0):
-        from visroute.families import adapter_for
-
         self.model = model.eval()
         self.processor = processor
         self.adapter = adapter_for(model)
-        self.box_frame = box_frame
+        self.box_frame = box_frame or declared_box_frame(model)
         self.rank = rank
         self.flops = _layer_flops(self.adapter.text_config)
         tok = getattr(processor, "tokenizer", processor)
@@ -142,90 +150,124 @@ class Session:
             out[k] = v
         return out
 
-    def batch(self, task: Task, items: list[TaskItem], images: list[list] | None = None) -> Batch:
-        """The items processed once; `images` (per item, its PIL images) when the caller read them already."""
-        images = [it.images() for it in items] if images is None else images
-        texts = [self.adapter.prompt(task.text(it), len(im), self.processor) for it, im in zip(items, images)]
+    def _process(self, texts: list[str], images: list[list]) -> Any:
+        prompts = [self.adapter.prompt(text, len(ims), self.processor) for text, ims in zip(texts, images)]
         flat = [im for ims in images for im in ims]
         if flat:
-            inputs = self.processor(images=flat, text=texts, padding=True, return_tensors="pt")
-        else:
-            inputs = self.processor(text=texts, padding=True, return_tensors="pt")
+            return self.processor(images=flat, text=prompts, padding=True, return_tensors="pt")
+        return self.processor(text=prompts, padding=True, return_tensors="pt")
+
+    def prepare(self, texts: list[str], images: list[list],
+                regions: list[list[list[list[float]]] | None] | None = None) -> Batch:
+        """Samples processed once: `texts` the questions, `images` per sample its PIL images, `regions` per
+        sample its relevance (per hop, normalised boxes of its first image, whose tokens come first)."""
+        inputs = self._process(texts, images)
         frames, counts = item_frames(self.adapter, self.processor, images, inputs, self.box_frame)
         relevant = []
-        for it, fr in zip(items, frames):
-            regions = it.relevance_regions
-            if regions is None or not fr:
+        for hops, fr in zip(regions or [None] * len(texts), frames):
+            if hops is None or not fr:
                 relevant.append(None)
-            else:  # regions lie on the first image, whose tokens come first
-                relevant.append([sorted({t for box in hop for t in fr[0].tokens_of(box)}) for hop in regions])
-        return Batch(items, self._device_inputs(inputs), frames, counts, relevant)
+            else:
+                relevant.append([sorted({t for box in hop for t in fr[0].tokens_of(box)}) for hop in hops])
+        return Batch(list(texts), self._device_inputs(inputs), frames, counts, relevant)
 
-    def _blind_inputs(self, task: Task, batch: Batch) -> dict[str, Any]:
+    def batch(self, task: Task, items: list[TaskItem], images: list[list] | None = None) -> Batch:
+        """A task's items processed once; `images` (per item, its PIL images) when the caller read them already."""
+        images = [it.images() for it in items] if images is None else images
+        batch = self.prepare([task.text(it) for it in items], images, [it.relevance_regions for it in items])
+        batch.items = list(items)
+        return batch
+
+    def blind_inputs(self, batch: Batch) -> dict[str, Any]:
+        """The batch's prompts with the images removed (the blind control)."""
         if batch.blind_inputs is None:
-            texts = [self.adapter.prompt(task.text(it), 0, self.processor) for it in batch.items]
-            batch.blind_inputs = self._device_inputs(self.processor(text=texts, padding=True, return_tensors="pt"))
+            batch.blind_inputs = self._device_inputs(self._process(batch.texts, [[] for _ in batch.texts]))
         return batch.blind_inputs
 
-    def generate(self, task: Task, batch: Batch, config=None, blind: bool = False) -> tuple[list[Row], Any]:
-        """(rows, record): greedy answers of `batch` under `config`, scored, with their costs and recall."""
-        from visroute import apply_routing
+    def relevance(self, batch: Batch) -> list[torch.Tensor]:
+        """The oracle's per-call input: per sample, (num_visual,) 1 on its relevant tokens (every hop), else 0."""
+        return [relevance_vector(n, rel) for n, rel in zip(batch.num_visual, batch.relevant)]
 
-        inputs = self._blind_inputs(task, batch) if blind else batch.inputs
-        t0 = time.perf_counter()
-        record = None
-        gen = dict(max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=self.pad_token_id)
+    def complete(self, batch: Batch, gen: dict[str, Any], router=None, blind: bool = False
+                 ) -> tuple[torch.Tensor, list[str], Any]:
+        """(new token ids, their texts, the routing record or None): `batch` generated with the settings `gen`,
+        routed by `router` (an applied `Router`; None: unrouted) with the relevance its scorer asks for."""
+        inputs = self.blind_inputs(batch) if blind else batch.inputs
         with torch.no_grad():
-            if config is None or blind:
+            if router is None or blind:
                 out = self.model.generate(**inputs, **gen)
+                record = None
             else:
-                with apply_routing(self.model, config) as router:
-                    options = {}
-                    if "relevance" in router.call_inputs:
-                        options["relevance"] = [relevance_vector(nv, rel)
-                                                for nv, rel in zip(batch.num_visual, batch.relevant)]
-                    with router.call_options(**options):
-                        out = self.model.generate(**inputs, **gen)
-                    record = router.last_record
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        seconds = (time.perf_counter() - t0) / len(batch.items)
+                options = {"relevance": self.relevance(batch)} if "relevance" in router.call_inputs else {}
+                with router.call_options(**options):
+                    out = self.model.generate(**inputs, **gen)
+                record = router.last_record
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return new, self.processor.batch_decode(new, skip_special_tokens=True), record
+
+    def stats(self, batch: Batch, record=None, blind: bool = False) -> list[ItemStats]:
+        """Per sample, its costs and recall under the generation that gave `record` (None: unrouted, or the
+        blind control with `blind`)."""
+        inputs = self.blind_inputs(batch) if blind else batch.inputs
         seq = inputs["attention_mask"].sum(1).tolist()
-        full_seq = batch.inputs["attention_mask"].sum(1).tolist()
+        full_seq = batch.inputs["attention_mask"].sum(1).tolist()  # the prompt with the image: the reference
         layers = self.adapter.num_layers
         decisions = None if record is None else record.decisions(
             [None if rel is None else relevance_vector(nv, rel) for nv, rel in zip(batch.num_visual, batch.relevant)])
+        out = []
+        for b in range(len(batch.texts)):
+            n_full = int(full_seq[b])
+            num_visual = 0 if blind else int(batch.num_visual[b])
+            if record is None:
+                out.append(ItemStats(avg_T=float(num_visual), num_visual=num_visual, kv_entries=int(seq[b]) * layers,
+                                     kv_unrouted=n_full * layers, flops=float(layers * self.flops(int(seq[b]))),
+                                     flops_unrouted=float(layers * self.flops(n_full))))
+                continue
+            relevant = batch.relevant[b]
+            frames = batch.frames[b]
+            st = ItemStats(
+                avg_T=float(record.avg_visual_tokens[b]), num_visual=num_visual,
+                kv_entries=int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None,
+                kv_unrouted=n_full * layers,
+                flops=float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist())),
+                flops_unrouted=float(layers * self.flops(n_full)),
+                routing={"selected": [s.active[b].nonzero().flatten().tolist() for s in record.stages],
+                         "relevant": relevant,
+                         # per stage: the keep asked for more tokens than there were, so all were kept
+                         "clipped": [bool(s.clipped[b]) for s in record.stages],
+                         # a plain grid only: the position analyses do not read tiled layouts
+                         "grid": [frames[0].rows, frames[0].cols]
+                         if len(frames) == 1 and frames[0].num_tokens == frames[0].rows * frames[0].cols else None,
+                         # per stage: tokens evicted / re-admitted, re-entrants' ages, relevant ones among them
+                         "decisions": [_decision_row(d, b) for d in decisions]})
+            if relevant is not None:
+                union = sorted({t for hop in relevant for t in hop})
+                st.recall = [[recall(s.active[b], hop) for hop in relevant] for s in record.stages]
+                st.recall_all = [recall(s.active[b], union) for s in record.stages]
+            out.append(st)
+        return out
+
+    def generate(self, task: Task, batch: Batch, config=None, blind: bool = False
+                 ) -> tuple[list[Row], list[ItemStats]]:
+        """(rows, stats): greedy answers of a task's `batch` under `config`, scored, with their costs and recall."""
+        t0 = time.perf_counter()
+        gen = dict(max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=self.pad_token_id)
+        if config is None or blind:
+            _, texts, record = self.complete(batch, gen, blind=blind)
+        else:
+            with apply_routing(self.model, config) as router:
+                _, texts, record = self.complete(batch, gen, router)
+        seconds = (time.perf_counter() - t0) / len(batch.items)
+        stats = self.stats(batch, record, blind=blind)
         rows = []
-        for b, (it, text) in enumerate(zip(batch.items, texts)):
+        for b, (it, text, st) in enumerate(zip(batch.items, texts, stats)):
             prediction = text.strip()
-            frame = batch.frames[b][0] if batch.frames[b] else None
-            metrics = task.score(it, prediction, frame)
-            n_full = int(full_seq[b])  # the prompt with the image: the unrouted reference
-            row = Row(item_id=it.id, prediction=prediction, correct=bool(metrics["correct"]), metrics=metrics,
-                      kv_unrouted=n_full * layers, flops_unrouted=float(layers * self.flops(n_full)),
-                      seconds=seconds, rank=self.rank)
-            if record is not None:
-                row.avg_T = float(record.avg_visual_tokens[b])
-                row.kv_entries = int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None
-                row.flops = float(sum(self.flops(int(n)) for n in record.active_tokens[:, b].tolist()))
-                if batch.relevant[b] is not None:
-                    row.recall = [[recall(st.active[b], hop) for hop in batch.relevant[b]] for st in record.stages]
-                frames = batch.frames[b]
-                row.routing = {"selected": [st.active[b].nonzero().flatten().tolist() for st in record.stages],
-                               "relevant": batch.relevant[b],
-                               # per stage: the keep asked for more tokens than there were, so all were kept
-                               "clipped": [bool(st.clipped[b]) for st in record.stages],
-                               # a plain grid only: the position analyses do not read tiled layouts
-                               "grid": [frames[0].rows, frames[0].cols]
-                               if len(frames) == 1 and frames[0].num_tokens == frames[0].rows * frames[0].cols
-                               else None,
-                               # per stage: tokens evicted / re-admitted, re-entrants' ages, relevant ones among them
-                               "decisions": [_decision_row(d, b) for d in decisions]}
-            else:
-                row.avg_T = 0.0 if blind else float(batch.num_visual[b])
-                row.kv_entries = int(seq[b]) * layers
-                row.flops = float(layers * self.flops(int(seq[b])))
-            rows.append(row)
-        return rows, record
+            metrics = task.score(it, prediction, batch.frames[b][0] if batch.frames[b] else None)
+            rows.append(Row(item_id=it.id, prediction=prediction, correct=bool(metrics["correct"]), metrics=metrics,
+                            avg_T=st.avg_T, kv_entries=st.kv_entries, kv_unrouted=st.kv_unrouted, flops=st.flops,
+                            flops_unrouted=st.flops_unrouted, recall=st.recall, routing=st.routing,
+                            seconds=seconds, rank=self.rank))
+        return rows, stats
 
 
 @dataclass
@@ -330,14 +372,11 @@ class Runner:
             raise FileNotFoundError(f"--db {self.db}: no folder {self.db.parent}")
         tasks = self._tasks()
         if self.model is None:
-            from visroute.loading import check_device, check_model_path
-
             if self.ctx.device is None:
                 check_device(self.grid.model.device)
-            if not is_testbed(self.grid.model.path):
-                check_model_path(self.grid.model.path)
+            check_model_path(self.grid.model.path)
             self.model, self.processor = load_model(self.grid.model, self.ctx.device)
-        session = Session(self.model, self.processor, default_box_frame(self.grid.model, self.model), self.ctx.rank)
+        session = Session(self.model, self.processor, self.grid.model.box_frame, self.ctx.rank)
         configs = self._configs(session, tasks)  # a layer outside the model fails here, before the database is written
         versions, hardware = environment(self.ctx)
         store = Store(self.db, self.grid.identity())

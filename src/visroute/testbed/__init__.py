@@ -9,22 +9,36 @@ LLaVA-architecture model shipped with the package.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from visroute.testbed.data import Item, make_item, make_items, read_dataset, with_bordering_tokens, write_dataset
-from visroute.testbed.evaluate import (
+from visroute.testbed.data import (
     HELDOUT_SEED,
-    EvalReport,
-    Evaluator,
-    ItemResult,
-    box_iou,
-    evaluate,
-    format_table,
-    majority_rates,
-    score,
+    Item,
+    make_item,
+    make_items,
+    read_dataset,
+    with_bordering_tokens,
+    write_dataset,
 )
 from visroute.testbed.questions import FAMILIES, VISION_FAMILIES
+
+if TYPE_CHECKING:
+    from visroute.testbed.evaluate import EvalReport, Evaluator, ItemResult, box_iou, format_table, majority_rates, score
+
+# The evaluator runs on the evaluation harness, which reads this package's data and checkpoint: its names load on
+# first use (PEP 562), so that importing the testbed's data does not import the harness (no import cycle).
+_EVALUATOR_NAMES = ("Evaluator", "EvalReport", "ItemResult", "format_table", "majority_rates", "score", "box_iou")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EVALUATOR_NAMES:
+        value = getattr(importlib.import_module("visroute.testbed.evaluate"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'visroute.testbed' has no attribute {name!r}")
 
 
 def checkpoint_path() -> Path:
@@ -108,6 +122,6 @@ __all__ = [
     "candidate_names", "training_dir",
     "Item", "make_item", "make_items", "read_dataset", "write_dataset",
     "with_bordering_tokens",
-    "Evaluator", "EvalReport", "ItemResult", "evaluate", "format_table", "majority_rates", "score", "box_iou",
+    "Evaluator", "EvalReport", "ItemResult", "format_table", "majority_rates", "score", "box_iou",
     "HELDOUT_SEED", "FAMILIES", "VISION_FAMILIES",
 ]

@@ -41,6 +41,7 @@ from visroute.testbed.questions import (
 )
 from visroute.testbed.scenes import GRID, Obj, random_scene, render, render_v3, visible_tokens
 
+HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
 WORLDS = (2, 3)  # scene generators: 2 the shipped model's world, 3 the one with traps (scenes.py, add_traps)
 
 

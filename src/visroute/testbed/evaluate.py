@@ -20,20 +20,20 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-import torch
+from tqdm.auto import tqdm
 
+from visroute.engine import as_config
 from visroute.evaluation.boxes import box_iou  # noqa: F401  (re-exported: the testbed's box IoU)
-from visroute.testbed.data import Item
+from visroute.evaluation.runner import Session
+from visroute.evaluation.tasks.testbed import TestbedTask, grid_frame, to_task_item
+from visroute.testbed.data import HELDOUT_SEED, Item  # noqa: F401  (HELDOUT_SEED re-exported)
 from visroute.testbed.questions import FAMILIES, MULTI_HOP_FAMILIES
 
-HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
-MAX_NEW_TOKENS = 5  # the longest answer (a box) is 4 tokens, then </s>
+MAX_NEW_TOKENS = TestbedTask.max_new_tokens  # the longest answer (a box) is 4 tokens, then </s>
 
 
 def score(item: Item, prediction: str) -> tuple[bool, float | None]:
     """(correct, IoU for grounding items else None), scored by the harness's `testbed` task."""
-    from visroute.evaluation.tasks.testbed import TestbedTask, grid_frame, to_task_item
-
     metrics = TestbedTask().score(to_task_item(item), prediction, grid_frame(item.grid))
     return bool(metrics["correct"]), metrics.get("iou")
 
@@ -141,9 +141,6 @@ class Evaluator:
 
     def __init__(self, model, processor, items: list[Item], batch_size: int = 32, progress: bool = True,
                  max_new_tokens: int = MAX_NEW_TOKENS):
-        from visroute.evaluation.runner import Session
-        from visroute.evaluation.tasks.testbed import TestbedTask
-
         self.session = Session(model, processor, box_frame="grid")
         self.model = self.session.model
         self.processor = processor
@@ -156,8 +153,6 @@ class Evaluator:
     def batches(self) -> list:
         """The harness batches of the items (built once)."""
         if self._batches is None:
-            from visroute.evaluation.tasks.testbed import to_task_item
-
             task_items = [to_task_item(it) for it in self.items]
             self._batches = [self.session.batch(self.task, task_items[i:i + self.batch_size])
                              for i in range(0, len(task_items), self.batch_size)]
@@ -166,25 +161,20 @@ class Evaluator:
     def run(self, config=None, *, blind: bool = False, name: str | None = None) -> EvalReport:
         """Evaluate the model routed by `config` (a RoutingConfig, dict, YAML path, or None for unrouted);
         `blind=True` runs the blind control (the image removed; routing has nothing to act on)."""
-        from tqdm.auto import tqdm
-
-        from visroute import RoutingConfig
-
-        if config is not None and not isinstance(config, RoutingConfig):
-            config = RoutingConfig.from_dict(config) if isinstance(config, dict) else RoutingConfig.from_yaml(config)
+        config = None if config is None else as_config(config)
         name = name or ("blind" if blind else ("unrouted" if config is None else f"{config.action}:{config.scorer}"))
         by_id = {it.id: it for it in self.items}
         results: list[ItemResult] = []
         kv_routed = kv_full = 0
         t0 = time.perf_counter()
         for batch in tqdm(self.batches(), desc=name, disable=not self.progress, leave=False):
-            rows, record = self.session.generate(self.task, batch, config, blind=blind)
-            for b, row in enumerate(rows):
+            rows, stats = self.session.generate(self.task, batch, config, blind=blind)
+            for row, st in zip(rows, stats):
                 it = by_id[row.item_id]
                 res = ItemResult(it.id, it.family, it.subtype, " ".join(row.prediction.split()), row.correct,
                                  row.metrics.get("iou"))
-                if record is not None:
-                    res.recall = [_recall(st.active[b], it.relevant_tokens) for st in record.stages]
+                if st.routing is not None:  # routed
+                    res.recall = st.recall_all
                     res.hop_recall = row.recall
                     res.avg_T = row.avg_T
                     if row.kv_entries is not None:
@@ -204,12 +194,6 @@ class Evaluator:
         if blind_control:
             reports["blind"] = self.run(None, blind=True, name="blind")
         return reports
-
-
-def _recall(active_row: torch.Tensor, relevant: list[int]) -> float | None:
-    if not relevant:
-        return None
-    return float(active_row[relevant].float().mean())
 
 
 def evaluate(model, processor, items: list[Item], config=None, *, blind: bool = False, batch_size: int = 32,

@@ -149,12 +149,11 @@ class Task:
     def score_box(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:
         """IoU of the answer's box (converted from the model's answer frame) with the true box; correct at
         IoU >= 0.5. An answer without a box scores IoU 0."""
-        from visroute.evaluation.boxes import box_iou, center_inside, parse_box
+        from visroute.evaluation.boxes import answer_box, box_iou, center_inside
 
-        box = parse_box(prediction)
-        if box is None or frame is None:
+        pred = None if frame is None else answer_box(prediction, frame)
+        if pred is None:
             return {"correct": False, "iou": 0.0, "center": False, "box": None}
-        pred = [float(v) for v in frame.from_answer(box)]
         iou = box_iou(pred, item.box)
         return {"correct": iou >= 0.5 - M.IOU_TOLERANCE, "iou": iou, "center": center_inside(pred, item.box),
                 "box": [round(v, 6) for v in pred]}

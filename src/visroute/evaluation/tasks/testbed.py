@@ -13,18 +13,19 @@ import numpy as np
 
 from visroute.evaluation.tasks import register_task
 from visroute.evaluation.tasks.base import Task, TaskItem
+from visroute.families import ImageFrame
+from visroute.testbed.data import HELDOUT_SEED, make_items, read_dataset
+from visroute.testbed.scenes import IMAGE_SIZE
 
 
-def _patch_boxes(tokens: list[int], rows: int, cols: int) -> list[list[float]]:
+def patch_boxes(tokens: list[int], rows: int, cols: int) -> list[list[float]]:
+    """The cells of `tokens` (row-major indices of a rows x cols grid) as normalised boxes of the image."""
     return [[(t % cols) / cols, (t // cols) / rows, (t % cols + 1) / cols, (t // cols + 1) / rows] for t in tokens]
 
 
 def grid_frame(grid: tuple[int, int]) -> Any:
     """The ImageFrame of a testbed image on a model whose token grid is the scene's (the testbed model):
     boxes in grid units."""
-    from visroute.families import ImageFrame
-    from visroute.testbed.scenes import IMAGE_SIZE
-
     rows, cols = grid
     return ImageFrame(width=IMAGE_SIZE, height=IMAGE_SIZE, view=(0.0, 0.0, float(IMAGE_SIZE), float(IMAGE_SIZE)),
                       rows=rows, cols=cols, canvas=(IMAGE_SIZE, IMAGE_SIZE), box_frame="grid")
@@ -45,7 +46,7 @@ def to_task_item(it) -> TaskItem:
         box = [x1 / cols, y1 / rows, x2 / cols, y2 / rows]
     return TaskItem(
         id=it.id, question=it.question, answers=[it.answer], kind="box" if it.box is not None else "short",
-        box=box, hops=[_patch_boxes(h, rows, cols) for h in hops_of(it)],
+        box=box, hops=[patch_boxes(h, rows, cols) for h in hops_of(it)],
         meta={"family": it.family, "subtype": it.subtype, "template": it.template}, images=lambda it=it: [it.image()],
     )
 
@@ -62,8 +63,6 @@ class TestbedTask(Task):
     required_keys = ()
 
     def load(self, limit: int | None) -> list[TaskItem]:
-        from visroute.testbed import HELDOUT_SEED, make_items, read_dataset
-
         fams = self.opts["families"]
         if "data" in self.data:
             items = read_dataset(self.path())

@@ -31,7 +31,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,10 +41,13 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
 from visroute.config import RoutingConfig
-from visroute.evaluation.runner import item_frames, recall, relevance_vector
-
-_NUMBER = r"-?\d+(?:\.\d+)?"
-_BOX = re.compile(rf"({_NUMBER})\s*,?\s*({_NUMBER})\s*,?\s*({_NUMBER})\s*,?\s*({_NUMBER})")
+from visroute.engine import apply_routing, as_config
+from visroute.evaluation.boxes import answer_box
+from visroute.evaluation.runner import Batch, Session
+from visroute.evaluation.tasks.testbed import patch_boxes
+from visroute.families import BOX_FRAMES
+from visroute.integrations.lmms.presets import preset_for_model
+from visroute.loading import load_model
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -56,21 +58,13 @@ def _flag(value: Any, name: str) -> bool:
     raise ValueError(f"visroute model_args: {name} must be true or false, got {value!r}")
 
 
-def parse_answer_box(text: str) -> list[float] | None:
-    """The first four numbers of an answer (inside [...] or (...), comma- or space-separated), or None."""
-    match = _BOX.search(text)
-    return [float(g) for g in match.groups()] if match else None
-
-
 def resolve_routing(spec: Any, model) -> RoutingConfig | None:
     """The RoutingConfig a `routing=` value names, for `model` (presets are solved to its decoder depth and
     visual tokens per image)."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "unrouted")):
         return None
-    if isinstance(spec, RoutingConfig):
-        return spec
-    if isinstance(spec, dict):
-        return RoutingConfig.from_dict(spec)
+    if not isinstance(spec, str):
+        return as_config(spec)
     text = str(spec).strip()
     if text.startswith("{"):
         try:
@@ -78,10 +72,8 @@ def resolve_routing(spec: Any, model) -> RoutingConfig | None:
         except json.JSONDecodeError:
             return RoutingConfig.from_yaml_text(text, source="routing=")
     if "@" in text and not Path(text).exists():
-        from visroute.integrations.lmms.presets import preset_for_model
-
         return preset_for_model(text, model)
-    return RoutingConfig.from_yaml(text)
+    return as_config(text)
 
 
 class VisrouteLMM(lmms):
@@ -100,8 +92,6 @@ class VisrouteLMM(lmms):
             raise ValueError(f"visroute model_args: unknown {sorted(unknown)}; it takes pretrained, routing, blind, "
                              "dtype, device, device_map, batch_size, box_tasks, box_prompt, box_convert, box_frame, "
                              "side_log, min_pixels, max_pixels")
-        from visroute.families import BOX_FRAMES
-
         if box_frame is not None and box_frame not in BOX_FRAMES:
             raise ValueError(f"visroute model_args: box_frame must be one of {', '.join(BOX_FRAMES)}, got {box_frame!r}")
         self.box_frame = box_frame
@@ -110,8 +100,6 @@ class VisrouteLMM(lmms):
         if box_prompt not in ("task", "family"):
             raise ValueError(f"visroute model_args: box_prompt must be task or family, got {box_prompt!r}")
         from accelerate import Accelerator
-
-        from visroute.families import adapter_for
 
         self.accelerator = Accelerator()
         # data parallel (`accelerate launch -m lmms_eval`): the launcher's environment says who this process is
@@ -129,12 +117,13 @@ class VisrouteLMM(lmms):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"visroute model_args: batch_size must be at least 1, got {batch_size}")
-        self._model, self.processor = self._load(dtype, device, device_map)
-        self.adapter = adapter_for(self._model)
-        if self.box_frame is None:
-            from visroute.families.base import declared_box_frame
-
-            self.box_frame = declared_box_frame(self._model)
+        self._model, self.processor = load_model(
+            self.pretrained, dtype, device=device or ("cpu" if device_map is None else None), device_map=device_map,
+            processor_kwargs=self._processor_kwargs)
+        # the harness's evaluation core: prompts, frames, relevance, generation and per-sample costs
+        self.session = Session(self._model, self.processor, box_frame)
+        self.adapter = self.session.adapter
+        self.box_frame = self.session.box_frame
         self.router = None
         self.model_args: str | None = None  # the model_args text, when built from it
         self.set_routing(resolve_routing(routing, self._model), blind=self.blind, side_log=side_log)
@@ -143,8 +132,6 @@ class VisrouteLMM(lmms):
                     side_log: str | Path | None = None) -> None:
         """Route the loaded model by `config` (None: unrouted) from now on, optionally switching the blind control
         and the side log's folder: a sweep reuses one loaded model across runs."""
-        from visroute.engine import apply_routing
-
         if self.router is not None:
             self.router.remove()
         # each run (a construction, or a switch of the config) logs to a file of its own
@@ -174,21 +161,6 @@ class VisrouteLMM(lmms):
         lm = cls(**args, **extra)
         lm.model_args = arg_string
         return lm
-
-    def _load(self, dtype, device, device_map):
-        from visroute.loading import dtype_of, load_model
-
-        if self.pretrained == "testbed":
-            from visroute.testbed import load_model as load_testbed
-
-            model, processor = load_testbed(dtype=dtype_of(dtype))
-            model = model.to(device or "cpu")
-        else:
-            model, processor = load_model(self.pretrained, dtype, device=device or ("cpu" if device_map is None else None),
-                                          device_map=device_map, processor_kwargs=self._processor_kwargs)
-        tokenizer = getattr(processor, "tokenizer", processor)
-        tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
-        return model, processor
 
     # ---- what lmms-eval reads --------------------------------------------------------------------------------
     @property
@@ -256,48 +228,33 @@ class VisrouteLMM(lmms):
 
     def _generate(self, reqs) -> list[GenerationResult]:
         items = [self._request(r) for r in reqs]
-        prompts = [self.adapter.prompt(it["text"], len(it["images"]), self.processor) for it in items]
-        images = [im for it in items for im in it["images"]]
-        kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
-        if images:
-            kwargs["images"] = images
-        inputs = dict(self.processor(**kwargs))
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        # per item its frames and visual-token count, as the harness's session builds them (a tiled frame, or
-        # several images, hold more tokens than one grid's rows x cols)
-        frames, counts = item_frames(self.adapter, self.processor, [it["images"] for it in items], inputs,
-                                     self.box_frame)
-        frame_of = [fr[0] if fr else None for fr in frames]  # box tasks ask about the first image
-        gen = self._generation_settings(items[0]["gen"])
-        call: dict[str, Any] = {}
+        batch = self.session.prepare([it["text"] for it in items], [it["images"] for it in items],
+                                     [self._regions(it) for it in items])
         if self.router is not None and "relevance" in self.router.call_inputs:
-            call["relevance"] = [self._relevance(it, frame, n) for it, frame, n in zip(items, frame_of, counts)]
-        with torch.no_grad():
-            if self.router is not None:
-                with self.router.call_options(**call):
-                    ids = self._model.generate(**inputs, **gen)
-            else:
-                ids = self._model.generate(**inputs, **gen)
-        new = ids[:, inputs["input_ids"].shape[1]:]
-        texts = self.processor.batch_decode(new, skip_special_tokens=True)
-        record = self.router.last_record if self.router is not None else None
+            for it, relevant in zip(items, batch.relevant):
+                if relevant is None:
+                    raise ValueError(f"The oracle scorer needs each item's relevant visual tokens; task {it['task']} "
+                                     "carries neither boxes nor relevant_tokens with their grid")
+        new, texts, record = self.session.complete(batch, self._generation_settings(items[0]["gen"]), self.router)
+        stats = self.session.stats(batch, record)
         results, rows = [], []
-        pad = getattr(getattr(self.processor, "tokenizer", self.processor), "pad_token_id", None)
+        pad = self.session.pad_token_id
         for b, (it, text) in enumerate(zip(items, texts)):
             for stop in items[0]["gen"].get("until") or []:
                 if isinstance(stop, str) and stop and stop in text:
                     text = text.split(stop)[0]
             raw = text
-            if it["box"] and self.box_convert and frame_of[b] is not None:
-                box = parse_answer_box(text)
+            frame = batch.frames[b][0] if batch.frames[b] else None  # box tasks ask about the first image
+            if it["box"] and self.box_convert and frame is not None:
+                box = answer_box(text, frame)
                 if box is not None:
-                    x1, y1, x2, y2 = frame_of[b].from_answer(box)
+                    x1, y1, x2, y2 = box
                     text = f"[{x1:.3f}, {y1:.3f}, {x2:.3f}, {y2:.3f}]"
             produced = int((new[b] != pad).sum()) if pad is not None else int(new.shape[1])
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
-                input_tokens=int(inputs["attention_mask"][b].sum()), output_tokens=produced)))
+                input_tokens=int(batch.inputs["attention_mask"][b].sum()), output_tokens=produced)))
             if not it["padding"]:
-                rows.append(self._side_row(it, b, raw, text, record, inputs, frame_of[b]))
+                rows.append(self._side_row(it, raw, text, stats[b], batch, b))
         with self.side_log.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -317,39 +274,29 @@ class VisrouteLMM(lmms):
             out["pad_token_id"] = tok.pad_token_id
         return out
 
-    def _relevant_tokens(self, item: dict[str, Any], frame) -> list[int] | None:
-        """The visual tokens an item's question is about: a box task's ground-truth box (lmms-eval's RefCOCO
-        docs hold it normalised, x1 y1 x2 y2) through the family's frame, or the testbed task's own list."""
+    def _regions(self, item: dict[str, Any]) -> list[list[list[float]]] | None:
+        """The regions of the first image an item's question is about (one hop), for the session to map onto the
+        model's visual tokens: the testbed task's relevant cells (`relevant_tokens` on its `grid`), or a box
+        task's ground-truth box (lmms-eval's RefCOCO docs hold it normalised, x1 y1 x2 y2)."""
         doc = item["doc"]
-        if "relevant_tokens" in doc and doc["relevant_tokens"] is not None:
-            return [int(t) for t in doc["relevant_tokens"]]
-        if item["box"] and frame is not None and doc.get("bbox") is not None:
-            return frame.tokens_of([float(v) for v in doc["bbox"]])
+        if doc.get("relevant_tokens") is not None and doc.get("grid") is not None:
+            rows, cols = doc["grid"]
+            return [patch_boxes([int(t) for t in doc["relevant_tokens"]], int(rows), int(cols))]
+        if item["box"] and doc.get("bbox") is not None:
+            return [[[float(v) for v in doc["bbox"]]]]
         return None
 
-    def _relevance(self, item: dict[str, Any], frame, num_visual: int) -> torch.Tensor:
-        """The oracle's per-sample input over all of the item's `num_visual` visual tokens."""
-        tokens = self._relevant_tokens(item, frame)
-        if tokens is None:
-            raise ValueError(f"The oracle scorer needs each item's relevant visual tokens; task {item['task']} "
-                             "carries neither boxes nor a relevant_tokens column")
-        return relevance_vector(num_visual, [tokens])
-
-    def _side_row(self, item, b, raw, text, record, inputs, frame) -> dict[str, Any]:
-        row: dict[str, Any] = {"run_id": self.run_id, "model_args": self.model_args or str(self),
-                               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "task": item["task"], "split": item["split"], "doc_id": int(item["doc_id"]),
-                               "rank": self._rank, "prediction": text, "raw_prediction": raw, "blind": self.blind,
-                               "routing": None if self.config is None else self.config.to_dict()}
-        layers = self.adapter.num_layers
-        seq = int(inputs["attention_mask"][b].sum())
-        row["kv_entries_unrouted"] = layers * seq
-        if record is None:
-            visual = int((inputs["input_ids"][b] == self.adapter.image_token_id).sum()) if not self.blind else 0
-            row.update(avg_T=float(visual), num_visual=visual, kv_entries=layers * seq, recall=None)
-            return row
-        row.update(avg_T=float(record.avg_visual_tokens[b]), num_visual=int(record.num_visual[b]),
-                   kv_entries=int(record.kv_tokens[:, b].sum()) if record.kv_tokens is not None else None)
-        tokens = self._relevant_tokens(item, frame)
-        row["recall"] = [recall(st.active[b], tokens) for st in record.stages] if tokens else None
-        return row
+    def _side_row(self, item: dict[str, Any], raw: str, text: str, stats, batch: Batch, b: int) -> dict[str, Any]:
+        relevant = batch.relevant[b]
+        routed = stats.routing is not None
+        return {"run_id": self.run_id, "model_args": self.model_args or str(self),
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "task": item["task"], "split": item["split"], "doc_id": int(item["doc_id"]),
+                "rank": self._rank, "prediction": text, "raw_prediction": raw, "blind": self.blind,
+                "routing": None if self.config is None else self.config.to_dict(),
+                "avg_T": stats.avg_T, "num_visual": stats.num_visual, "kv_entries": stats.kv_entries,
+                "kv_entries_unrouted": stats.kv_unrouted,
+                # the visual tokens the question is about, per hop (one), as the harness's rows hold them
+                "relevant": relevant,
+                # per stage: the share of them still active (all hops together)
+                "recall": stats.recall_all if routed and relevant and any(relevant) else None}

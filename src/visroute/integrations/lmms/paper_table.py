@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from visroute.config import RoutingConfig
+if TYPE_CHECKING:  # an annotation only: `visroute paper-table --help` reads this module without importing torch
+    from visroute.config import RoutingConfig
 
-TIERS = (192, 128, 64)
+from visroute.names import TIERS  # noqa: F401  (the papers' tiers, re-exported)
+
 VARIANTS = (
     ("fastv", "FastV K=3 (prune)"),
     ("pdrop", "PDrop early-L2 (prune)"),
