@@ -175,18 +175,35 @@ def test_box_relevance_maps_to_the_tokens_the_objects_paint(layouts):
         assert len(rec) == 1 and (rec[0][0] == 1.0) == ((x2 - x1) * (y2 - y1) <= 36)
 
 
-def test_testbed_hops_map_back_to_the_relevant_tokens():
+@pytest.mark.parametrize("world", [2, 3])
+def test_testbed_hops_map_back_to_the_relevant_tokens(world):
+    """Per hop, the harness's regions cover exactly the item's relevant tokens (world 3: the tokens an object
+    shows where another covers it)."""
     from visroute.evaluation.tasks.testbed import to_task_item
     from visroute.families import ImageFrame
 
     frame = ImageFrame(width=192, height=192, view=(0.0, 0.0, 192.0, 192.0), rows=12, cols=12, canvas=(192, 192),
                        box_frame="grid")
-    for it in make_items(12, HELDOUT_SEED):
+    for it in make_items(12 if world == 2 else 45, HELDOUT_SEED, world=world):
         hops = to_task_item(it).hops
         tokens = [sorted({t for box in hop for t in frame.tokens_of(box)}) for hop in hops]
         assert sorted({t for h in tokens for t in h}) == sorted(it.relevant_tokens)
         if getattr(it, "hops", None):
             assert tokens == [sorted(h) for h in it.hops]
+
+
+def test_testbed_task_generates_the_world_it_is_given():
+    from visroute.evaluation.tasks import build_task
+
+    def questions(items):
+        return [(it.question, it.answers[0] if hasattr(it, "answers") else it.answer) for it in items]
+
+    three, two = make_items(6, HELDOUT_SEED, world=3), make_items(6, HELDOUT_SEED)
+    assert questions(three) != questions(two)  # the two worlds draw different scenes and questions
+    assert questions(build_task("testbed", n=6, world=3).load(None)) == questions(three)
+    assert questions(build_task("testbed", n=6).load(None)) == questions(two)
+    with pytest.raises(ValueError, match="world must be 2 or 3"):
+        build_task("testbed", n=6, world=4).load(None)
 
 
 def test_study_list_shows_the_runs(layouts, capsys):

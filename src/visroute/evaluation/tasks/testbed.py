@@ -59,7 +59,8 @@ class TestbedTask(Task):
     max_new_tokens = 5  # the longest answer (a box) is 4 tokens, then </s>
     options = {"n": (300, "items to generate when no data is given"),
                "seed": (None, "seed of the generated set (default: the held-out seed)"),
-               "families": (None, "question families to keep (default: all)")}
+               "families": (None, "question families to keep (default: all)"),
+               "world": (2, "scene generator of the generated set: 2, or 3 (textures, clutter, distractors, lures)")}
     required_keys = ()
 
     def load(self, limit: int | None) -> list[TaskItem]:
@@ -71,7 +72,10 @@ class TestbedTask(Task):
         else:
             seed = HELDOUT_SEED if self.opts["seed"] is None else int(self.opts["seed"])
             n = int(self.opts["n"]) if limit is None else min(int(self.opts["n"]), limit)
-            items = make_items(n, seed, fams)
+            world = int(self.opts["world"])
+            if world not in (2, 3):
+                raise ValueError(f"testbed task: world must be 2 or 3, got {self.opts['world']!r}")
+            items = make_items(n, seed, fams, world=world)
         return [to_task_item(it) for it in items[:limit]]
 
     def score(self, item: TaskItem, prediction: str, frame) -> dict[str, Any]:
