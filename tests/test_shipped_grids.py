@@ -14,6 +14,7 @@ from test_evaluation_tasks import write_layouts
 from visroute.cli import main
 from visroute.evaluation import load_grid
 from visroute.evaluation.grid import shipped_grids
+from visroute.evaluation.layout import databases
 from visroute.testbed import load_model
 
 TESTBED_GRIDS = ("where-to-prune", "study-where-to-prune", "study-reroute")
@@ -38,15 +39,22 @@ def test_every_shipped_grid_is_tested():
 
 @pytest.mark.parametrize("name", TESTBED_GRIDS)
 def test_testbed_grid_runs_and_reports(name, tmp_path):
+    """Each model of the grid gets every run on every item, in its own database; the report covers them."""
     db = tmp_path / "results.sqlite"
+    grid = load_grid(name)
     assert main(["study", "run", name, "--db", str(db), "--limit", "2", "--no-progress"]) == 0
-    runs = _runs(db)
-    assert len(runs) == _expected_runs(load_grid(name))
-    assert set(runs.values()) == {2}  # every run answered every item
+    dbs = databases(db)
+    assert sorted(dbs) == sorted(m.label for m in grid.models)
+    for model_db in dbs.values():
+        runs = _runs(model_db)
+        assert len(runs) == _expected_runs(grid)
+        assert set(runs.values()) == {2}  # every run answered every item
     assert main(["study", "report", "--db", str(db), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     if name == "study-reroute":
         assert "reroute-pdrop@36" in text and "pdrop@36" in text
+    if grid.primary:
+        assert "Holm" in text
 
 
 def test_real_checkpoint_grid_runs_on_files_in_the_public_layouts(tmp_path):
