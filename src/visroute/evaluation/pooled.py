@@ -25,7 +25,7 @@ import numpy as np
 
 from visroute.evaluation import statistics as S
 from visroute.evaluation.grid import Contrast
-from visroute.evaluation.report import CONTROLS, RunSummary, _budget_order, _f, summarize
+from visroute.evaluation.summary import CONTROLS, RunSummary, _budget_order, _f, summarize
 from visroute.evaluation.store import Store
 
 ModelRuns = dict[str, dict[str, list[RunSummary]]]  # model -> task label -> its runs' summaries

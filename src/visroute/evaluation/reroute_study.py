@@ -29,7 +29,7 @@ import numpy as np
 from visroute.config import RoutingConfig
 from visroute.evaluation import metrics as M
 from visroute.evaluation.grid import with_action
-from visroute.evaluation.report import RunSummary, _f, _plt, _save
+from visroute.evaluation.summary import RunSummary, _f, _plt, _save
 
 NAME = re.compile(r"^(?P<variant>reroute-)?(?P<method>[a-z0-9]+(?:-layer0)?)@(?P<tier>[0-9.]+)(?:/(?P<rest>.+))?$")
 CELLS = ("base/prune", "base/reroute", "reroute/prune", "reroute/reroute")

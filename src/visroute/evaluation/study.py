@@ -22,7 +22,7 @@ import numpy as np
 from visroute.evaluation import metrics as M
 from visroute.evaluation import reroute_study
 from visroute.evaluation.pooled import horizon_table, horizon_text
-from visroute.evaluation.report import (
+from visroute.evaluation.summary import (
     CONTROLS,
     RunSummary,
     _budget_order,
