@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from visroute.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from visroute.config import RoutingConfig, Stage
@@ -27,12 +28,7 @@ _EXPORTS = {"RoutingConfig": "visroute.config", "Stage": "visroute.config", "app
 __all__ = ["RoutingConfig", "Stage", "apply_routing", "Router", "RoutedCache", "RoutingRecord", "StageRecord"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'visroute' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from visroute.bench.settings import BenchSettings, parse_image_size
+from visroute.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from visroute.bench.report import format_table
@@ -31,9 +31,4 @@ __all__ = ["BenchSettings", "DTYPES", "METHOD", "SHAPES", "build_model", "defaul
            "make_inputs", "model_config", "parse_image_size", "run_bench", "visual_count"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'visroute.bench' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -9,11 +9,11 @@ LLaVA-architecture model shipped with the package.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from visroute.lazy import lazy_exports
 from visroute.testbed.data import (
     HELDOUT_SEED,
     Item,
@@ -33,12 +33,7 @@ if TYPE_CHECKING:
 _EVALUATOR_NAMES = ("Evaluator", "EvalReport", "ItemResult", "format_table", "majority_rates", "score", "box_iou")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EVALUATOR_NAMES:
-        value = getattr(importlib.import_module("visroute.testbed.evaluate"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'visroute.testbed' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: "visroute.testbed.evaluate" for name in _EVALUATOR_NAMES})
 
 
 def checkpoint_path() -> Path:
