@@ -117,6 +117,33 @@ def test_training_logs_held_out_accuracy_from_the_end_of_phase_2(tmp_path):
                                                "all": sum(hits.values()) / 9})
 
 
+def test_held_out_evaluation_runs_before_the_first_step_and_changes_no_weight(tmp_path, monkeypatch):
+    """The run evaluates one held-out item before its first step (a broken evaluation fails at once, and every
+    module it needs is loaded before the source tree can change under a long run); evaluating changes nothing
+    the run trains: the same run without held-out evaluation exports the same weights."""
+    from safetensors.torch import load_file
+
+    from visroute.testbed import train as train_module
+    from visroute.testbed.train import TrainConfig, train
+
+    def cfg(out, every):
+        return TrainConfig(out=str(out), symbolic_steps=2, deepen_steps=0, grow_from=0, tower_steps=1, joint_steps=2,
+                           images=2, text_rows=1, text_questions=3, size="tiny", warmup=1, eval_every=every,
+                           eval_items=9, save_every=10, log_every=1, threads=1)
+
+    with_eval, without = train(cfg(tmp_path / "a", 1), progress=False), train(cfg(tmp_path / "b", 0), progress=False)
+    wa, wb = load_file(with_eval / "model.safetensors"), load_file(without / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    def broken(*args):
+        raise RuntimeError("evaluation path broken")
+
+    monkeypatch.setattr(train_module, "held_out_accuracy", broken)
+    with pytest.raises(RuntimeError, match="evaluation path broken"):
+        train(cfg(tmp_path / "c", 1), progress=False)
+    assert not (tmp_path / "c" / "log.jsonl").exists() or not (tmp_path / "c" / "log.jsonl").read_text().strip()
+
+
 def test_phases_train_what_they_say():
     """Phase 1 leaves the tower alone, phase 2 only the tower and projector; symbolic tokens follow the labels."""
     from visroute.testbed.train import SymbolicTokens, TrainConfig, _Tok, _Window, init_weights, make_batch, train_step

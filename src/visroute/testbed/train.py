@@ -993,6 +993,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         log_path.unlink()
     processor = build_processor()
     held_out = make_items(cfg.eval_items, seed=HELDOUT_SEED + 1, world=cfg.world)  # apart from the reported set
+    if cfg.eval_every and start < cfg.steps:
+        # the held-out evaluation once on one item before the first step: a broken evaluation path fails now, not
+        # hours into the run, and every module it needs is loaded now, so that editing the source tree while the
+        # run goes on cannot break its later evaluations
+        model.eval()
+        held_out_accuracy(model, processor, held_out[:1])
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
     t_last = t_saved = time.perf_counter()
