@@ -448,3 +448,13 @@ def test_curve_command_plots_a_run_in_progress(tmp_path, capsys):
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["testbed", "curve", str(tmp_path / "nothing")]) != 0
     assert "no training log at" in capsys.readouterr().err
+    # a finished run kept in the repository keeps its log gzipped: the same lines, read alike
+    import gzip
+
+    from visroute.testbed.log import read_log
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "log.jsonl.gz").write_bytes(gzip.compress((tmp_path / "log.jsonl").read_bytes()))
+    assert read_log(kept / "log.jsonl.gz") == read_log(tmp_path / "log.jsonl")
+    assert main(["testbed", "curve", str(kept)]) == 0 and (kept / "curve.png").exists()

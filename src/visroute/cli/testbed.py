@@ -225,7 +225,9 @@ def run_curve(args) -> int:
     from visroute.testbed.log import plot_curve
 
     path = Path(args.run)
-    log_path = path / "log.jsonl" if path.is_dir() else path
+    log_path = path
+    if path.is_dir():  # a run folder: its log, or the gzip copy a finished run keeps in the repository
+        log_path = next((path / n for n in ("log.jsonl", "log.jsonl.gz") if (path / n).exists()), path / "log.jsonl")
     if not log_path.exists():
         raise FileNotFoundError(f"no training log at {log_path}")
     out = Path(args.out) if args.out else log_path.parent / "curve.png"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -24,8 +25,11 @@ def truncate(path: Path, step: int) -> None:
 
 
 def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of a log.jsonl."""
-    lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    """(training lines, evaluation lines) of a log.jsonl, or of its gzip copy (log.jsonl.gz: how a finished run's
+    log is kept in the repository)."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    lines = [json.loads(x) for x in text.splitlines() if x.strip()]
     return [x for x in lines if "eval" not in x], [x for x in lines if "eval" in x]
 
 
