@@ -35,7 +35,7 @@ def model_location(name_or_path: str) -> str:
     name = str(name_or_path)
     if name == TESTBED:
         return str(checkpoint_path())
-    if name in model_names() or (not Path(name).exists() and name in candidate_names()):
+    if not Path(name).exists() and name in model_names() + candidate_names():  # a folder of that name wins
         return str(model_path(name))
     return name
 
