@@ -58,7 +58,10 @@ salient distractors, lures, touching and overlapping objects), symbolic tokens f
 word embeddings (`targets` "codes", see SymbolicTokens), the tower's pooled [CLS] trained to say which colours and
 shapes the image holds (`tower_cls`, phases 2 and 3, through a linear head used in training only), no hop
 pointer, no hidden background, no early-answer loss, and every decoder layer trained from the first step.
-"v3-grow" is v3 with the decoder grown 6 -> 12.
+"v3-grow" is v3 with the decoder grown 6 -> 12. "v3-route" is v3 with `route_rows`: half the image rows have a
+uniformly random subset of their visual tokens stop being read at a random layer, pruned or rerouted (skipping
+layers and returning) in equal measure, so the model meets lost tokens in training without any signal or action
+being favoured.
 
 Every `log_every` steps one line goes to log.jsonl (loss, teacher-forced answer accuracy per family, learning
 rate, elapsed time); from the end of phase 2 on, a greedy evaluation on a small held-out set is logged every
@@ -85,7 +88,9 @@ import torch.nn.functional as F
 
 from visroute.testbed import log
 from visroute.testbed.data import make_items
-from visroute.testbed.modeling import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_model, build_processor, pixel_values
+from visroute.testbed.modeling import (
+    BOS_ID, EOS_ID, IMAGE_ID, MODEL_SIZES, PAD_ID, build_model, build_processor, pixel_values,
+)
 from visroute.testbed.questions import BOX_TEMPLATES, FAMILIES, TEMPLATES, add_traps, answer_of, ask, hop_targets_of
 from visroute.testbed.scenes import (
     ALL_COLORS, DISTRACTOR_SHAPES, GRID, MAX_OBJECTS, PLURALS, PRIOR_SHAPES, SHAPES, TEXTURES, Distractor,
@@ -186,6 +191,14 @@ class TrainConfig:
                 "its colour and shape, the background one learned vector: v2) or 'codes' (fixed random codes per "
                 "colour, shape, part, texture class and clutter, independent of the word embeddings: the decoder "
                 "must learn which code a word names)", "choices": ("words", "codes"), "absent": "words"})
+    route_rows: float = field(default=0.0, metadata={
+        "help": "share of image rows whose visual tokens are routed once, after the reveal (0: none): at a random "
+                "decoder layer a uniformly random subset of them stops being read, for good (prune) or until a "
+                "later random layer, carrying its hidden state there (reroute), each action for half the rows; "
+                "neither action nor any scoring signal is favoured (see route_activity)", "absent": 0.0})
+    route_keep: tuple[float, float] = field(default=(0.03, 0.75), metadata={
+        "help": "least and most share of the visual tokens a routed row keeps (drawn uniformly)",
+        "absent": (0.03, 0.75)})
     tower_cls: float = field(default=0.0, metadata={
         "help": "weight of the tower's image-level loss in phases 2 and 3 (0: none): its pooled [CLS] output, "
                 "through a linear head used in training only, predicts which colours and shapes the image holds "
@@ -212,6 +225,10 @@ class TrainConfig:
                 raise ValueError(f"unlock entries are family=step with a known family, not {entry!r}")
         if self.world == 3 and self.targets != "codes":
             raise ValueError("world 3 has no word targets for its textures and distractors: use targets 'codes'")
+        if not 0 <= self.route_rows <= 1:
+            raise ValueError(f"route_rows is a share in [0, 1], not {self.route_rows}")
+        if not 0 < self.route_keep[0] <= self.route_keep[1] <= 1:
+            raise ValueError(f"route_keep must be 0 < least <= most <= 1, not {self.route_keep}")
         low, high = self.scene_objects
         if not 0 <= low <= high <= MAX_OBJECTS:
             raise ValueError(f"scene_objects must be 0 <= fewest <= most <= {MAX_OBJECTS}, not {self.scene_objects}")
@@ -254,6 +271,13 @@ RECIPES: dict[str, dict] = {
     "v3-pointer": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
                        tower_steps=400, joint_steps=1000, hop_pointer=0.5, early=0.0, early_families=(),
                        background_hidden=0.0),
+    # v3-route: v3 with half the image rows routed once after the reveal (route_rows): a random subset of the
+    # visual tokens, drawn uniformly, stops being read at a random layer, pruned or rerouted in equal measure. A
+    # declared variant: it trains robustness to losing tokens (what v2's hidden background did, prune-like and
+    # object-favouring) without favouring a scoring signal or an action; models without it are v3 and v3-grow.
+    "v3-route": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
+                     tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
+                     background_hidden=0.0, route_rows=0.5, route_keep=(0.03, 0.75)),
 }
 
 
@@ -278,6 +302,7 @@ class PackedRows(NamedTuple):
     pixels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     shown: torch.Tensor | None = None  # (N, 144) bool: the patches whose tokens the rows hold (None: all)
+    active: torch.Tensor | None = None  # (N, layers, 144) bool: visual tokens read in each layer (route_rows)
     pointer: torch.Tensor | None = None  # (P, 2 + 144): row, position, hop-2 patches of each pointer question
 
 
@@ -389,6 +414,46 @@ def background_visible(cfg: TrainConfig, step: int, images: int = 1,
     if cfg.background_hidden > 0:
         visible = visible * (1 - cfg.background_hidden * torch.rand(images, generator=generator))
     return visible
+
+
+def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.Tensor | None:
+    """(rows, depth, 144) bool: which visual tokens each decoder layer reads in each image row of `step`, under
+    `cfg.route_rows` (None when no row is routed). A routed row draws a layer L in [1, depth - 1], a kept share
+    in `cfg.route_keep` and that share of its tokens uniformly at random; the others stop being read from layer
+    L on. Half the routed rows prune (the others never return); the other half reroute: the others skip the
+    layers from L up to a layer drawn in (L, depth - 1] and return there with the hidden state they carried
+    (the engine's semantics, docs/DESIGN.md rules 2 and 3). No signal chooses the tokens and both actions are
+    trained alike, so neither a scorer nor an action is favoured. Draws come from a generator of their own
+    (seed, step), so the rest of the batch is what it is without routing; no routing before the reveal ends."""
+    name, d, _ = cfg.phase(step)
+    if cfg.route_rows <= 0 or (name == "symbolic" and d < cfg.reveal):
+        return None
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919)
+    n = GRID * GRID
+    active = torch.ones(rows, depth, n, dtype=torch.bool)
+    routed = torch.rand(rows, generator=g) < cfg.route_rows
+    if not bool(routed.any()):
+        return None
+    low, high = cfg.route_keep
+    for r in routed.nonzero().flatten().tolist():
+        layer = int(torch.randint(1, depth, (1,), generator=g))
+        keep = max(1, math.floor(n * (low + (high - low) * float(torch.rand(1, generator=g)))))
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[torch.randperm(n, generator=g)[:keep]] = True
+        back = depth
+        if float(torch.rand(1, generator=g)) < 0.5 and layer < depth - 1:  # reroute: back at a later layer
+            back = int(torch.randint(layer + 1, depth, (1,), generator=g))
+        active[r, layer:back] = kept
+    return active
+
+
+def layer_mask(mask: torch.Tensor, ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """`mask` (B, 1, L, L) bool with the visual tokens that `active` (B, 144) marks inactive taken away as keys
+    (each still sees itself, so that no row of the mask is empty)."""
+    keys = torch.ones(ids.shape, dtype=torch.bool)
+    keys[ids == IMAGE_ID] = active.reshape(-1)
+    eye = torch.eye(ids.shape[1], dtype=torch.bool)[None, None]
+    return (mask & keys[:, None, None, :]) | eye
 
 
 def place_rows_at(cfg: TrainConfig, step: int) -> int:
@@ -509,6 +574,8 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
         scenes.append((objs, questions, background_seed, scene))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     batch = {"image": image_rows(scenes, background_visible(cfg, step, len(scenes), g), g, cfg.early_families)}
+    batch["image"] = batch["image"]._replace(
+        active=route_activity(cfg, step, len(scenes), MODEL_SIZES[cfg.size]["layers"]))
     places = []
     for row in range(place_rows_at(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
@@ -716,21 +783,30 @@ def answer_loss(model, hidden, rows: PackedRows):
 
 
 def decoder_hidden(model, ids, pos, blk, visual: torch.Tensor | None, layers: list[int] | None = None,
-                   tap: int | None = None):
+                   tap: int | None = None, active: torch.Tensor | None = None):
     """Last hidden states of the decoder over packed rows, with `visual` (B, 144, dim) at the image positions
     (rows without an image pass None). With `layers`, only those decoder layers run, in that order. With `tap`,
-    returns (last hidden states, the output of decoder layer `tap`)."""
+    returns (last hidden states, the output of decoder layer `tap`). With `active` (B, layers, 144; see
+    route_activity), decoder layer i reads only the visual tokens active[:, i] marks, and the others keep the
+    hidden state they had (a pruned token is never read again; a rerouted one returns with it)."""
     embeds = model.get_input_embeddings()(ids)
     if visual is not None:
         embeds = embeds.masked_scatter((ids == IMAGE_ID)[..., None], visual.to(embeds.dtype))
     decoder = model.model.language_model
-    if layers is None and tap is None:
+    if layers is None and tap is None and active is None:
         return decoder(inputs_embeds=embeds, attention_mask=block_mask(blk), position_ids=pos,
                        use_cache=False).last_hidden_state
     mask, rotary = block_mask(blk), decoder.rotary_emb(embeds, position_ids=pos)
     hidden, tapped = embeds, None
     for i in range(len(decoder.layers)) if layers is None else layers:
-        hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, position_ids=pos)
+        if active is None or bool(active[:, i].all()):
+            hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, position_ids=pos)
+        else:
+            out = decoder.layers[i](hidden, attention_mask=layer_mask(mask, ids, active[:, i]),
+                                    position_embeddings=rotary, position_ids=pos)
+            carried = torch.zeros(ids.shape, dtype=torch.bool)
+            carried[ids == IMAGE_ID] = ~active[:, i].reshape(-1)
+            hidden = torch.where(carried[..., None], hidden, out)
         if i == tap:
             tapped = hidden
     if tap is not None and tapped is None:
@@ -916,12 +992,12 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
                     visual = visual[rows.shown]
             if rows.pointer is not None:
                 hidden, tapped = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers,
-                                                tap=cfg.hop_pointer_layer)
+                                                tap=cfg.hop_pointer_layer, active=rows.active)
                 pointer = pointer_loss(tapped, visual, rows.pointer)
                 pointer_term = pointer_term + cfg.hop_pointer * pointer
                 window.add(pointer=float(pointer.detach()))
             else:
-                hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers)
+                hidden = decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, layers, active=rows.active)
             loss, n, stats, early_loss = answer_loss(model, hidden, rows)
             losses.append(loss)
             if early_loss is not None:

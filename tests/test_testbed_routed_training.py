@@ -1,0 +1,145 @@
+"""Routed training rows (`route_rows`): a share of the image rows has a random subset of its visual tokens stop
+being read at a random layer, for good (prune) or until a later layer (reroute). Checked against the masking
+oracle of docs/DESIGN.md (rules 2 and 3) run on each question alone, and for neutrality: the tokens are drawn
+without regard to what they show, and both actions are trained alike."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from oracle import masked_run
+from visroute.testbed import make_items
+from visroute.testbed.modeling import BOS_ID, IMAGE_ID, build_model, build_processor, pixel_values, prompt
+from visroute.testbed.train import (
+    TrainConfig, _Tok, decoder_hidden, init_weights, make_batch, pack, projected_tokens, recipe_config,
+    route_activity,
+)
+
+DEPTH = 8  # the "tiny" decoder
+
+
+def shapes(active: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first layer with an inactive token, first layer after it with every token back (depth: never), kept
+    count) of every routed row; raises if a row's pattern is not 'all, then one fixed subset, then all'."""
+    out = []
+    for row in active:
+        off = [i for i in range(row.shape[0]) if not bool(row[i].all())]
+        if not off:
+            continue
+        first, last = off[0], off[-1]
+        assert off == list(range(first, last + 1)), "the inactive layers of a row are one span"
+        assert all(torch.equal(row[i], row[first]) for i in off), "one subset through the span"
+        out.append((first, last + 1, int(row[first].sum())))
+    return out
+
+
+def test_routing_draws_layers_shares_and_both_actions_as_configured():
+    cfg = TrainConfig(route_rows=0.5, route_keep=(0.1, 0.4), reveal=0)
+    spans = []
+    routed = rows = 0
+    for step in range(60):
+        active = route_activity(cfg, step, 16, DEPTH)
+        assert active is None or active.shape == (16, DEPTH, 144)
+        assert active is None or torch.equal(active, route_activity(cfg, step, 16, DEPTH)), "seeded by the step"
+        got = shapes(active) if active is not None else []
+        routed += len(got)
+        rows += 16
+        spans += got
+    assert 0.4 < routed / rows < 0.6
+    for first, back, kept in spans:
+        assert 1 <= first < DEPTH
+        assert 0.1 * 144 - 1 <= kept <= 0.4 * 144
+    pruned = [s for s in spans if s[1] == DEPTH]
+    rerouted = [s for s in spans if s[1] < DEPTH]
+    # half the rows reroute, except where the layer drawn is the last (nothing left to return to)
+    assert 0.35 < len(rerouted) / len(spans) < 0.55 and pruned
+    assert {s[0] for s in spans} == set(range(1, DEPTH))
+
+
+def test_routing_is_off_by_default_before_the_reveal_and_in_older_recipes():
+    assert TrainConfig().route_rows == 0 and recipe_config("v3").route_rows == 0
+    cfg = TrainConfig(route_rows=1.0, reveal=400)
+    assert route_activity(cfg, 399, 4, DEPTH) is None
+    assert route_activity(cfg, 400, 4, DEPTH) is not None
+    assert route_activity(TrainConfig(), 5000, 4, DEPTH) is None
+
+
+def test_routing_leaves_the_rest_of_the_batch_as_it_was_and_ignores_what_tokens_show():
+    tok = _Tok()
+    base = recipe_config("v3", symbolic_steps=50, images=6, per_image=2)
+    routed = dataclasses.replace(base, route_rows=1.0)
+    on_object = on_background = kept_object = kept_background = 0
+    for step in (450, 451, 452, 453):  # after the reveal
+        a, b = make_batch(base, step, tok), make_batch(routed, step, tok)
+        assert a["image"].active is None and b["image"].active is not None
+        for name in a:
+            for x, y in zip(a[name][:5], b[name][:5]):
+                assert torch.equal(x, y)
+        labels = b["image"].labels[..., 0] != 0  # patches showing an object
+        for row, span in zip(b["image"].active, labels):
+            off = [i for i in range(row.shape[0]) if not bool(row[i].all())]
+            kept = row[off[0]]
+            on_object += int(span.sum())
+            on_background += int((~span).sum())
+            kept_object += int((kept & span).sum())
+            kept_background += int((kept & ~span).sum())
+    # the kept share is the same on object and background patches (uniform draws: within sampling noise)
+    assert abs(kept_object / on_object - kept_background / on_background) < 0.08
+
+
+@pytest.mark.parametrize("action", ["prune", "reroute"])
+def test_routed_rows_compute_each_question_as_the_masking_oracle_of_the_engine(action):
+    """Two questions packed after one image, routed at layer 3 keeping a random subset (reroute: back at layer
+    6): each question's logits equal the masking oracle's on that question alone."""
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    init_weights(model)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    processor = build_processor()
+    tok = _Tok()
+    items = make_items(2, seed=4)
+    image = items[0].image()
+    prefix = [BOS_ID] + tok.user + [IMAGE_ID] * 144
+    rows = pack([prefix], [[(*tok.block(it.question, it.answer), it.family) for it in items]])
+    kept = torch.zeros(144, dtype=torch.bool)
+    kept[torch.randperm(144, generator=torch.Generator().manual_seed(1))[:20]] = True
+    active = torch.ones(1, DEPTH, 144, dtype=torch.bool)
+    back = 6 if action == "reroute" else DEPTH
+    active[0, 3:back] = kept
+    with torch.no_grad():
+        visual = projected_tokens(model, pixel_values([image]))
+        packed = model.lm_head(decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, active=active))[0]
+        plain = model.lm_head(decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual))[0]
+    stages = [(3, kept[None])] + ([(6, torch.ones(1, 144, dtype=torch.bool))] if action == "reroute" else [])
+    for k, it in enumerate(items, start=1):
+        alone = processor(images=[image], text=[prompt(it.question) + " " + it.answer], return_tensors="pt")
+        ref = masked_run(eager, alone, IMAGE_ID, stages, action).logits[0, len(prefix):]
+        mine = packed[rows.blk[0] == k][:-1]  # the block also holds the closing </s>
+        assert torch.allclose(mine, ref, atol=1e-4)
+        assert not torch.allclose(plain[rows.blk[0] == k][:-1], ref, atol=1e-3), "routing changed nothing"
+
+
+def test_routed_training_resumes_to_the_same_weights_and_differs_from_unrouted(tmp_path):
+    """Routing is drawn from (seed, step) alone, so a resumed routed run ends where a straight one does; and it
+    reaches the weights (the same run unrouted ends elsewhere)."""
+    from safetensors.torch import load_file
+
+    from visroute.testbed.train import train
+
+    def cfg(out, route_rows=1.0):
+        return TrainConfig(out=str(out), symbolic_steps=3, deepen_steps=0, grow_from=0, tower_steps=1,
+                           joint_steps=2, images=2, text_rows=1, text_questions=3, size="tiny", warmup=1,
+                           reveal=0, route_rows=route_rows, eval_every=0, save_every=10, log_every=1, threads=1)
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    assert train(cfg(tmp_path / "b"), progress=False, stop_at=2) is None
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False)
+    unrouted = train(cfg(tmp_path / "c", route_rows=0.0), progress=False)
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (straight, resumed, unrouted))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
