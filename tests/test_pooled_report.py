@@ -140,3 +140,31 @@ def test_the_report_table_has_a_loyalty_column():
     # 0.06002) / 1.96037 = 0.34990
     assert cells["a"] == "0.500 [0.150, 0.850]"
     assert cells["unrouted"] == "-" and cells["blind"] == "-"
+
+
+def test_signal_minus_random_by_hand_and_its_figure(tmp_path):
+    from visroute.evaluation.pooled import plot_signal_minus_random, signal_minus_random
+
+    def run(name, scorer, layer, correct, kind="routed"):
+        cfg = {"action": "prune", "scorer": scorer, "stages": [{"layer": layer, "keep": 2}]}
+        return summary(name, kind, correct, config=cfg if kind == "routed" else None)
+
+    def runs(signal, r0, r1, blind):
+        return {"testbed": [run("unrouted", None, 0, {"x": True, "y": True, "z": True}, "unrouted"),
+                            run("blind", None, 0, blind, "blind"),
+                            run("prune/diversity/L2/k2", "diversity", 2, signal),
+                            run("prune/random/L2/k2", "random", 2, r0),
+                            run("prune/random-s1/L2/k2", "random", 2, r1),
+                            run("prune/oracle/L2/k2", "oracle", 2, signal)]}
+
+    # m1: blind right on z, so x and y count: diversity 1, 1; random (1, 0) and (0, 0) -> 0.25; 1 - 0.25
+    # m2: every item counts: diversity 1, 0, 0 -> 1/3; random (1, 1, 1) and (0, 0, 1) -> 2/3; 1/3 - 2/3
+    models = {"m1": runs({"x": True, "y": True, "z": False}, {"x": True, "y": False, "z": True},
+                         {"x": False, "y": False, "z": True}, {"x": False, "y": False, "z": True}),
+              "m2": runs({"x": True, "y": False, "z": False}, {"x": True, "y": True, "z": True},
+                         {"x": False, "y": False, "z": True}, {"x": False, "y": False, "z": False})}
+    table = signal_minus_random(models, "testbed")
+    assert set(table["k2"]) == {"diversity"}  # controls are not signals
+    assert table["k2"]["diversity"][2] == pytest.approx({"m1": 0.75, "m2": 1 / 3 - 2 / 3})
+    assert plot_signal_minus_random(models, "testbed", tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0

@@ -25,7 +25,9 @@ import numpy as np
 
 from visroute.evaluation import statistics as S
 from visroute.evaluation.grid import Contrast
-from visroute.evaluation.summary import CONTROLS, RunSummary, _budget_order, _f, summarize
+from visroute.evaluation.summary import (
+    CONTROLS, RunSummary, _budget_order, _f, _legend, _plt, _save, integer_ticks, summarize,
+)
 from visroute.evaluation.store import Store
 
 ModelRuns = dict[str, dict[str, list[RunSummary]]]  # model -> task label -> its runs' summaries
@@ -153,6 +155,59 @@ def horizon_inputs(summaries: list[RunSummary], ids: set[str] | None = None) -> 
         elif scorer not in CONTROLS:
             signals.setdefault(scorer, {})[layer] = values
     return out
+
+
+def signal_minus_random(models: ModelRuns, task: str) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
+    """budget -> signal -> stage layer -> model -> vision-required accuracy of the signal minus random's (averaged
+    over random's seeds), over the items both hold; a model's cell is missing where it lacks either."""
+    out: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for m, runs in models.items():
+        summaries = runs.get(task, [])
+        needed = vision_required_ids(summaries)
+        if needed is None:
+            continue
+        for budget, (signals, random) in horizon_inputs(summaries, needed).items():
+            for scorer, by_layer in signals.items():
+                for layer, values in by_layer.items():
+                    seeds = random.get(layer, [])
+                    ids = [i for i in values if seeds and all(i in r for r in seeds)]
+                    if ids:
+                        rand = np.mean([[r[i] for i in ids] for r in seeds], axis=0)
+                        out[budget][scorer][layer][m] = float(np.mean([values[i] for i in ids]) - np.mean(rand))
+    return out
+
+
+def plot_signal_minus_random(models: ModelRuns, task: str, path: Path) -> bool:
+    """Signal - random (vision-required accuracy) against the stage layer, a panel per budget: per signal the
+    mean over models (models weighed equally) as a line, the range of the models' own values as a band."""
+    table = signal_minus_random(models, task)
+    if not table:
+        return False
+    plt = _plt()
+    budgets = sorted(table, key=_budget_order)
+    cols = min(3, len(budgets))
+    rows = -(-len(budgets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(budgets):]:
+        ax.set_visible(False)
+    for ax, budget in zip(axes.flat, budgets):
+        for k, (scorer, by_layer) in enumerate(sorted(table[budget].items())):
+            layers = sorted(by_layer)
+            values = [list(by_layer[l].values()) for l in layers]
+            colour = f"C{k % 10}"
+            ax.plot(layers, [np.mean(v) for v in values], marker="o", ms=3, lw=1.3, color=colour, label=scorer)
+            ax.fill_between(layers, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.12)
+        ax.axhline(0.0, color="black", lw=1.0)
+        ax.set_title(budget)
+        ax.set_xlabel("stage layer (prune from here on)")
+        ax.grid(alpha=0.3)
+        integer_ticks(ax)
+    for row in axes:
+        row[0].set_ylabel("signal - random, vision-required")
+    fig.suptitle(f"{task}: each signal against random ({len(models)} model(s); band: the models' range)")
+    _legend(fig, axes)
+    _save(fig, path)
+    return True
 
 
 def item_families(summaries: list[RunSummary]) -> dict[str, str]:
@@ -338,5 +393,20 @@ def write_pooled_report(dbs: Sequence[str | Path], out: str | Path, contrasts: S
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pooled.md"
-    path.write_text("\n".join(pooled_sections(models, contrasts, seed=seed, delta=delta)))
+    lines = pooled_sections(models, contrasts, seed=seed, delta=delta) + figure_sections(models, out)
+    path.write_text("\n".join(lines))
     return path
+
+
+def figure_sections(models: ModelRuns, out: Path) -> list[str]:
+    """Draw the figures pooled over `models` into folder `out` and return the Markdown that shows them."""
+    lines = []
+    for task in sorted({t for runs in models.values() for t in runs}):
+        figure = f"{task}_signal_minus_random.png"
+        if plot_signal_minus_random(models, task, out / figure):
+            lines += [f"## Each signal against random ({task})", "",
+                      "Vision-required accuracy of one prune stage minus random's at the same layer and budget "
+                      "(random averaged over its seeds), per signal: the mean over the models as a line, the range "
+                      "of the models' own values as a band (exploratory; the declared contrasts are above).", "",
+                      f"![signal - random]({figure})", ""]
+    return lines

@@ -37,7 +37,7 @@ import numpy as np
 from visroute.evaluation import metrics as M
 from visroute.evaluation.grid import Contrast
 from visroute.evaluation.layout import databases, describe, is_index, primary_contrasts
-from visroute.evaluation.pooled import pooled_sections
+from visroute.evaluation.pooled import figure_sections, pooled_sections
 from visroute.evaluation.statistics import HORIZON_DELTA, loyalty
 from visroute.evaluation.store import Run, Store
 from visroute.evaluation.study import study_sections
@@ -298,6 +298,8 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0, delta: float = 
     if not models:
         raise ValueError(f"{db} holds no results yet")
     lines += pooled_sections(models, contrasts, seed=seed, delta=delta, loyalty=len(models) > 1)
+    if several:
+        lines += figure_sections(models, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
