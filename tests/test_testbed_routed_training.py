@@ -6,6 +6,7 @@ without regard to what they show, and both actions are trained alike."""
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 
 import pytest
@@ -143,3 +144,31 @@ def test_routed_training_resumes_to_the_same_weights_and_differs_from_unrouted(t
     wa, wb, wc = (load_file(p / "model.safetensors") for p in (straight, resumed, unrouted))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_a_finished_run_continues_into_its_then_route_recipe_exactly(tmp_path):
+    """Phase 4 (routed) changes nothing before it: the base recipe's finished state, resumed with routed steps
+    added, ends where a run with them from the start ends; a state that routed earlier does not continue."""
+    from safetensors.torch import load_file
+
+    from visroute.testbed.train import continues, train
+
+    def cfg(out, routed_steps=0, **kw):
+        return TrainConfig(out=str(out), symbolic_steps=2, deepen_steps=0, grow_from=0, tower_steps=1,
+                           joint_steps=1, routed_steps=routed_steps, images=2, text_rows=1, text_questions=3,
+                           size="tiny", warmup=1, reveal=0, eval_every=0, save_every=10, log_every=1, threads=1,
+                           **({"route_rows": 1.0, "route_phases": ("routed",)} if routed_steps else {}), **kw)
+
+    straight = train(cfg(tmp_path / "a", routed_steps=2), progress=False)
+    train(cfg(tmp_path / "b"), progress=False)  # the base recipe, finished at step 4
+    continued = train(cfg(tmp_path / "b", routed_steps=2), resume=True, progress=False)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(continued / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lines] == ["symbolic"] * 2 + ["tower", "joint", "routed", "routed"]
+    base = dataclasses.asdict(cfg(tmp_path / "b"))
+    assert continues(base, cfg(tmp_path / "b", routed_steps=2), 4)
+    assert not continues(base, cfg(tmp_path / "b", routed_steps=2), 5)  # past phase 3: not a state of that run
+    early = dataclasses.asdict(cfg(tmp_path / "b", route_rows=0.5))  # routed from the reveal on
+    assert not continues(early, cfg(tmp_path / "b", routed_steps=2), 4)
+    assert not continues(base, cfg(tmp_path / "b", routed_steps=2, seed=1), 4)

@@ -1,4 +1,4 @@
-"""Training the testbed model from scratch on scenes drawn on the fly, in up to four phases.
+"""Training the testbed model from scratch on scenes drawn on the fly, in up to five phases.
 
 A decoder trained from scratch at this size learns to look things up among 144 visual tokens only slowly when it
 also has to learn what the tokens mean, and a random vision tower gives it nothing to look up. The recipe
@@ -18,6 +18,9 @@ therefore separates the two problems (the way LLaVA's first stage aligns the pro
    tokens (mean squared error per patch); the decoder is frozen and does not run.
 3. **joint** (`joint_steps`): the whole model, end to end on the rendered images, on the answer loss plus the
    per-patch loss of phase 2 (so the tokens stay what the decoder learned to read).
+4. **routed** (`routed_steps`, 0 by default): more steps like phase 3, with a fresh optimizer and learning-rate
+   schedule, where routing (`route_rows`, `route_phases`) can start on a model whose earlier phases did not
+   route: a run with it computes exactly the run without it up to its last joint step, then goes on.
 
 Each step draws fresh scenes (seeded by (seed, step, row), so a resumed run sees exactly the batches it would
 have seen) and asks several questions about each image. The questions of one image share a single copy of its
@@ -99,7 +102,8 @@ from visroute.testbed.scenes import (
 )
 
 IGNORE = -100
-PHASES = ("symbolic", "deepen", "tower", "joint")
+PHASES = ("symbolic", "deepen", "tower", "joint", "routed")
+END_TO_END = ("joint", "routed")  # the phases that train the whole model on rendered images
 
 
 @dataclass
@@ -114,6 +118,10 @@ class TrainConfig:
         "help": "phase 1b: steps of the whole decoder on symbolic tokens once it has grown (see grow_from)"})
     tower_steps: int = field(default=400, metadata={"help": "phase 2: steps of the vision tower and projector"})
     joint_steps: int = field(default=1000, metadata={"help": "phase 3: steps of the whole model, end to end"})
+    routed_steps: int = field(default=0, metadata={
+        "help": "phase 4: more steps of the whole model, end to end, after phase 3, with a fresh optimizer, warmup "
+                "and cosine at joint_lr: the phase where routing starts when route_phases says so (0: none)",
+        "absent": 0})
     images: int = field(default=16, metadata={"help": "images per step"})
     questions: tuple[str, ...] = field(
         default=FAMILIES + ("relation_attribute", "same_attribute", "relation_grounding", "counting", "relation",
@@ -196,6 +204,8 @@ class TrainConfig:
                 "decoder layer a uniformly random subset of them stops being read, for good (prune) or until a "
                 "later random layer, carrying its hidden state there (reroute), each action for half the rows; "
                 "neither action nor any scoring signal is favoured (see route_activity)", "absent": 0.0})
+    route_phases: tuple[str, ...] = field(default=("symbolic", "deepen", "joint", "routed"), metadata={
+        "help": "the phases whose image rows route_rows routes", "absent": ("symbolic", "deepen", "joint", "routed")})
     route_keep: tuple[float, float] = field(default=(0.03, 0.75), metadata={
         "help": "least and most share of the visual tokens a routed row keeps (drawn uniformly)",
         "absent": (0.03, 0.75)})
@@ -225,6 +235,8 @@ class TrainConfig:
                 raise ValueError(f"unlock entries are family=step with a known family, not {entry!r}")
         if self.world == 3 and self.targets != "codes":
             raise ValueError("world 3 has no word targets for its textures and distractors: use targets 'codes'")
+        if unknown := set(self.route_phases) - set(PHASES):
+            raise ValueError(f"unknown phases in route_phases: {', '.join(sorted(unknown))}")
         if not 0 <= self.route_rows <= 1:
             raise ValueError(f"route_rows is a share in [0, 1], not {self.route_rows}")
         if not 0 < self.route_keep[0] <= self.route_keep[1] <= 1:
@@ -235,11 +247,12 @@ class TrainConfig:
 
     @property
     def steps(self) -> int:
-        return self.symbolic_steps + self.deepen_steps + self.tower_steps + self.joint_steps
+        return self.symbolic_steps + self.deepen_steps + self.tower_steps + self.joint_steps + self.routed_steps
 
     def phase(self, step: int) -> tuple[str, int, int]:
         """(phase name, step within the phase, length of the phase) of global step `step`."""
-        for name, n in zip(PHASES, (self.symbolic_steps, self.deepen_steps, self.tower_steps, self.joint_steps)):
+        for name, n in zip(PHASES, (self.symbolic_steps, self.deepen_steps, self.tower_steps, self.joint_steps,
+                                    self.routed_steps)):
             if step < n:
                 return name, step, n
             step -= n
@@ -271,6 +284,17 @@ RECIPES: dict[str, dict] = {
     "v3-pointer": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
                        tower_steps=400, joint_steps=1000, hop_pointer=0.5, early=0.0, early_families=(),
                        background_hidden=0.0),
+    # v3-then-route, v3-grow-then-route: v3 and v3-grow, then 1,000 more end-to-end steps (phase 4) with half
+    # the image rows routed as in v3-route. Declared variants: up to the end of phase 3 each computes exactly the
+    # run of its base recipe, so a finished v3 or v3-grow run continues into it (`--resume`).
+    "v3-then-route": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
+                          tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
+                          background_hidden=0.0, routed_steps=1000, route_rows=0.5, route_keep=(0.03, 0.75),
+                          route_phases=("routed",)),
+    "v3-grow-then-route": dict(world=3, targets="codes", tower_cls=0.5, grow_from=6, deepen_steps=1500,
+                               symbolic_steps=5000, tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0,
+                               early_families=(), background_hidden=0.0, routed_steps=1000, route_rows=0.5,
+                               route_keep=(0.03, 0.75), route_phases=("routed",)),
     # v3-route: v3 with half the image rows routed once after the reveal (route_rows): a random subset of the
     # visual tokens, drawn uniformly, stops being read at a random layer, pruned or rerouted in equal measure. A
     # declared variant: it trains robustness to losing tokens (what v2's hidden background did, prune-like and
@@ -426,7 +450,7 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
     trained alike, so neither a scorer nor an action is favoured. Draws come from a generator of their own
     (seed, step), so the rest of the batch is what it is without routing; no routing before the reveal ends."""
     name, d, _ = cfg.phase(step)
-    if cfg.route_rows <= 0 or (name == "symbolic" and d < cfg.reveal):
+    if cfg.route_rows <= 0 or name not in cfg.route_phases or (name == "symbolic" and d < cfg.reveal):
         return None
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919)
     n = GRID * GRID
@@ -543,7 +567,7 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
     image_prefix = [BOS_ID] + tok.user + [IMAGE_ID] * (GRID * GRID)
     families = unlocked(cfg, step, joined)
     forms = {t for f in families for t in TEMPLATES[f]}
-    draw = cfg.phase(step)[0] in ("tower", "joint")
+    draw = cfg.phase(step)[0] in ("tower", *END_TO_END)
     first = len(image_prefix) - GRID * GRID
 
     def image_rows(scenes, visible: torch.Tensor | float, generator, early: tuple[str, ...] = ()) -> PackedRows:
@@ -892,9 +916,9 @@ def early_weight(cfg: TrainConfig, step: int) -> float:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio`, within each phase (`joint_lr` in phase 3)."""
+    """Linear warmup, then cosine decay to `min_lr_ratio`, within each phase (`joint_lr` in phases 3 and 4)."""
     name, d, n = cfg.phase(step)
-    peak = cfg.joint_lr if name == "joint" else cfg.lr
+    peak = cfg.joint_lr if name in END_TO_END else cfg.lr
     if d < cfg.warmup:
         return peak * (d + 1) / cfg.warmup
     t = (d - cfg.warmup) / max(1, n - cfg.warmup)
@@ -963,10 +987,10 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
     phase = cfg.phase(step)[0]
     embed = model.get_input_embeddings().weight
     target = symbolic(batch["image"].labels, embed)
-    use_cls = head is not None and cfg.tower_cls > 0 and phase in ("tower", "joint")
+    use_cls = head is not None and cfg.tower_cls > 0 and phase in ("tower", *END_TO_END)
     cls_term = 0.0
     with precision(model, cfg):
-        if phase in ("tower", "joint"):
+        if phase in ("tower", *END_TO_END):
             tokens = projected_tokens(model, batch["image"].pixels, with_cls=use_cls)
             if use_cls:
                 tokens, cls = tokens
@@ -1010,7 +1034,7 @@ def train_step(model, symbolic: SymbolicTokens, cfg: TrainConfig, step: int, bat
             early_total = torch.stack(early_losses).mean()
             objective = objective + early_weight(cfg, step) * early_total
             window.add(early=float(early_total.detach()))
-        if phase == "joint":
+        if phase in END_TO_END:
             patch = patch_loss(tokens, target.detach())
             objective = objective + cfg.patch_weight * patch
             window.add(patch=float(patch.detach()))
@@ -1052,7 +1076,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         state_path, rewarm_from = compact_path, -1
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if _recipe(state["config"]) != _recipe(asdict(cfg)):
+        if not continues(state["config"], cfg, state["step"]):
             raise ValueError(f"{state_path} was written with other training settings: {state['config']}")
         model.load_state_dict(state["model"])
         symbolic.load_state_dict(state["symbolic"])
@@ -1121,7 +1145,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
             log.append(log_path, line)
             window = _Window()
         tower_done = done == cfg.symbolic_steps + cfg.deepen_steps + cfg.tower_steps
-        if cfg.eval_every and (tower_done or (phase == "joint" and (d + 1) % cfg.eval_every == 0)
+        if cfg.eval_every and (tower_done or (phase in END_TO_END and (d + 1) % cfg.eval_every == 0)
                                or done == cfg.steps):
             model.eval()
             acc = held_out_accuracy(model, processor, held_out)
@@ -1226,6 +1250,25 @@ def export_state(state_path: str | Path, folder: str | Path) -> Path:
     model = build_model(cfg.size, cfg.seed)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
     return export(model.eval(), folder)
+
+
+PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_keep")  # settings that act in phase 4 only
+
+
+def continues(saved: dict, cfg: TrainConfig, step: int) -> bool:
+    """Whether a state saved at `step` with the settings `saved` is the state of a run with settings `cfg`:
+    the same recipe, or one that differs only in phase 4 (`routed_steps` and the routing) where the state has not
+    gone past phase 3 and neither routes before phase 4. So a finished v3 run continues into v3-then-route."""
+    a, b = _recipe(saved), _recipe(asdict(cfg))
+    if a == b:
+        return True
+    if {k: v for k, v in a.items() if k not in PHASE_4} != {k: v for k, v in b.items() if k not in PHASE_4}:
+        return False
+
+    def routes_early(r: dict) -> bool:
+        return r.get("route_rows", 0) > 0 and any(p != "routed" for p in r.get("route_phases", ()))
+
+    return step <= cfg.steps - cfg.routed_steps and not routes_early(a) and not routes_early(b)
 
 
 def _recipe(cfg: dict) -> dict:
