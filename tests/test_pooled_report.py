@@ -168,3 +168,14 @@ def test_signal_minus_random_by_hand_and_its_figure(tmp_path):
     assert table["k2"]["diversity"][2] == pytest.approx({"m1": 0.75, "m2": 1 / 3 - 2 / 3})
     assert plot_signal_minus_random(models, "testbed", tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_the_pooled_report_draws_its_primary_contrasts(tmp_path):
+    from visroute.evaluation.pooled import figure_sections
+
+    models = {"m1": model([0, 0, 0, 0, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]),
+              "m2": model([0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0])}
+    lines = figure_sections(models, tmp_path, [Contrast("a", "b")], samples=100)
+    assert "![primary contrasts](testbed_primary.png)" in lines
+    assert (tmp_path / "testbed_primary.png").stat().st_size > 0
+    assert figure_sections(models, tmp_path / "none") == []  # no contrasts, no prune sweep: nothing to draw

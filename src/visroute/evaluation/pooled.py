@@ -177,6 +177,33 @@ def signal_minus_random(models: ModelRuns, task: str) -> dict[str, dict[str, dic
     return out
 
 
+def plot_primary(rows: list[dict], names: list[str], path: Path) -> bool:
+    """The primary contrasts (`primary_table` rows) as a forest plot: per contrast the pooled estimate with its
+    interval, and each model's estimate as a dot."""
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(rows) + 1.4))
+    for y, r in enumerate(rows):
+        pooled = r["pooled"].pooled
+        ax.plot([pooled.low, pooled.high], [y, y], color="black", lw=1.6)
+        ax.plot([pooled.value], [y], marker="D", color="black", ms=6, label="pooled (95% interval)")
+        for k, m in enumerate(names):
+            e = r["pooled"].per_model.get(m)
+            if e is not None and len(names) > 1:
+                ax.plot([e.value], [y + 0.12 * (k - (len(names) - 1) / 2)], marker="o", ls="none", ms=5,
+                        color=f"C{k % 10}", label=m)
+    ax.axvline(0.0, color="grey", lw=1.0)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r['contrast'].label} (Holm p {r['p_holm']:.3g})" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("a - b, accuracy (items as declared)")
+    ax.grid(axis="x", alpha=0.3)
+    _legend(fig, [ax])
+    _save(fig, path)
+    return True
+
+
 def plot_signal_minus_random(models: ModelRuns, task: str, path: Path) -> bool:
     """Signal - random (vision-required accuracy) against the stage layer, a panel per budget: per signal the
     mean over models (models weighed equally) as a line, the range of the models' own values as a band."""
@@ -393,14 +420,22 @@ def write_pooled_report(dbs: Sequence[str | Path], out: str | Path, contrasts: S
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pooled.md"
-    lines = pooled_sections(models, contrasts, seed=seed, delta=delta) + figure_sections(models, out)
+    lines = pooled_sections(models, contrasts, seed=seed, delta=delta) + figure_sections(models, out, contrasts, seed)
     path.write_text("\n".join(lines))
     return path
 
 
-def figure_sections(models: ModelRuns, out: Path) -> list[str]:
+def figure_sections(models: ModelRuns, out: Path, contrasts: Sequence[Contrast] = (), seed: int = 0,
+                    samples: int = 1000) -> list[str]:
     """Draw the figures pooled over `models` into folder `out` and return the Markdown that shows them."""
     lines = []
+    rows = primary_table(models, contrasts, seed, samples) if contrasts else []
+    for task in sorted({r["task"] for r in rows}):
+        figure = f"{task}_primary.png"
+        if plot_primary([r for r in rows if r["task"] == task], list(models), out / figure):
+            lines += [f"## The primary contrasts ({task})", "",
+                      "Each declared contrast: the pooled estimate with its 95% interval (black), each model's own "
+                      "estimate (dots); Holm-adjusted p in the label.", "", f"![primary contrasts]({figure})", ""]
     for task in sorted({t for runs in models.values() for t in runs}):
         figure = f"{task}_signal_minus_random.png"
         if plot_signal_minus_random(models, task, out / figure):

@@ -299,7 +299,7 @@ def write_report(db: str | Path, out: str | Path, seed: int = 0, delta: float = 
         raise ValueError(f"{db} holds no results yet")
     lines += pooled_sections(models, contrasts, seed=seed, delta=delta, loyalty=len(models) > 1)
     if several:
-        lines += figure_sections(models, out)
+        lines += figure_sections(models, out, contrasts, seed)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
