@@ -290,17 +290,12 @@ RECIPES: dict[str, dict] = {
     # signal and favours no action, but it rewards reading the image early (any later layer may lose the tokens)
     # and keeps each answer while its evidence may be gone; measured on models A and B (TRAINING.md), it moved
     # reading earlier (random selection at layer 3 keeping 8 tokens: grounding 0.40 -> 0.78 on B) and, on A,
-    # broke counting's oracle check (loss 0.16 -> 0.56). Up to the end of phase 3 each computes exactly the run
+    # broke counting's oracle check (loss 0.12 -> 0.56). Up to the end of phase 3 each computes exactly the run
     # of its base recipe, so a finished v3 or v3-grow run continues into it (`--resume`).
-    "v3-then-route": dict(world=3, targets="codes", tower_cls=0.5, grow_from=0, deepen_steps=0, symbolic_steps=6500,
-                          tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0, early_families=(),
-                          background_hidden=0.0, routed_steps=1000, route_rows=0.5, route_keep=(0.03, 0.75),
-                          route_phases=("routed",)),
-    "v3-grow-then-route": dict(world=3, targets="codes", tower_cls=0.5, grow_from=6, deepen_steps=1500,
-                               symbolic_steps=5000, tower_steps=400, joint_steps=1000, hop_pointer=0.0, early=0.0,
-                               early_families=(), background_hidden=0.0, routed_steps=1000, route_rows=0.5,
-                               route_keep=(0.03, 0.75), route_phases=("routed",)),
 }
+_ROUTED_PHASE = dict(routed_steps=1000, route_rows=0.5, route_keep=(0.03, 0.75), route_phases=("routed",))
+RECIPES["v3-then-route"] = {**RECIPES["v3"], **_ROUTED_PHASE}
+RECIPES["v3-grow-then-route"] = {**RECIPES["v3-grow"], **_ROUTED_PHASE}
 
 
 def recipe_config(name: str, **overrides) -> TrainConfig:
@@ -446,8 +441,9 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
     layers from L up to a layer drawn in (L, depth - 1] and return there with the hidden state they carried
     (the engine's semantics, docs/DESIGN.md rules 2 and 3). No signal chooses the tokens and both actions are
     trained alike, so neither a scorer nor an action is favoured; but a token lost at a random layer rewards
-    reading the image before it, and the answer stays what it was when its evidence is gone (TRAINING.md). Draws come from a generator of their own
-    (seed, step), so the rest of the batch is what it is without routing; no routing before the reveal ends."""
+    reading the image before it, and the answer stays what it was when its evidence is gone (TRAINING.md).
+    Draws come from a generator of their own (seed, step), so the rest of the batch is what it is without
+    routing; no routing before the reveal ends."""
     name, d, _ = cfg.phase(step)
     if cfg.route_rows <= 0 or name not in cfg.route_phases or (name == "symbolic" and d < cfg.reveal):
         return None
@@ -470,13 +466,11 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
     return active
 
 
-def layer_mask(mask: torch.Tensor, ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """`mask` (B, 1, L, L) bool with the visual tokens that `active` (B, 144) marks inactive taken away as keys
-    (each still sees itself, so that no row of the mask is empty)."""
-    keys = torch.ones(ids.shape, dtype=torch.bool)
-    keys[ids == IMAGE_ID] = active.reshape(-1)
-    eye = torch.eye(ids.shape[1], dtype=torch.bool)[None, None]
-    return (mask & keys[:, None, None, :]) | eye
+def inactive_positions(image: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the positions of the visual tokens (`image`, (B, L)) that `active` (B, 144) marks inactive."""
+    out = torch.zeros(image.shape, dtype=torch.bool)
+    out[image] = ~active.reshape(-1)
+    return out
 
 
 def place_rows_at(cfg: TrainConfig, step: int) -> int:
@@ -820,15 +814,17 @@ def decoder_hidden(model, ids, pos, blk, visual: torch.Tensor | None, layers: li
         return decoder(inputs_embeds=embeds, attention_mask=block_mask(blk), position_ids=pos,
                        use_cache=False).last_hidden_state
     mask, rotary = block_mask(blk), decoder.rotary_emb(embeds, position_ids=pos)
+    if active is not None:
+        image, eye = ids == IMAGE_ID, torch.eye(ids.shape[1], dtype=torch.bool)[None, None]
     hidden, tapped = embeds, None
     for i in range(len(decoder.layers)) if layers is None else layers:
         if active is None or bool(active[:, i].all()):
             hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, position_ids=pos)
         else:
-            out = decoder.layers[i](hidden, attention_mask=layer_mask(mask, ids, active[:, i]),
+            # inactive tokens are no key to anyone (each still sees itself: no empty mask row) and keep their state
+            carried = inactive_positions(image, active[:, i])
+            out = decoder.layers[i](hidden, attention_mask=(mask & ~carried[:, None, None, :]) | eye,
                                     position_embeddings=rotary, position_ids=pos)
-            carried = torch.zeros(ids.shape, dtype=torch.bool)
-            carried[ids == IMAGE_ID] = ~active[:, i].reshape(-1)
             hidden = torch.where(carried[..., None], hidden, out)
         if i == tap:
             tapped = hidden
