@@ -61,6 +61,20 @@ def test_routing_draws_layers_shares_and_both_actions_as_configured():
     assert {s[0] for s in spans} == set(range(1, DEPTH))
 
 
+def test_route_reroute_sets_which_action_the_routed_rows_take():
+    def spans(share):
+        cfg = TrainConfig(route_rows=1.0, route_reroute=share, reveal=0)
+        return [s for step in range(20) for s in shapes(route_activity(cfg, step, 8, DEPTH))]
+
+    only_reroute, only_prune = spans(1.0), spans(0.0)
+    # every row routed before the last layer returns; a row routed at the last layer has no later layer to reach
+    assert all(back < DEPTH for first, back, _ in only_reroute if first < DEPTH - 1)
+    assert all(back == DEPTH for _, back, _ in only_prune)
+    assert len(only_reroute) == len(only_prune) == 160
+    with pytest.raises(ValueError, match="route_reroute"):
+        TrainConfig(route_reroute=1.5)
+
+
 def test_routing_is_off_by_default_before_the_reveal_and_in_older_recipes():
     assert TrainConfig().route_rows == 0 and recipe_config("v3").route_rows == 0
     cfg = TrainConfig(route_rows=1.0, reveal=400)

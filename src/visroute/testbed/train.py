@@ -209,6 +209,10 @@ class TrainConfig:
     route_keep: tuple[float, float] = field(default=(0.03, 0.75), metadata={
         "help": "least and most share of the visual tokens a routed row keeps (drawn uniformly)",
         "absent": (0.03, 0.75)})
+    route_reroute: float = field(default=0.5, metadata={
+        "help": "share of the routed rows that reroute (their tokens return at a later layer); the others prune. "
+                "1: every routed row reroutes, so no row loses the evidence its answer was labelled from (a row "
+                "routed at the last layer cannot return and loses it for that layer only)", "absent": 0.5})
     tower_cls: float = field(default=0.0, metadata={
         "help": "weight of the tower's image-level loss in phases 2 and 3 (0: none): its pooled [CLS] output, "
                 "through a linear head used in training only, predicts which colours and shapes the image holds "
@@ -241,6 +245,8 @@ class TrainConfig:
             raise ValueError(f"route_rows is a share in [0, 1], not {self.route_rows}")
         if not 0 < self.route_keep[0] <= self.route_keep[1] <= 1:
             raise ValueError(f"route_keep must be 0 < least <= most <= 1, not {self.route_keep}")
+        if not 0 <= self.route_reroute <= 1:
+            raise ValueError(f"route_reroute is a share in [0, 1], not {self.route_reroute}")
         low, high = self.scene_objects
         if not 0 <= low <= high <= MAX_OBJECTS:
             raise ValueError(f"scene_objects must be 0 <= fewest <= most <= {MAX_OBJECTS}, not {self.scene_objects}")
@@ -437,11 +443,12 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
     """(rows, depth, 144) bool: which visual tokens each decoder layer reads in each image row of `step`, under
     `cfg.route_rows` (None when no row is routed). A routed row draws a layer L in [1, depth - 1], a kept share
     in `cfg.route_keep` and that share of its tokens uniformly at random; the others stop being read from layer
-    L on. Half the routed rows prune (the others never return); the other half reroute: the others skip the
-    layers from L up to a layer drawn in (L, depth - 1] and return there with the hidden state they carried
-    (the engine's semantics, docs/DESIGN.md rules 2 and 3). No signal chooses the tokens and both actions are
-    trained alike, so neither a scorer nor an action is favoured; but a token lost at a random layer rewards
-    reading the image before it, and the answer stays what it was when its evidence is gone (TRAINING.md).
+    L on. A share `cfg.route_reroute` of the routed rows (half by default) reroute: the others skip the layers
+    from L up to a layer drawn in (L, depth - 1] and return there with the hidden state they carried (the
+    engine's semantics, docs/DESIGN.md rules 2 and 3); the rest prune (the others never return). No signal
+    chooses the tokens and, at the default, both actions are trained alike, so neither a scorer nor an action is
+    favoured; but a token lost at a random layer rewards reading the image before it, and under prune the
+    answer stays what it was when its evidence is gone (TRAINING.md).
     Draws come from a generator of their own (seed, step), so the rest of the batch is what it is without
     routing; no routing before the reveal ends."""
     name, d, _ = cfg.phase(step)
@@ -460,7 +467,7 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
         kept = torch.zeros(n, dtype=torch.bool)
         kept[torch.randperm(n, generator=g)[:keep]] = True
         back = depth
-        if float(torch.rand(1, generator=g)) < 0.5 and layer < depth - 1:  # reroute: back at a later layer
+        if float(torch.rand(1, generator=g)) < cfg.route_reroute and layer < depth - 1:  # reroute: back later
             back = int(torch.randint(layer + 1, depth, (1,), generator=g))
         active[r, layer:back] = kept
     return active
@@ -1247,7 +1254,7 @@ def export_state(state_path: str | Path, folder: str | Path) -> Path:
     return export(model.eval(), folder)
 
 
-PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_keep")  # settings that act in phase 4 only
+PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_keep", "route_reroute")  # settings that act in phase 4 only
 
 
 def continues(saved: dict, cfg: TrainConfig, step: int) -> bool:
