@@ -45,11 +45,16 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
         elif c["what"] == "random loss @L2:6":
             assert c["met"] == (acc["unrouted"][fam] - acc["random"][fam] >= 0.2 - 1e-9)
     from visroute import RoutingConfig, Stage
-    from visroute.testbed import with_bordering_tokens
+    from visroute.testbed import with_blank_context, with_bordering_tokens
 
     wide = Evaluator(model, processor, [with_bordering_tokens(it) for it in items], progress=False)
     assert wide.run(RoutingConfig("prune", "oracle", [Stage(2, 6)])).accuracy() == acc["oracle+border"]
     assert "| oracle+border |" in text
+    wider = RoutingConfig("prune", "oracle", [Stage(2, 12)])
+    assert Evaluator(model, processor, items, progress=False).run(wider).accuracy() == acc["oracle x2"]
+    blank = Evaluator(model, processor, [with_blank_context(it, 6) for it in items], progress=False)
+    assert blank.run(wider).accuracy() == acc["oracle+blank x2"]
+    assert "| oracle+blank x2 |" in text
     # the oracle split by budget, against the items' own relevant tokens and runs on the items that fit
     fits = [it for it in items if len(set(it.relevant_tokens)) <= 6]
     for fam in acc["unrouted"]:

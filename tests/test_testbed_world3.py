@@ -458,3 +458,26 @@ def test_curve_command_plots_a_run_in_progress(tmp_path, capsys):
     (kept / "log.jsonl.gz").write_bytes(gzip.compress((tmp_path / "log.jsonl").read_bytes()))
     assert read_log(kept / "log.jsonl.gz") == read_log(tmp_path / "log.jsonl")
     assert main(["testbed", "curve", str(kept)]) == 0 and (kept / "curve.png").exists()
+
+
+def test_blank_tokens_show_only_background_and_the_blank_context_comes_before_every_object(items):
+    """Against the pixels: a blank token's patch is the bare background's (no object, no distractor drawn there),
+    and every other patch differs from it or holds a distractor; the blank context is the first blank tokens,
+    before any object or distractor, added to the last hop only."""
+    from visroute.testbed.data import blank_tokens, with_blank_context
+
+    added_any = 0
+    for it in items:
+        drawn = np.asarray(it.image()).astype(int)
+        bare = background_v3(it.background_seed, it.scene["layout"]).astype(int)
+        differs = _cells_of((drawn != bare).any(-1))
+        blank = blank_tokens(it)
+        shown = set(range(GRID * GRID)) - set(blank)
+        assert shown == differs, it.id
+        wider = with_blank_context(it, 8)
+        added = sorted(set(wider.hops[-1]) - set(it.hops[-1]))
+        assert wider.hops[:-1] == it.hops[:-1] and len(added) <= 8
+        assert all(t in blank and t < min(shown) for t in added)
+        assert added == [t for t in blank if t < min(shown)][:8]
+        added_any += bool(added)
+    assert added_any > len(items) // 2

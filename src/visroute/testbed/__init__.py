@@ -17,9 +17,11 @@ from visroute.lazy import lazy_exports
 from visroute.testbed.data import (
     HELDOUT_SEED,
     Item,
+    blank_tokens,
     make_item,
     make_items,
     read_dataset,
+    with_blank_context,
     with_bordering_tokens,
     write_dataset,
 )
@@ -116,7 +118,7 @@ __all__ = [
     "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL",
     "candidate_names", "training_dir",
     "Item", "make_item", "make_items", "read_dataset", "write_dataset",
-    "with_bordering_tokens",
+    "blank_tokens", "with_blank_context", "with_bordering_tokens",
     "Evaluator", "EvalReport", "ItemResult", "format_table", "majority_rates", "score", "box_iou",
     "HELDOUT_SEED", "FAMILIES", "VISION_FAMILIES",
 ]

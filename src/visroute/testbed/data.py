@@ -39,7 +39,16 @@ from visroute.testbed.questions import (
     ask,
     hop_targets_of,
 )
-from visroute.testbed.scenes import GRID, Obj, random_scene, render, render_v3, visible_tokens
+from visroute.testbed.scenes import (
+    GRID,
+    Distractor,
+    Obj,
+    distractor_tokens,
+    random_scene,
+    render,
+    render_v3,
+    visible_tokens,
+)
 
 HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
 WORLDS = (2, 3)  # scene generators: 2 the shipped model's world, 3 the one with traps (scenes.py, add_traps)
@@ -155,6 +164,30 @@ def with_bordering_tokens(item: Item) -> Item:
         return sorted(out)
 
     hops = [widen(h) for h in item.hops]
+    return replace(item, hops=hops, relevant_tokens=sorted({t for h in hops for t in h}))
+
+
+def blank_tokens(item: Item) -> list[int]:
+    """The visual tokens of `item` whose patch shows no pixel of an object or of a (world-3) distractor: background
+    only (texture and clutter)."""
+    taken = {t for i in range(len(item.objects)) for t in visible_tokens(item.objects, i)}
+    for d in (item.scene or {}).get("distractors", []):
+        taken.update(distractor_tokens(Distractor(**d)))
+    return [t for t in range(item.grid[0] * item.grid[1]) if t not in taken]
+
+
+def with_blank_context(item: Item, k: int) -> Item:
+    """A copy of `item` whose last hop also holds up to `k` blank tokens (`blank_tokens`) that come before every
+    object's and distractor's token in raster order: the first ones of the image. The decoder reads the image
+    causally, so these tokens hold nothing about the objects, at any layer. The oracle kept with them (TRAINING.md)
+    tells a model that misses its objects' information apart from one that misses the context it was trained
+    with: how many tokens its attention spreads over."""
+    blank = blank_tokens(item)
+    shown = set(range(item.grid[0] * item.grid[1])) - set(blank)
+    first = min(shown, default=len(blank))
+    added = [t for t in blank if t < first][:k]
+    hops = [list(h) for h in item.hops]
+    hops[-1] = sorted(set(hops[-1]) | set(added))
     return replace(item, hops=hops, relevant_tokens=sorted({t for h in hops for t in h}))
 
 

@@ -14,7 +14,11 @@ On held-out items, greedy:
 Beside them, without a bar: the oracle that also keeps the tokens bordering each relevant one ("oracle+border",
 `with_bordering_tokens`), the tokens a box answer needs on the testbed model (TRAINING.md); and, since the oracle
 cannot keep what does not fit in `KEEP` tokens, the share of items whose relevant tokens it could not all keep
-("over budget") and its loss on the other items ("oracle loss, fits").
+("over budget") and its loss on the other items ("oracle loss, fits"); and the oracle with a stage keeping twice
+as many tokens, alone ("oracle x2", the rest filled in the oracle's own order) and with up to `KEEP` blank tokens
+from the top of the image, before every object, among them ("oracle+blank x2", `with_blank_context`). Those
+tokens cannot hold anything about the objects (the decoder reads the image causally), so where "oracle+blank x2"
+beats "oracle x2" the model needs the context it was trained with, not more information.
 """
 
 from __future__ import annotations
@@ -57,14 +61,21 @@ class Check:
 def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Check], dict[str, dict[str, float]]]:
     """Run the unrouted model, the blind control, and the oracle and random at one prune stage (`layer`,
     `keep`) on the evaluator's items; returns every check and the accuracies per config and family (with the
-    majority rates under "majority"; "oracle+border", without a bar, the oracle on `with_bordering_tokens`)."""
+    majority rates under "majority"; without a bar: "oracle+border", the oracle on `with_bordering_tokens`, and
+    the oracle keeping twice `keep` tokens, alone ("oracle x2") and with `keep` blank tokens that precede every
+    object ("oracle+blank x2", `with_blank_context`))."""
     from visroute import RoutingConfig, Stage
-    from visroute.testbed.data import with_bordering_tokens
+    from visroute.testbed.data import with_blank_context, with_bordering_tokens
     from visroute.testbed.evaluate import Evaluator, majority_rates
 
+    def on(items):
+        return Evaluator(evaluator.model, evaluator.processor, items, batch_size=evaluator.batch_size,
+                         progress=evaluator.progress)
+
     oracle = RoutingConfig("prune", "oracle", [Stage(layer, keep)])
-    bordered = Evaluator(evaluator.model, evaluator.processor, [with_bordering_tokens(it) for it in evaluator.items],
-                         batch_size=evaluator.batch_size, progress=evaluator.progress)
+    wider = RoutingConfig("prune", "oracle", [Stage(layer, 2 * keep)])
+    bordered = on([with_bordering_tokens(it) for it in evaluator.items])
+    blank = on([with_blank_context(it, keep) for it in evaluator.items])
     unrouted, oracle_run = evaluator.run(None, name="unrouted"), evaluator.run(oracle, name="oracle")
     acc = {
         "unrouted": unrouted.accuracy(),
@@ -72,6 +83,8 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
         "oracle": oracle_run.accuracy(),
         "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
         "oracle+border": bordered.run(oracle, name="oracle+border").accuracy(),
+        "oracle x2": evaluator.run(wider, name="oracle x2").accuracy(),
+        "oracle+blank x2": blank.run(wider, name="oracle+blank x2").accuracy(),
         "majority": majority_rates(evaluator.items),
         **split_by_budget(unrouted.results, oracle_run.results),
     }
@@ -131,7 +144,8 @@ def split_by_budget(unrouted: list[ItemResult], oracle: list[ItemResult]) -> dic
 def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: int) -> str:
     """A Markdown table per family (accuracy of each config, majority rate, the oracle split by budget) and the
     list of checks."""
-    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border", "over budget", "oracle loss, fits"]
+    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border", "oracle x2", "oracle+blank x2",
+            "over budget", "oracle loss, fits"]
     lines = [f"{n_items} held-out items", "", "| family | " + " | ".join(cols) + " |",
              "|---|" + "---|" * len(cols)]
     for fam in FAMILIES:
@@ -162,7 +176,8 @@ def token_alignment(model, items) -> dict[str, float]:
     import torch
 
     from visroute.testbed.modeling import VOCAB, pixel_values
-    from visroute.testbed.scenes import COLORS, GRID, Distractor, distractor_tokens, visible_tokens
+    from visroute.testbed.data import blank_tokens
+    from visroute.testbed.scenes import COLORS, visible_tokens
 
     embed = model.get_input_embeddings().weight.detach().float()
     word = {w: embed[VOCAB.index(w)] for w in VOCAB}
@@ -173,19 +188,14 @@ def token_alignment(model, items) -> dict[str, float]:
     cos = torch.nn.functional.cosine_similarity
     own, other, background = [], [], []
     for n, it in enumerate(items):
-        taken = set()
         for i, o in enumerate(it.objects):
-            shown = visible_tokens(it.objects, i)
-            taken.update(shown)
             if o.color not in COLORS:
                 continue  # prior shapes: every one of them has a single colour
             wrong = next(c for c in sorted(COLORS) if c != o.color)
-            for t in shown:
+            for t in visible_tokens(it.objects, i):
                 own.append(float(cos(tokens[n, t], word[o.color] + word[o.shape], dim=0)))
                 other.append(float(cos(tokens[n, t], word[wrong] + word[o.shape], dim=0)))
-        for d in (it.scene or {}).get("distractors", []):
-            taken.update(distractor_tokens(Distractor(**d)))
-        background.append({t for t in range(GRID * GRID) if t not in taken})
+        background.append(set(blank_tokens(it)))
     pairs = []
     for n in range(len(items) - 1):
         common = sorted(background[n] & background[n + 1])
