@@ -462,8 +462,8 @@ def test_curve_command_plots_a_run_in_progress(tmp_path, capsys):
 
 def test_blank_tokens_show_only_background_and_the_blank_context_comes_before_every_object(items):
     """Against the pixels: a blank token's patch is the bare background's (no object, no distractor drawn there),
-    and every other patch differs from it or holds a distractor; the blank context is the first blank tokens,
-    before any object or distractor, added to the last hop only."""
+    and every other patch differs from it; the blank context is the first blank tokens, before any object or
+    distractor (or the last ones, after all of them), added to the last hop only."""
     from visroute.testbed.data import blank_tokens, with_blank_context
 
     added_any = 0
@@ -480,4 +480,7 @@ def test_blank_tokens_show_only_background_and_the_blank_context_comes_before_ev
         assert all(t in blank and t < min(shown) for t in added)
         assert added == [t for t in blank if t < min(shown)][:8]
         added_any += bool(added)
+        later = with_blank_context(it, 8, "after")
+        added = sorted(set(later.hops[-1]) - set(it.hops[-1]))
+        assert added == [t for t in blank if t > max(shown)][-8:]
     assert added_any > len(items) // 2

@@ -176,16 +176,21 @@ def blank_tokens(item: Item) -> list[int]:
     return [t for t in range(item.grid[0] * item.grid[1]) if t not in taken]
 
 
-def with_blank_context(item: Item, k: int) -> Item:
-    """A copy of `item` whose last hop also holds up to `k` blank tokens (`blank_tokens`) that come before every
-    object's and distractor's token in raster order: the first ones of the image. The decoder reads the image
-    causally, so these tokens hold nothing about the objects, at any layer. The oracle kept with them (TRAINING.md)
-    tells a model that misses its objects' information apart from one that misses the context it was trained
-    with: how many tokens its attention spreads over."""
+def with_blank_context(item: Item, k: int, where: str = "before") -> Item:
+    """A copy of `item` whose last hop also holds up to `k` blank tokens (`blank_tokens`): with `where="before"`
+    the first ones of the image, before every object's and distractor's token in raster order; with "after" the
+    last ones, after all of them. The decoder reads the image causally, so tokens before every object hold
+    nothing about the objects, at any layer, while tokens after them may have read them. The oracle kept with
+    them (`quality.check_bars`, TRAINING.md) tells a model that misses its objects' information apart from one
+    that misses the context it was trained with: how many tokens its attention spreads over."""
+    if where not in ("before", "after"):
+        raise ValueError(f"where is 'before' or 'after', not {where!r}")
     blank = blank_tokens(item)
     shown = set(range(item.grid[0] * item.grid[1])) - set(blank)
-    first = min(shown, default=len(blank))
-    added = [t for t in blank if t < first][:k]
+    if where == "before":
+        added = [t for t in blank if t < min(shown, default=len(blank))][:k]
+    else:
+        added = [t for t in blank if t > max(shown, default=-1)][::-1][:k]
     hops = [list(h) for h in item.hops]
     hops[-1] = sorted(set(hops[-1]) | set(added))
     return replace(item, hops=hops, relevant_tokens=sorted({t for h in hops for t in h}))

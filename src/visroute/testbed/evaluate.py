@@ -150,6 +150,11 @@ class Evaluator:
         self.task = TestbedTask(max_new_tokens=max_new_tokens)
         self._batches: list | None = None
 
+    def on(self, items: list[Item]) -> "Evaluator":
+        """An evaluator of the same model, processor and settings on other `items`."""
+        return Evaluator(self.model, self.processor, items, batch_size=self.batch_size, progress=self.progress,
+                         max_new_tokens=self.task.max_new_tokens)
+
     def batches(self) -> list:
         """The harness batches of the items (built once)."""
         if self._batches is None:

@@ -14,11 +14,13 @@ On held-out items, greedy:
 Beside them, without a bar: the oracle that also keeps the tokens bordering each relevant one ("oracle+border",
 `with_bordering_tokens`), the tokens a box answer needs on the testbed model (TRAINING.md); and, since the oracle
 cannot keep what does not fit in `KEEP` tokens, the share of items whose relevant tokens it could not all keep
-("over budget") and its loss on the other items ("oracle loss, fits"); and the oracle with a stage keeping twice
-as many tokens, alone ("oracle x2", the rest filled in the oracle's own order) and with up to `KEEP` blank tokens
-from the top of the image, before every object, among them ("oracle+blank x2", `with_blank_context`). Those
-tokens cannot hold anything about the objects (the decoder reads the image causally), so where "oracle+blank x2"
-beats "oracle x2" the model needs the context it was trained with, not more information.
+("over budget") and its loss on the other items ("oracle loss, fits"). The oracle keeps `KEEP` tokens: where an
+item's relevant tokens are fewer, the rest are the first tokens of the image (ties keep their order), mostly
+background. `exact_oracle` keeps each item's relevant tokens and nothing else ("oracle exact"), and with up to
+`KEEP` blank tokens from before every object ("exact+blank before": the decoder reads the image causally, so
+they hold nothing about the objects) or from after them ("exact+blank after": they may have read them). Where
+the blank tokens from before help as much as those from after, the oracle's loss is the context the model was
+trained with (how many tokens its attention spreads over), not missing information.
 """
 
 from __future__ import annotations
@@ -62,20 +64,14 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
     """Run the unrouted model, the blind control, and the oracle and random at one prune stage (`layer`,
     `keep`) on the evaluator's items; returns every check and the accuracies per config and family (with the
     majority rates under "majority"; without a bar: "oracle+border", the oracle on `with_bordering_tokens`, and
-    the oracle keeping twice `keep` tokens, alone ("oracle x2") and with `keep` blank tokens that precede every
-    object ("oracle+blank x2", `with_blank_context`))."""
+    `exact_oracle` on the items, alone ("oracle exact") and with up to `keep` blank tokens before or after every
+    object ("exact+blank before", "exact+blank after", `with_blank_context`))."""
     from visroute import RoutingConfig, Stage
     from visroute.testbed.data import with_blank_context, with_bordering_tokens
-    from visroute.testbed.evaluate import Evaluator, majority_rates
-
-    def on(items):
-        return Evaluator(evaluator.model, evaluator.processor, items, batch_size=evaluator.batch_size,
-                         progress=evaluator.progress)
+    from visroute.testbed.evaluate import majority_rates
 
     oracle = RoutingConfig("prune", "oracle", [Stage(layer, keep)])
-    wider = RoutingConfig("prune", "oracle", [Stage(layer, 2 * keep)])
-    bordered = on([with_bordering_tokens(it) for it in evaluator.items])
-    blank = on([with_blank_context(it, keep) for it in evaluator.items])
+    bordered = evaluator.on([with_bordering_tokens(it) for it in evaluator.items])
     unrouted, oracle_run = evaluator.run(None, name="unrouted"), evaluator.run(oracle, name="oracle")
     acc = {
         "unrouted": unrouted.accuracy(),
@@ -83,8 +79,11 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
         "oracle": oracle_run.accuracy(),
         "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
         "oracle+border": bordered.run(oracle, name="oracle+border").accuracy(),
-        "oracle x2": evaluator.run(wider, name="oracle x2").accuracy(),
-        "oracle+blank x2": blank.run(wider, name="oracle+blank x2").accuracy(),
+        "oracle exact": exact_oracle(evaluator, evaluator.items, layer),
+        "exact+blank before": exact_oracle(evaluator, [with_blank_context(it, keep) for it in evaluator.items],
+                                           layer),
+        "exact+blank after": exact_oracle(evaluator, [with_blank_context(it, keep, "after")
+                                                      for it in evaluator.items], layer),
         "majority": majority_rates(evaluator.items),
         **split_by_budget(unrouted.results, oracle_run.results),
     }
@@ -110,6 +109,23 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
             checks.append(Check(fam, f"random loss @L{layer}:{keep}", loss, f">= {RANDOM_LOSS:.2f}",
                                 loss >= RANDOM_LOSS - 1e-9))
     return checks + alignment_checks(evaluator.model, evaluator.items), acc
+
+
+def exact_oracle(evaluator, items, layer: int = LAYER) -> dict[str, float]:
+    """Accuracy per family (and "all") of the oracle at one prune stage at `layer` keeping exactly each item's
+    relevant tokens (the union of its hops), no more: items are run in groups of equal count, each group at a
+    keep of that count."""
+    from visroute import RoutingConfig, Stage
+    from visroute.testbed.evaluate import EvalReport
+
+    groups: dict[int, list] = {}
+    for it in items:
+        groups.setdefault(max(1, len(set(it.relevant_tokens))), []).append(it)
+    results = []
+    for n, group in sorted(groups.items()):
+        results += evaluator.on(group).run(RoutingConfig("prune", "oracle", [Stage(layer, n)]),
+                                           name=f"oracle exact {n}").results
+    return EvalReport("oracle exact", None, False, results, [layer], 0, 0.0).accuracy()
 
 
 def alignment_checks(model, items) -> list[Check]:
@@ -144,8 +160,8 @@ def split_by_budget(unrouted: list[ItemResult], oracle: list[ItemResult]) -> dic
 def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: int) -> str:
     """A Markdown table per family (accuracy of each config, majority rate, the oracle split by budget) and the
     list of checks."""
-    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border", "oracle x2", "oracle+blank x2",
-            "over budget", "oracle loss, fits"]
+    cols = ["unrouted", "blind", "majority", "oracle", "random", "oracle+border", "oracle exact",
+            "exact+blank before", "exact+blank after", "over budget", "oracle loss, fits"]
     lines = [f"{n_items} held-out items", "", "| family | " + " | ".join(cols) + " |",
              "|---|" + "---|" * len(cols)]
     for fam in FAMILIES:
