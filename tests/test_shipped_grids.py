@@ -17,7 +17,7 @@ from visroute.evaluation.grid import shipped_grids
 from visroute.evaluation.layout import databases
 from visroute.testbed import load_model
 
-TESTBED_GRIDS = ("where-to-prune", "study-where-to-prune", "study-reroute")
+TESTBED_GRIDS = ("where-to-prune", "study-where-to-prune", "study-reroute", "study-methods")
 
 
 def _runs(db) -> dict[str, int]:
@@ -53,6 +53,8 @@ def test_testbed_grid_runs_and_reports(name, tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     if name == "study-reroute":
         assert "reroute-pdrop@36" in text and "pdrop@36" in text
+    if name == "study-methods":
+        assert "cdpruner@32" in text and "prune/pool/L0/T48" in text and "nuwa@48/random" in text
     if grid.primary:
         assert "Holm" in text
 
