@@ -179,3 +179,31 @@ def test_the_pooled_report_draws_its_primary_contrasts(tmp_path):
     assert "![primary contrasts](testbed_primary.png)" in lines
     assert (tmp_path / "testbed_primary.png").stat().st_size > 0
     assert figure_sections(models, tmp_path / "none") == []  # no contrasts, no prune sweep: nothing to draw
+
+
+def test_method_curves_by_hand_and_their_figure(tmp_path):
+    from visroute.evaluation.pooled import method_curves, plot_methods_by_budget
+
+    def run(name, vision_required, avg_T, kind="routed"):
+        s = summary(name, kind, {"x": True})
+        s.vision_required, s.avg_T = vision_required, avg_T
+        return s
+
+    def runs(nuwa48, nuwa32, r0, r1):
+        return {"testbed": [run("unrouted", 0.9, 144.0, "unrouted"), run("blind", 0.0, 0.0, "blind"),
+                            run("nuwa@48", nuwa48, 48.0), run("nuwa@32", nuwa32, 32.0), run("pdrop@48", 0.3, 48.0),
+                            run("pdrop@48/random", 0.1, 48.0), run("reroute-fastv@48:scoring=previous", 0.9, 48.0),
+                            run("no-such-method@48", 0.9, 48.0),
+                            run("prune/random/L0/T48", r0, 48.0), run("prune/random-s1/L0/T48", r1, 48.0),
+                            run("prune/pool/L0/T48", 0.1, 48.0)]}
+
+    models = {"m1": runs(0.5, 0.4, 0.2, 0.4), "m2": runs(0.7, 0.6, 0.1, 0.1)}
+    curves = method_curves(models, "testbed")
+    assert set(curves) == {"nuwa", "pdrop", "random before the decoder", "pooling"}
+    assert curves["nuwa"] == {48.0: {"m1": 0.5, "m2": 0.7}, 32.0: {"m1": 0.4, "m2": 0.6}}
+    assert curves["random before the decoder"][48.0] == pytest.approx({"m1": 0.3, "m2": 0.1})
+    assert curves["pooling"] == {48.0: {"m1": 0.1, "m2": 0.1}}
+    assert plot_methods_by_budget(models, "testbed", tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
+    one = {m: {"testbed": [s for s in r["testbed"] if not s.name.startswith("pdrop")]} for m, r in models.items()}
+    assert not plot_methods_by_budget(one, "testbed", tmp_path / "none.png")  # one method: nothing to compare

@@ -29,6 +29,7 @@ from visroute.evaluation.summary import (
     CONTROLS, RunSummary, _budget_order, _f, _legend, _plt, _save, integer_ticks, summarize,
 )
 from visroute.evaluation.store import Store
+from visroute.methods import methods
 
 ModelRuns = dict[str, dict[str, list[RunSummary]]]  # model -> task label -> its runs' summaries
 
@@ -237,6 +238,64 @@ def plot_signal_minus_random(models: ModelRuns, task: str, path: Path) -> bool:
     return True
 
 
+def method_curves(models: ModelRuns, task: str) -> dict[str, dict[float, dict[str, float]]]:
+    """series -> tier (avg_T) -> model -> vision-required accuracy, for the runs named after a method of
+    `visroute.methods` at a tier ("nuwa@48": series "nuwa"), beside the controls at a matched avg_T: random before
+    the decoder, averaged over its seeds ("prune/random/L0/T48", "prune/random-s1/L0/T48", ...: series "random
+    before the decoder") and the pooling control ("prune/pool/L0/T48": series "pooling")."""
+    known = set(methods())
+    out: dict[str, dict] = defaultdict(lambda: defaultdict(dict))
+    seeds: dict = defaultdict(lambda: defaultdict(list))
+    for m, runs in models.items():
+        for s in runs.get(task, []):
+            if s.vision_required is None or s.avg_T is None:
+                continue
+            parts = s.name.split("/")
+            name, _, tier = s.name.rpartition("@")
+            if len(parts) == 1 and name in known and tier.replace(".", "", 1).isdigit():
+                out[name][float(tier)][m] = s.vision_required
+            elif len(parts) == 4 and parts[2] == "L0" and parts[3].startswith("T"):
+                if parts[1] == "pool":
+                    out["pooling"][round(s.avg_T, 1)][m] = s.vision_required
+                elif parts[1] == "random" or parts[1].startswith("random-s"):
+                    seeds[round(s.avg_T, 1)][m].append(s.vision_required)
+    for tier, by_model in seeds.items():
+        for m, values in by_model.items():
+            out["random before the decoder"][tier][m] = float(np.mean(values))
+    return {k: dict(v) for k, v in out.items()}
+
+
+def plot_methods_by_budget(models: ModelRuns, task: str, path: Path) -> bool:
+    """Vision-required accuracy against avg_T for every named method in the runs (mean over the models, models
+    weighed equally; a bar for the models' range), the controls at the same avg_T dashed, the unrouted model's
+    mean a grey line. Draws nothing where fewer than two methods ran."""
+    curves = method_curves(models, task)
+    controls = ("random before the decoder", "pooling")
+    if sum(k not in controls for k in curves) < 2:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    unrouted = [s.vision_required for runs in models.values() for s in runs.get(task, [])
+                if s.run.kind == "unrouted" and s.vision_required is not None]
+    if unrouted:
+        ax.axhline(float(np.mean(unrouted)), color="grey", lw=1.0, label="unrouted")
+    for k, (name, by_tier) in enumerate(sorted(curves.items(), key=lambda kv: (kv[0] in controls, kv[0]))):
+        tiers = sorted(by_tier)
+        mean = [float(np.mean(list(by_tier[t].values()))) for t in tiers]
+        low = [mean[i] - min(by_tier[t].values()) for i, t in enumerate(tiers)]
+        high = [max(by_tier[t].values()) - mean[i] for i, t in enumerate(tiers)]
+        style = dict(ls="--", lw=2.0, color="black" if name == "pooling" else "dimgrey") if name in controls else \
+            dict(ls="-", lw=1.3, color=f"C{k % 10}", marker="os^vD<>ph*"[k // 10 % 10])
+        ax.errorbar(tiers, mean, yerr=[low, high], capsize=2, ms=4, label=name, **style)
+    ax.set_xlabel("avg_T (visual tokens per decoder layer)")
+    ax.set_ylabel("vision-required accuracy")
+    ax.set_title(f"{task}: the named methods at matched avg_T ({len(models)} model(s); bars: the models' range)")
+    ax.grid(alpha=0.3)
+    _legend(fig, [ax])
+    _save(fig, path)
+    return True
+
+
 def item_families(summaries: list[RunSummary]) -> dict[str, str]:
     """Item id -> question family (the testbed's items carry one), from the unrouted run."""
     base = next((s for s in summaries if s.run.kind == "unrouted"), None)
@@ -437,6 +496,13 @@ def figure_sections(models: ModelRuns, out: Path, contrasts: Sequence[Contrast] 
                       "Each declared contrast: the pooled estimate with its 95% interval (black), each model's own "
                       "estimate (dots); Holm-adjusted p in the label.", "", f"![primary contrasts]({figure})", ""]
     for task in sorted({t for runs in models.values() for t in runs}):
+        figure = f"{task}_methods_by_budget.png"
+        if plot_methods_by_budget(models, task, out / figure):
+            lines += [f"## The named methods at matched avg_T ({task})", "",
+                      "Vision-required accuracy of each method preset against its avg_T: the mean over the models "
+                      "(bars: the models' range), with random selection before the decoder (its seeds averaged) "
+                      "and the pooling control at the same avg_T where the grid runs them, and the unrouted model "
+                      "(exploratory; the declared contrasts are above).", "", f"![methods by budget]({figure})", ""]
         figure = f"{task}_signal_minus_random.png"
         if plot_signal_minus_random(models, task, out / figure):
             lines += [f"## Each signal against random ({task})", "",
