@@ -2,10 +2,11 @@
 
 The testbed grids run as shipped on the shipped checkpoint. The real-checkpoint grid (LLaVA-1.5-7B on a GPU and
 benchmark files) runs with its model replaced by a tiny random-weight LLaVA-1.5 with the real model's 576 visual
-tokens and a decoder deep enough for the papers' tiers (FastV's stage at layer 3 reaches avg_T 128 only on 14+
-layers), on the CPU, and its data paths by tiny files in each benchmark's public layout: every task, sweep entry
+tokens and its 32 decoder layers (the papers' tiers need the depth: SparseVLM's and DART's stage at layer 2
+reaches avg_T 64 only on 18 or more), on the CPU, and its data paths by tiny files in each benchmark's public layout: every task, sweep entry
 and method of the shipped file is resolved and run."""
 
+import json
 import sqlite3
 
 import pytest
@@ -62,7 +63,7 @@ def test_testbed_grid_runs_and_reports(name, tmp_path):
 def test_real_checkpoint_grid_runs_on_files_in_the_public_layouts(tmp_path):
     from tiny import tiny_llava, tiny_llava_processor
 
-    model = tiny_llava(layers=14, image_size=96, patch=4)  # 24 x 24 = 576 visual tokens, as LLaVA-1.5
+    model = tiny_llava(layers=32, image_size=96, patch=4)  # 24 x 24 = 576 visual tokens and 32 layers, as LLaVA-1.5
     # random weights never say </s>: make every token end the answer, so each of the ~1,000 runs decodes one token
     # (the grid's routing acts on the prefill; the answers of a random model are not what is tested)
     model.generation_config.eos_token_id = list(range(model.config.text_config.vocab_size))
@@ -82,9 +83,15 @@ def test_real_checkpoint_grid_runs_on_files_in_the_public_layouts(tmp_path):
     con = sqlite3.connect(db)
     per_task = dict(con.execute("SELECT task, COUNT(DISTINCT run_id) FROM runs GROUP BY task"))
     con.close()
+    # a config that computes what another one does on this model runs once, under the first name (e.g. DivPrune
+    # at avg_T 192 is the diversity sweep's one stage at layer 0 keeping 192 tokens)
+    resolved = {}
+    for c in grid.configs:
+        resolved.setdefault(json.dumps(c.resolve(32, 576, "llava").to_dict(), sort_keys=True), c)
+    assert len(resolved) < len(grid.configs)
     # the oracle needs each item's relevant tokens: it runs on the box tasks only (RefCOCO, DatBench grounding)
-    oracle = sum(1 for c in grid.configs if (c.routing or {}).get("scorer") == "oracle")
-    assert per_task["refcoco"] == len(grid.configs) + 2
-    assert per_task["pope"] == len(grid.configs) + 2 - oracle
+    oracle = sum(1 for c in resolved.values() if (c.routing or {}).get("scorer") == "oracle")
+    assert per_task["refcoco"] == len(resolved) + 2
+    assert per_task["pope"] == len(resolved) + 2 - oracle
     assert set(per_task) == {"pope", "gqa", "refcoco", "datbench"}
     assert main(["study", "report", "--db", str(db), "--out", str(tmp_path / "report")]) == 0
