@@ -565,9 +565,9 @@ def test_pope_answers_are_read_as_lmms_eval_reads_them(tmp_path):
 
 # ---- 7. plots and the command line --------------------------------------------------------------------------------
 def test_a_control_at_one_layer_is_drawn_and_layer_ticks_are_integers(tmp_path):
-    from visroute.evaluation.report import _plt, plot_scorer_lines
+    from visroute.evaluation.report import pyplot, plot_scorer_lines
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots()
     plot_scorer_lines(ax, {"random": {3: 0.5}, "last_token_attention": {2: 0.6, 3: 0.7}})
     control = next(line for line in ax.get_lines() if line.get_label() == "random")
@@ -578,7 +578,7 @@ def test_a_control_at_one_layer_is_drawn_and_layer_ticks_are_integers(tmp_path):
 
 
 def test_pareto_points_carry_their_config_and_action(tmp_path, monkeypatch):
-    from visroute.evaluation.report import RunSummary, _plt, plot_pareto
+    from visroute.evaluation.report import RunSummary, pyplot, plot_pareto
     from visroute.evaluation.store import Run
 
     def summary(name, kind, config, avg_T, acc):
@@ -588,8 +588,8 @@ def test_pareto_points_carry_their_config_and_action(tmp_path, monkeypatch):
     runs = [summary("unrouted", "unrouted", None, 144.0, 0.9), summary("prune/random/L2/k16", "routed", cfg, 20, 0.5),
             summary("fastv@64", "routed", {**cfg, "scorer": "last_token_attention"}, 64, 0.8)]
     texts = []
-    original = _plt().Axes.annotate
-    monkeypatch.setattr(_plt().Axes, "annotate",
+    original = pyplot().Axes.annotate
+    monkeypatch.setattr(pyplot().Axes, "annotate",
                         lambda ax, text, *a, **k: texts.append(text) or original(ax, text, *a, **k))
     assert plot_pareto(runs, tmp_path / "p.png", "t")
     assert sorted(texts) == ["fastv@64 (prune)", "prune/random/L2/k16", "unrouted"]

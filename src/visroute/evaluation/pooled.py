@@ -26,7 +26,15 @@ import numpy as np
 from visroute.evaluation import statistics as S
 from visroute.evaluation.grid import Contrast
 from visroute.evaluation.summary import (
-    CONTROLS, RunSummary, _budget_order, _f, _legend, _plt, _save, integer_ticks, summarize,
+    CONTROLS,
+    RunSummary,
+    add_legend,
+    budget_order,
+    format_value,
+    integer_ticks,
+    pyplot,
+    save_figure,
+    summarize,
 )
 from visroute.evaluation.store import Store
 from visroute.methods import methods
@@ -183,7 +191,7 @@ def plot_primary(rows: list[dict], names: list[str], path: Path) -> bool:
     interval, and each model's estimate as a dot."""
     if not rows:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(rows) + 1.4))
     for y, r in enumerate(rows):
         pooled = r["pooled"].pooled
@@ -200,8 +208,8 @@ def plot_primary(rows: list[dict], names: list[str], path: Path) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel("a - b, accuracy (items as declared)")
     ax.grid(axis="x", alpha=0.3)
-    _legend(fig, [ax])
-    _save(fig, path)
+    add_legend(fig, [ax])
+    save_figure(fig, path)
     return True
 
 
@@ -211,8 +219,8 @@ def plot_signal_minus_random(models: ModelRuns, task: str, path: Path) -> bool:
     table = signal_minus_random(models, task)
     if not table:
         return False
-    plt = _plt()
-    budgets = sorted(table, key=_budget_order)
+    plt = pyplot()
+    budgets = sorted(table, key=budget_order)
     cols = min(3, len(budgets))
     rows = -(-len(budgets) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, sharey=True)
@@ -233,8 +241,8 @@ def plot_signal_minus_random(models: ModelRuns, task: str, path: Path) -> bool:
     for row in axes:
         row[0].set_ylabel("signal - random, vision-required")
     fig.suptitle(f"{task}: each signal against random ({len(models)} model(s); band: the models' range)")
-    _legend(fig, axes)
-    _save(fig, path)
+    add_legend(fig, axes)
+    save_figure(fig, path)
     return True
 
 
@@ -273,7 +281,7 @@ def plot_methods_by_budget(models: ModelRuns, task: str, path: Path) -> bool:
     controls = ("random before the decoder", "pooling")
     if sum(k not in controls for k in curves) < 2:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     unrouted = [s.vision_required for runs in models.values() for s in runs.get(task, [])
                 if s.run.kind == "unrouted" and s.vision_required is not None]
@@ -291,8 +299,8 @@ def plot_methods_by_budget(models: ModelRuns, task: str, path: Path) -> bool:
     ax.set_ylabel("vision-required accuracy")
     ax.set_title(f"{task}: the named methods at matched avg_T ({len(models)} model(s); bars: the models' range)")
     ax.grid(alpha=0.3)
-    _legend(fig, [ax])
-    _save(fig, path)
+    add_legend(fig, [ax])
+    save_figure(fig, path)
     return True
 
 
@@ -445,7 +453,7 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
                       "horizon not reached may be a lack of resolution, not of difference.", "",
                       "| budget | items | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
             for family, horizons in tables:
-                for budget in sorted(horizons, key=_budget_order):
+                for budget in sorted(horizons, key=budget_order):
                     cells = [horizon_text(horizons[budget].get(m)) for m in names]
                     values = [h[0] for h in horizons[budget].values() if isinstance(h, tuple)]
                     flag = " (differs across models)" if len(set(values)) > 1 else ""
@@ -466,7 +474,7 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
                 for m in names:
                     fa = per_model[m].get(c)
                     vr = _by_name(models[m].get(task, [])).get(c)
-                    cells += [_f(fa.weighted if fa else None), _f(vr.vision_required if vr else None)]
+                    cells += [format_value(fa.weighted if fa else None), format_value(vr.vision_required if vr else None)]
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines

@@ -44,16 +44,16 @@ from visroute.evaluation.study import study_sections
 from visroute.evaluation.summary import (
     CONTROLS,
     RunSummary,
-    _budget_order,
-    _f,
-    _legend,
-    _plt,
-    _refs,
-    _save,
-    _task_for,
+    add_legend,
+    budget_order,
+    draw_references,
+    format_value,
     integer_ticks,
     plot_scorer_lines,
+    pyplot,
+    save_figure,
     summarize,
+    task_for,
 )
 
 
@@ -95,18 +95,18 @@ def plot_accuracy_vs_layer(summaries: list[RunSummary], path: Path, title: str) 
             groups[st[3]][st[1]].append((st[2], s.accuracy, s.ci))
     if not groups:
         return False
-    plt = _plt()
-    budgets = sorted(groups, key=_budget_order)
+    plt = pyplot()
+    budgets = sorted(groups, key=budget_order)
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets):
-        _refs(ax, summaries)
+        draw_references(ax, summaries)
         plot_scorer_lines(ax, {scorer: {p[0]: p[1] for p in pts} for scorer, pts in groups[budget].items()})
         ax.set_title(f"{title}: prune, {budget}")
         ax.set_xlabel("stage layer")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    _legend(fig, axes)
-    _save(fig, path)
+    add_legend(fig, axes)
+    save_figure(fig, path)
     return True
 
 
@@ -124,9 +124,9 @@ def plot_pareto(summaries: list[RunSummary], path: Path, title: str) -> bool:
     pts = [(s.avg_T, s.accuracy, s) for s in summaries if s.avg_T is not None and s.run.kind != "blind"]
     if not pts:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    _refs(ax, summaries)
+    draw_references(ax, summaries)
     groups = defaultdict(list)  # colour: the scorer; marker: the action (a method preset: its own group)
     for x, y, s in pts:
         cfg = s.config or {}
@@ -145,8 +145,8 @@ def plot_pareto(summaries: list[RunSummary], path: Path, title: str) -> bool:
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title}: accuracy against avg_T")
     ax.grid(alpha=0.3)
-    _legend(fig, ax)
-    _save(fig, path)
+    add_legend(fig, ax)
+    save_figure(fig, path)
     return True
 
 
@@ -160,8 +160,8 @@ def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
             hops = max(hops, len(rec[0]))
     if not groups:
         return False
-    plt = _plt()
-    budgets = sorted(groups, key=_budget_order)
+    plt = pyplot()
+    budgets = sorted(groups, key=budget_order)
     fig, axes = plt.subplots(hops, len(budgets), figsize=(4.6 * len(budgets), 3.4 * hops), squeeze=False,
                              sharey=True)
     for j, budget in enumerate(budgets):
@@ -179,8 +179,8 @@ def plot_recall(summaries: list[RunSummary], path: Path, title: str) -> bool:
             ax.grid(alpha=0.3)
     for h in range(hops):
         axes[h][0].set_ylabel("retention recall" + (f", hop {h + 1}" if hops > 1 else ""))
-    _legend(fig, axes)
-    _save(fig, path)
+    add_legend(fig, axes)
+    save_figure(fig, path)
     return True
 
 
@@ -188,7 +188,7 @@ def plot_differences(diffs: list[dict[str, Any]], path: Path, title: str) -> boo
     diffs = [d for d in diffs if not d.get("identical")]
     if not diffs:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 0.6 + 0.35 * len(diffs)))
     y = np.arange(len(diffs))
     d = np.array([r["diff"] for r in diffs])
@@ -198,7 +198,7 @@ def plot_differences(diffs: list[dict[str, Any]], path: Path, title: str) -> boo
     ax.set_yticks(y, [r["reroute"].replace("reroute/", "") for r in diffs], fontsize=7)
     ax.set_xlabel("accuracy: reroute - prune (95% paired interval)")
     ax.set_title(f"{title}: reroute - prune at equal avg_T")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -245,7 +245,7 @@ def _metric_format(name: str) -> str:
 def _table(summaries: list[RunSummary], expected: int) -> list[str]:
     extra: list[str] = []
     for s in summaries:
-        task = _task_for(s.run)
+        task = task_for(s.run)
         extra = [m for m in task.headline if any(m in x.task_metrics for x in summaries)] or extra
         break
     head = ["config", "n", "accuracy [95% CI]", "vision-req.", "gain ret.", "loyalty [95% CI]", *extra, "avg_T",
@@ -256,11 +256,11 @@ def _table(summaries: list[RunSummary], expected: int) -> list[str]:
     for s in summaries:
         n = f"{len(s.rows)}" + ("" if len(s.rows) >= expected else f" of {expected}")
         loyal = loyalty({i: r.prediction for i, r in s.rows.items()}, unrouted) if s.run.kind == "routed" else None
-        cells = [s.name, n, f"{s.accuracy:.3f} [{s.ci[0]:.3f}, {s.ci[1]:.3f}]", _f(s.vision_required),
-                 _f(s.gain_retained), "-" if loyal is None or not loyal.n else
+        cells = [s.name, n, f"{s.accuracy:.3f} [{s.ci[0]:.3f}, {s.ci[1]:.3f}]", format_value(s.vision_required),
+                 format_value(s.gain_retained), "-" if loyal is None or not loyal.n else
                  f"{loyal.value:.3f} [{loyal.low:.3f}, {loyal.high:.3f}]",
-                 *[_f(s.task_metrics.get(m), _metric_format(m)) for m in extra],
-                 _f(s.avg_T, ".1f"), _f(s.flops, ".2f"), _f(s.kv, ".2f"), _f(s.seconds, ".4f")]
+                 *[format_value(s.task_metrics.get(m), _metric_format(m)) for m in extra],
+                 format_value(s.avg_T, ".1f"), format_value(s.flops, ".2f"), format_value(s.kv, ".2f"), format_value(s.seconds, ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -358,7 +358,7 @@ def model_sections(db: str | Path, out: Path, seed: int = 0, delta: float = HORI
             lines += [f"| {d['reroute']} | {d['prune']} | {d['n']} | "
                       + ("identical by definition (one stage: nothing re-enters)" if d["identical"] else
                          f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-                      + f" | {_f(d['avg_T_reroute'], '.1f')} |" for d in diffs]
+                      + f" | {format_value(d['avg_T_reroute'], '.1f')} |" for d in diffs]
             png = out / f"{safe}_reroute_minus_prune.png"
             lines += [""]
             if plot_differences(diffs, png, label):

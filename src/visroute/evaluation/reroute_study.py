@@ -29,7 +29,7 @@ import numpy as np
 from visroute.config import RoutingConfig
 from visroute.evaluation import metrics as M
 from visroute.evaluation.grid import with_action
-from visroute.evaluation.summary import RunSummary, _f, _plt, _save
+from visroute.evaluation.summary import RunSummary, format_value, pyplot, save_figure
 
 NAME = re.compile(r"^(?P<variant>reroute-)?(?P<method>[a-z0-9]+(?:-layer0)?)@(?P<tier>[0-9.]+)(?:/(?P<rest>.+))?$")
 CELLS = ("base/prune", "base/reroute", "reroute/prune", "reroute/reroute")
@@ -265,7 +265,7 @@ PLOTTED = ("schedule (both pruned)", "action on the Reroute schedule", "net (Rer
 def plot_contrasts(found: list[Design], path: Path, seed: int = 0) -> bool:
     """One panel per method: the schedule, action and net contrasts and the random control (all items) per tier,
     with their 95% intervals; the re-entry policies against pruning on the same schedule as open markers."""
-    plt = _plt()
+    plt = pyplot()
     methods = sorted({d.method for d in found})
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False, sharey=True)
     drew = False
@@ -301,7 +301,7 @@ def plot_contrasts(found: list[Design], path: Path, seed: int = 0) -> bool:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, h)
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 

@@ -25,12 +25,12 @@ from visroute.evaluation.pooled import horizon_table, horizon_text
 from visroute.evaluation.summary import (
     CONTROLS,
     RunSummary,
-    _budget_order,
-    _f,
-    _legend,
-    _plt,
-    _save,
+    add_legend,
+    budget_order,
+    format_value,
     plot_scorer_lines,
+    pyplot,
+    save_figure,
     summarize,
 )
 from visroute.evaluation.statistics import HORIZON_DELTA
@@ -106,8 +106,8 @@ def plot_vision_required(summaries: list[RunSummary], path: Path, title: str) ->
     table = layer_table(summaries)
     if not table:
         return False
-    plt = _plt()
-    budgets = sorted(table, key=_budget_order)
+    plt = pyplot()
+    budgets = sorted(table, key=budget_order)
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
     base = next((s for s in summaries if s.run.kind == "unrouted"), None)
     for ax, budget in zip(axes[0], budgets):
@@ -119,8 +119,8 @@ def plot_vision_required(summaries: list[RunSummary], path: Path, title: str) ->
         ax.set_xlabel("stage layer (prune from here on)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("vision-required accuracy")
-    _legend(fig, axes)
-    _save(fig, path)
+    add_legend(fig, axes)
+    save_figure(fig, path)
     return True
 
 
@@ -136,9 +136,9 @@ def plot_recall_by_hop(summaries: list[RunSummary], path: Path, title: str) -> b
                     per[st[3]][h][st[1]][st[2]] = v
     if not per:
         return False
-    budget = sorted(per, key=_budget_order)[0]
+    budget = sorted(per, key=budget_order)[0]
     hops = sorted(per[budget])
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(hops), figsize=(4.6 * len(hops), 3.6), squeeze=False, sharey=True)
     for ax, h in zip(axes[0], hops):
         plot_scorer_lines(ax, per[budget][h])
@@ -147,8 +147,8 @@ def plot_recall_by_hop(summaries: list[RunSummary], path: Path, title: str) -> b
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("retention recall")
-    _legend(fig, axes)
-    _save(fig, path)
+    add_legend(fig, axes)
+    save_figure(fig, path)
     return True
 
 
@@ -186,7 +186,7 @@ def position_bias(summaries: list[RunSummary]) -> dict[str, dict[str, np.ndarray
 def plot_position_bias(bias: dict[str, dict[str, np.ndarray]], path: Path, title: str) -> bool:
     if not bias:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False, sharey=True)
     for ax, key, label in ((axes[0][0], "rows", "image row (top to bottom)"), (axes[0][1], "cols", "image column")):
         for scorer, b in sorted(bias.items()):
@@ -198,8 +198,8 @@ def plot_position_bias(bias: dict[str, dict[str, np.ndarray]], path: Path, title
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}: selection rate by {key[:-1]}")
     axes[0][0].set_ylabel("selected / uniform")
-    _legend(fig, axes)
-    _save(fig, path)
+    add_legend(fig, axes)
+    save_figure(fig, path)
     return True
 
 
@@ -329,9 +329,9 @@ def _where_to_prune(label, safe, grouped, out, delta, seed) -> list[str]:
         base = next((s for s in summaries if s.run.kind == "unrouted"), None)
         lines += [f"## Where to prune: {group} families ({label})", "",
                   f"Vision-required accuracy of one prune stage at each layer (the unrouted model: "
-                  f"{_f(base.vision_required if base else None, '.2f')}), the best signal in bold; the information "
+                  f"{format_value(base.vision_required if base else None, '.2f')}), the best signal in bold; the information "
                   f"horizon by the interval criterion (delta {delta:g}; see the section on it below):", ""]
-        for budget in sorted(table, key=_budget_order):
+        for budget in sorted(table, key=budget_order):
             lines += [f"Budget {budget}; information horizon: {horizon_text(horizons.get(budget, {}).get(''))}",
                       ""] + _markdown_layer_table(table[budget]) + [""]
         png = out / f"{safe}_{group}_vision_required_vs_layer.png"
@@ -370,7 +370,7 @@ def _differences_section(title: str, summaries: list[RunSummary], seed: int) -> 
              "averaged over the early (first half) or the late (second half) stage layers; paired bootstrap, 95%, "
              "over the items the blind control gets wrong. An interval that holds 0 is no measurable difference.", "",
              "| budget | scorer | early layers | late layers |", "|---|---|---|---|"]
-    for budget in sorted(diffs, key=_budget_order):
+    for budget in sorted(diffs, key=budget_order):
         halves = diffs[budget]
         scorers = sorted({s for cells in halves.values() for s in cells}, key=lambda n: (n in CONTROLS, n))
         for scorer in scorers:
@@ -399,8 +399,8 @@ def _reroute_section(label, grouped, summaries, seed) -> list[str]:
             keep = None if g == "all" else (lambda row, fams=groups[g]: _family(row) in fams)
             n, d, lo, hi = paired(r, b, keep, seed)
             cells.append("-" if not n else f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n})")
-        lines.append(f"| {r.name} | {b.name} | {_f(r.avg_T, '.1f')} / {_f(b.avg_T, '.1f')} | "
-                     f"{_f(r.flops, '.2f')} / {_f(b.flops, '.2f')} | {_f(r.kv, '.2f')} / {_f(b.kv, '.2f')} | "
+        lines.append(f"| {r.name} | {b.name} | {format_value(r.avg_T, '.1f')} / {format_value(b.avg_T, '.1f')} | "
+                     f"{format_value(r.flops, '.2f')} / {format_value(b.flops, '.2f')} | {format_value(r.kv, '.2f')} / {format_value(b.kv, '.2f')} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Re-entry: of the tokens a stage leaves out, the share active again at the next stage, and among "
               "those re-entering on multi-hop items the share that are hop-2 tokens (the object the answer is about), "
@@ -411,7 +411,7 @@ def _reroute_section(label, grouped, summaries, seed) -> list[str]:
         stats = reentry(s) if s.config and s.config.get("action") == "reroute" else None
         if stats:
             lines.append(f"| {s.name} | {stats['rate']:.3f} | {int(stats['reentered'])} | "
-                         f"{_f(stats['hop2'])} | {_f(stats['hop2_base'])} |")
+                         f"{format_value(stats['hop2'])} | {format_value(stats['hop2_base'])} |")
     return lines + [""]
 
 
@@ -426,7 +426,7 @@ def _blind_section(label, summaries, grouped) -> list[str]:
              "image dilute the differences between signals):", "",
              "| budget | best - random, all items | best - random, vision-required | order, all items | "
              "order, vision-required |", "|---|---|---|---|---|"]
-    for budget in sorted(acc_all, key=_budget_order):
+    for budget in sorted(acc_all, key=budget_order):
         def spread(table):
             layers = sorted({l for by in table.values() for l in by})
             gaps = []
@@ -441,6 +441,6 @@ def _blind_section(label, summaries, grouped) -> list[str]:
             return " > ".join(sorted(means, key=lambda n: -means[n])[:4])
 
         vr = acc_vr.get(budget, {})
-        lines.append(f"| {budget} | {_f(spread(acc_all[budget]))} | {_f(spread(vr) if vr else None)} | "
+        lines.append(f"| {budget} | {format_value(spread(acc_all[budget]))} | {format_value(spread(vr) if vr else None)} | "
                      f"{order(acc_all[budget])} | {order(vr) if vr else '-'} |")
     return lines + [""]

@@ -79,7 +79,7 @@ def budget_label(run: Run) -> str:
     return "keeps " + ",".join(str(k) for k in keeps)
 
 
-def _budget_order(label: str):
+def budget_order(label: str):
     """Budgets in numeric order (k0.0556 < k0.111 < k0.25; counts after shares)."""
     try:
         return (0, float(label[1:]))
@@ -87,7 +87,8 @@ def _budget_order(label: str):
         return (1, 0.0)
 
 
-def _task_for(run: Run):
+def task_for(run: Run):
+    """The task a run ran, rebuilt from its stored spec without data (for its scoring and families)."""
     from visroute.evaluation.tasks import build_task
 
     spec = run.task_spec
@@ -103,7 +104,7 @@ def summarize(store: Store, seed: int = 0, samples: int = M.BOOTSTRAP_SAMPLES,
         by_task[run.task].append(run)
     out: dict[str, list[RunSummary]] = {}
     for label, runs in by_task.items():
-        task = _task_for(runs[0])
+        task = task_for(runs[0])
         rows = {r.run_id: {x.item_id: x for x in store.rows(r.run_id) if keep is None or keep(x)} for r in runs}
         base = next((r for r in runs if r.kind == "unrouted"), None)
         blind = next((r for r in runs if r.kind == "blind"), None)
@@ -148,7 +149,8 @@ def _ratio(num, den) -> float | None:
     return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else None
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (reports run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +159,7 @@ def _plt():
     return plt
 
 
-def _legend(fig, axes) -> None:
+def add_legend(fig, axes) -> None:
     """One legend for all panels, right of them (each label once)."""
     seen: dict[str, Any] = {}
     for ax in np.ravel(axes):
@@ -166,13 +168,15 @@ def _legend(fig, axes) -> None:
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` to `path` (PNG, tight) and close it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
-def _refs(ax, summaries: list[RunSummary]) -> None:
+def draw_references(ax, summaries: list[RunSummary]) -> None:
+    """The unrouted model's and the blind control's accuracy as horizontal lines."""
     for s in summaries:
         if s.run.kind == "unrouted":
             ax.axhline(s.accuracy, color="black", lw=1.2, label="unrouted")
@@ -198,5 +202,6 @@ def integer_ticks(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _f(v: float | None, fmt: str = ".3f") -> str:
+def format_value(v: float | None, fmt: str = ".3f") -> str:
+    """`v` formatted with `fmt`, "-" where it is missing or NaN."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
