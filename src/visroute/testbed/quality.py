@@ -113,8 +113,8 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
 
 def exact_oracle(evaluator, items, layer: int = LAYER) -> dict[str, float]:
     """Accuracy per family (and "all") of the oracle at one prune stage at `layer` keeping exactly each item's
-    relevant tokens (the union of its hops), no more: items are run in groups of equal count, each group at a
-    keep of that count."""
+    relevant tokens (the union of its hops), no more (an item without any keeps one token, the image's first: a
+    stage keeps at least one): items are run in groups of equal count, each group at a keep of that count."""
     from visroute import RoutingConfig, Stage
     from visroute.testbed.evaluate import EvalReport
 
