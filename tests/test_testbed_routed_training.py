@@ -75,6 +75,29 @@ def test_route_reroute_sets_which_action_the_routed_rows_take():
         TrainConfig(route_reroute=1.5)
 
 
+def test_routing_at_input_drops_tokens_from_the_first_layer_for_good_and_spares_every_object():
+    objects = [[[0, 1, 12, 13], [50], [100, 101]], [[7], [30, 31]]] * 4  # the tokens each object of a row shows
+    spans, spared = [], 0
+    for spare in (False, True):
+        cfg = TrainConfig(route_rows=1.0, route_keep=(0.1, 0.3), route_at_input=True, route_spare_objects=spare,
+                          route_reroute=1.0, reveal=0)
+        for step in range(30):
+            active = route_activity(cfg, step, len(objects), DEPTH, objects if spare else None)
+            got = shapes(active)
+            spans += got
+            kept = active[:, 0]  # the same set through every layer
+            assert torch.equal(active, kept[:, None].expand_as(active))
+            vanished = sum(not bool(kept[r, toks].any()) for r, row in enumerate(objects) for toks in row)
+            if spare:
+                assert vanished == 0
+            else:
+                spared += vanished
+    assert all(first == 0 and back == DEPTH for first, back, _ in spans)  # from the input on, never back
+    assert spared > 0  # without sparing, objects do vanish at these shares
+    with pytest.raises(ValueError, match="route_spare_objects"):
+        route_activity(TrainConfig(route_rows=1.0, route_spare_objects=True, reveal=0), 0, 2, DEPTH)
+
+
 def test_routing_is_off_by_default_before_the_reveal_and_in_older_recipes():
     assert TrainConfig().route_rows == 0 and recipe_config("v3").route_rows == 0
     cfg = TrainConfig(route_rows=1.0, reveal=400)
@@ -106,10 +129,11 @@ def test_routing_leaves_the_rest_of_the_batch_as_it_was_and_ignores_what_tokens_
     assert abs(kept_object / on_object - kept_background / on_background) < 0.08
 
 
-@pytest.mark.parametrize("action", ["prune", "reroute"])
+@pytest.mark.parametrize("action", ["prune", "reroute", "input"])
 def test_routed_rows_compute_each_question_as_the_masking_oracle_of_the_engine(action):
     """Two questions packed after one image, routed at layer 3 keeping a random subset (reroute: back at layer
-    6): each question's logits equal the masking oracle's on that question alone."""
+    6; input: pruned before the decoder, route_at_input): each question's logits equal the masking oracle's on
+    that question alone."""
     torch.manual_seed(0)
     model = build_model("tiny").eval()
     init_weights(model)
@@ -125,15 +149,17 @@ def test_routed_rows_compute_each_question_as_the_masking_oracle_of_the_engine(a
     kept[torch.randperm(144, generator=torch.Generator().manual_seed(1))[:20]] = True
     active = torch.ones(1, DEPTH, 144, dtype=torch.bool)
     back = 6 if action == "reroute" else DEPTH
-    active[0, 3:back] = kept
+    first = 0 if action == "input" else 3
+    active[0, first:back] = kept
     with torch.no_grad():
         visual = projected_tokens(model, pixel_values([image]))
         packed = model.lm_head(decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual, active=active))[0]
         plain = model.lm_head(decoder_hidden(model, rows.ids, rows.pos, rows.blk, visual))[0]
-    stages = [(3, kept[None])] + ([(6, torch.ones(1, 144, dtype=torch.bool))] if action == "reroute" else [])
+    stages = [(first, kept[None])] + ([(6, torch.ones(1, 144, dtype=torch.bool))] if action == "reroute" else [])
     for k, it in enumerate(items, start=1):
         alone = processor(images=[image], text=[prompt(it.question) + " " + it.answer], return_tensors="pt")
-        ref = masked_run(eager, alone, IMAGE_ID, stages, action).logits[0, len(prefix):]
+        ref = masked_run(eager, alone, IMAGE_ID, stages, "reroute" if action == "reroute" else "prune"
+                         ).logits[0, len(prefix):]
         mine = packed[rows.blk[0] == k][:-1]  # the block also holds the closing </s>
         assert torch.allclose(mine, ref, atol=1e-4)
         assert not torch.allclose(plain[rows.blk[0] == k][:-1], ref, atol=1e-3), "routing changed nothing"
@@ -186,3 +212,15 @@ def test_a_finished_run_continues_into_its_then_route_recipe_exactly(tmp_path):
     early = dataclasses.asdict(cfg(tmp_path / "b", route_rows=0.5))  # routed from the reveal on
     assert not continues(early, cfg(tmp_path / "b", routed_steps=2), 4)
     assert not continues(base, cfg(tmp_path / "b", routed_steps=2, seed=1), 4)
+
+
+def test_a_finished_v3_run_continues_into_v3_then_drop():
+    from dataclasses import asdict
+
+    from visroute.testbed.train import continues
+
+    base, drop = recipe_config("v3"), recipe_config("v3-then-drop")
+    assert drop.route_at_input and drop.route_spare_objects and drop.routed_steps > 0
+    assert drop.steps == base.steps + drop.routed_steps
+    assert continues(asdict(base), drop, base.steps)
+    assert not continues(asdict(base), drop, base.steps + 1)

@@ -209,6 +209,14 @@ class TrainConfig:
     route_keep: tuple[float, float] = field(default=(0.03, 0.75), metadata={
         "help": "least and most share of the visual tokens a routed row keeps (drawn uniformly)",
         "absent": (0.03, 0.75)})
+    route_at_input: bool = field(default=False, metadata={
+        "help": "routed rows lose their tokens before the decoder (no decoder layer reads them: an image with "
+                "pieces missing) instead of at a random layer; nothing returns, and no layer is rewarded for "
+                "reading early", "absent": False})
+    route_spare_objects: bool = field(default=False, metadata={
+        "help": "in a routed row every object keeps at least one of the tokens it shows (drawn at random), so "
+                "no object and no answer vanishes with its tokens; background, distractors and the objects' "
+                "other tokens are kept at the drawn share alike", "absent": False})
     route_reroute: float = field(default=0.5, metadata={
         "help": "share of the routed rows that reroute (their tokens return at a later layer); the others prune. "
                 "1: every routed row reroutes, so no row loses the evidence its answer was labelled from (a row "
@@ -302,6 +310,12 @@ RECIPES: dict[str, dict] = {
 _ROUTED_PHASE = dict(routed_steps=1000, route_rows=0.5, route_keep=(0.03, 0.75), route_phases=("routed",))
 RECIPES["v3-then-route"] = {**RECIPES["v3"], **_ROUTED_PHASE}
 RECIPES["v3-grow-then-route"] = {**RECIPES["v3-grow"], **_ROUTED_PHASE}
+# v3-then-drop: v3, then phase 4 with half the image rows missing a random share of their tokens from the input on
+# (10% to 90% kept), every object keeping at least one of its tokens: a model that has met images with pieces
+# missing, without any layer rewarded for reading early and without an answer whose evidence is gone (random patch
+# dropping in training, as FLIP does for CLIP). A declared variant: it protects objects from vanishing entirely.
+RECIPES["v3-then-drop"] = {**RECIPES["v3"], **_ROUTED_PHASE, "route_keep": (0.1, 0.9), "route_at_input": True,
+                           "route_spare_objects": True}
 
 
 def recipe_config(name: str, **overrides) -> TrainConfig:
@@ -439,7 +453,8 @@ def background_visible(cfg: TrainConfig, step: int, images: int = 1,
     return visible
 
 
-def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.Tensor | None:
+def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int,
+                   objects: list[list[list[int]]] | None = None) -> torch.Tensor | None:
     """(rows, depth, 144) bool: which visual tokens each decoder layer reads in each image row of `step`, under
     `cfg.route_rows` (None when no row is routed). A routed row draws a layer L in [1, depth - 1], a kept share
     in `cfg.route_keep` and that share of its tokens uniformly at random; the others stop being read from layer
@@ -448,7 +463,9 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
     engine's semantics, docs/DESIGN.md rules 2 and 3); the rest prune (the others never return). No signal
     chooses the tokens and, at the default, both actions are trained alike, so neither a scorer nor an action is
     favoured; but a token lost at a random layer rewards reading the image before it, and under prune the
-    answer stays what it was when its evidence is gone (TRAINING.md).
+    answer stays what it was when its evidence is gone (TRAINING.md). With `cfg.route_at_input` L is 0 and the
+    tokens never return (nothing before them to reward); with `cfg.route_spare_objects`, `objects[r]` lists the
+    tokens each object of row r shows, and each keeps at least one of them.
     Draws come from a generator of their own (seed, step), so the rest of the batch is what it is without
     routing; no routing before the reveal ends."""
     name, d, _ = cfg.phase(step)
@@ -461,14 +478,20 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int) -> torch.
     if not bool(routed.any()):
         return None
     low, high = cfg.route_keep
+    if cfg.route_spare_objects and objects is None:
+        raise ValueError("route_spare_objects needs the tokens each object shows in every row")
     for r in routed.nonzero().flatten().tolist():
-        layer = int(torch.randint(1, depth, (1,), generator=g))
+        layer = 0 if cfg.route_at_input else int(torch.randint(1, depth, (1,), generator=g))
         keep = max(1, math.floor(n * (low + (high - low) * float(torch.rand(1, generator=g)))))
         kept = torch.zeros(n, dtype=torch.bool)
         kept[torch.randperm(n, generator=g)[:keep]] = True
+        if cfg.route_spare_objects:
+            for tokens in objects[r]:
+                if tokens and not bool(kept[tokens].any()):
+                    kept[tokens[int(torch.randint(len(tokens), (1,), generator=g))]] = True
         back = depth
-        if float(torch.rand(1, generator=g)) < cfg.route_reroute and layer < depth - 1:  # reroute: back later
-            back = int(torch.randint(layer + 1, depth, (1,), generator=g))
+        if not cfg.route_at_input and float(torch.rand(1, generator=g)) < cfg.route_reroute and layer < depth - 1:
+            back = int(torch.randint(layer + 1, depth, (1,), generator=g))  # reroute: back at a later layer
         active[r, layer:back] = kept
     return active
 
@@ -599,7 +622,9 @@ def make_batch(cfg: TrainConfig, step: int, tok: _Tok, joined: dict[str, int] | 
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     batch = {"image": image_rows(scenes, background_visible(cfg, step, len(scenes), g), g, cfg.early_families)}
     batch["image"] = batch["image"]._replace(
-        active=route_activity(cfg, step, len(scenes), MODEL_SIZES[cfg.size]["layers"]))
+        active=route_activity(cfg, step, len(scenes), MODEL_SIZES[cfg.size]["layers"],
+                              [[visible_tokens(objs, i) for i in range(len(objs))] for objs, *_ in scenes]
+                              if cfg.route_spare_objects else None))
     places = []
     for row in range(place_rows_at(cfg, step)):
         rng = random.Random(f"visroute-train-place:{cfg.seed}:{step}:{row}")
@@ -1254,7 +1279,8 @@ def export_state(state_path: str | Path, folder: str | Path) -> Path:
     return export(model.eval(), folder)
 
 
-PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_keep", "route_reroute")  # settings that act in phase 4 only
+PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_keep", "route_reroute", "route_at_input",
+           "route_spare_objects")  # settings that act in phase 4 only
 
 
 def continues(saved: dict, cfg: TrainConfig, step: int) -> bool:
