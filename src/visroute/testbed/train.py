@@ -310,12 +310,14 @@ RECIPES: dict[str, dict] = {
 _ROUTED_PHASE = dict(routed_steps=1000, route_rows=0.5, route_keep=(0.03, 0.75), route_phases=("routed",))
 RECIPES["v3-then-route"] = {**RECIPES["v3"], **_ROUTED_PHASE}
 RECIPES["v3-grow-then-route"] = {**RECIPES["v3-grow"], **_ROUTED_PHASE}
-# v3-then-drop: v3, then phase 4 with half the image rows missing a random share of their tokens from the input on
-# (10% to 90% kept), every object keeping at least one of its tokens: a model that has met images with pieces
-# missing, without any layer rewarded for reading early and without an answer whose evidence is gone (random patch
-# dropping in training, as FLIP does for CLIP). A declared variant: it protects objects from vanishing entirely.
-RECIPES["v3-then-drop"] = {**RECIPES["v3"], **_ROUTED_PHASE, "route_keep": (0.1, 0.9), "route_at_input": True,
-                           "route_spare_objects": True}
+# v3-then-drop, v3-grow-then-drop: v3 and v3-grow, then phase 4 with half the image rows missing a random share
+# of their tokens from the input on (10% to 90% kept), every object keeping at least one of its tokens: a model
+# that has met images with pieces missing, without any layer rewarded for reading early and without an answer
+# whose evidence is gone (random patch dropping in training, as FLIP does for CLIP). Declared variants: they
+# protect objects from vanishing entirely, and tokens never return (both actions are the same at the input).
+_DROP_PHASE = {**_ROUTED_PHASE, "route_keep": (0.1, 0.9), "route_at_input": True, "route_spare_objects": True}
+RECIPES["v3-then-drop"] = {**RECIPES["v3"], **_DROP_PHASE}
+RECIPES["v3-grow-then-drop"] = {**RECIPES["v3-grow"], **_DROP_PHASE}
 
 
 def recipe_config(name: str, **overrides) -> TrainConfig:
