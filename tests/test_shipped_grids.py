@@ -3,8 +3,8 @@
 The testbed grids run as shipped on the shipped checkpoint. The real-checkpoint grid (LLaVA-1.5-7B on a GPU and
 benchmark files) runs with its model replaced by a tiny random-weight LLaVA-1.5 with the real model's 576 visual
 tokens and its 32 decoder layers (the papers' tiers need the depth: SparseVLM's and DART's stage at layer 2
-reaches avg_T 64 only on 18 or more), on the CPU, and its data paths by tiny files in each benchmark's public layout: every task, sweep entry
-and method of the shipped file is resolved and run."""
+reaches avg_T 64 only on 18 or more), on the CPU, and its data paths by tiny files in each benchmark's public
+layout: every task, sweep entry and method of the shipped file is resolved and run."""
 
 import json
 import sqlite3

@@ -474,7 +474,8 @@ def pooled_sections(models: ModelRuns, contrasts: Sequence[Contrast] = (), seed:
                 for m in names:
                     fa = per_model[m].get(c)
                     vr = _by_name(models[m].get(task, [])).get(c)
-                    cells += [format_value(fa.weighted if fa else None), format_value(vr.vision_required if vr else None)]
+                    cells += [format_value(fa.weighted if fa else None),
+                              format_value(vr.vision_required if vr else None)]
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines

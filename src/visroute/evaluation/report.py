@@ -260,7 +260,8 @@ def _table(summaries: list[RunSummary], expected: int) -> list[str]:
                  format_value(s.gain_retained), "-" if loyal is None or not loyal.n else
                  f"{loyal.value:.3f} [{loyal.low:.3f}, {loyal.high:.3f}]",
                  *[format_value(s.task_metrics.get(m), _metric_format(m)) for m in extra],
-                 format_value(s.avg_T, ".1f"), format_value(s.flops, ".2f"), format_value(s.kv, ".2f"), format_value(s.seconds, ".4f")]
+                 format_value(s.avg_T, ".1f"), format_value(s.flops, ".2f"), format_value(s.kv, ".2f"),
+                 format_value(s.seconds, ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

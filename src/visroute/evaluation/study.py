@@ -329,8 +329,8 @@ def _where_to_prune(label, safe, grouped, out, delta, seed) -> list[str]:
         base = next((s for s in summaries if s.run.kind == "unrouted"), None)
         lines += [f"## Where to prune: {group} families ({label})", "",
                   f"Vision-required accuracy of one prune stage at each layer (the unrouted model: "
-                  f"{format_value(base.vision_required if base else None, '.2f')}), the best signal in bold; the information "
-                  f"horizon by the interval criterion (delta {delta:g}; see the section on it below):", ""]
+                  f"{format_value(base.vision_required if base else None, '.2f')}), the best signal in bold; the "
+                  f"information horizon by the interval criterion (delta {delta:g}; see the section on it below):", ""]
         for budget in sorted(table, key=budget_order):
             lines += [f"Budget {budget}; information horizon: {horizon_text(horizons.get(budget, {}).get(''))}",
                       ""] + _markdown_layer_table(table[budget]) + [""]
@@ -400,7 +400,8 @@ def _reroute_section(label, grouped, summaries, seed) -> list[str]:
             n, d, lo, hi = paired(r, b, keep, seed)
             cells.append("-" if not n else f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n})")
         lines.append(f"| {r.name} | {b.name} | {format_value(r.avg_T, '.1f')} / {format_value(b.avg_T, '.1f')} | "
-                     f"{format_value(r.flops, '.2f')} / {format_value(b.flops, '.2f')} | {format_value(r.kv, '.2f')} / {format_value(b.kv, '.2f')} | "
+                     f"{format_value(r.flops, '.2f')} / {format_value(b.flops, '.2f')} | "
+                     f"{format_value(r.kv, '.2f')} / {format_value(b.kv, '.2f')} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Re-entry: of the tokens a stage leaves out, the share active again at the next stage, and among "
               "those re-entering on multi-hop items the share that are hop-2 tokens (the object the answer is about), "
@@ -441,6 +442,7 @@ def _blind_section(label, summaries, grouped) -> list[str]:
             return " > ".join(sorted(means, key=lambda n: -means[n])[:4])
 
         vr = acc_vr.get(budget, {})
-        lines.append(f"| {budget} | {format_value(spread(acc_all[budget]))} | {format_value(spread(vr) if vr else None)} | "
+        lines.append(f"| {budget} | {format_value(spread(acc_all[budget]))} | "
+                     f"{format_value(spread(vr) if vr else None)} | "
                      f"{order(acc_all[budget])} | {order(vr) if vr else '-'} |")
     return lines + [""]
