@@ -224,3 +224,28 @@ def test_a_finished_v3_run_continues_into_v3_then_drop():
     assert drop.steps == base.steps + drop.routed_steps
     assert continues(asdict(base), drop, base.steps)
     assert not continues(asdict(base), drop, base.steps + 1)
+
+
+@pytest.mark.parametrize("name, base", [("v3-drop", "v3"), ("v3-grow-drop", "v3-grow")])
+def test_drop_throughout_drops_at_the_input_in_every_decoder_phase_from_the_reveal(name, base):
+    from dataclasses import asdict
+
+    from visroute.testbed.train import continues
+
+    cfg, then_drop = recipe_config(name), recipe_config(f"{base}-then-drop")
+    assert cfg.steps == recipe_config(base).steps  # no phase added
+    for key in ("route_rows", "route_keep", "route_at_input", "route_spare_objects"):
+        assert getattr(cfg, key) == getattr(then_drop, key)
+    objects = [[[5], [60, 61]]] * 16
+    starts = {}
+    for step in range(cfg.steps):
+        phase, d, _ = cfg.phase(step)
+        if phase in starts or (phase == "symbolic" and d < cfg.reveal - 1):
+            continue
+        active = route_activity(cfg, step, 16, DEPTH, objects)
+        if phase == "symbolic" and d == cfg.reveal - 1:
+            assert active is None  # the last step before the reveal ends
+            continue
+        starts[phase] = active is not None and {(first, back) for first, back, _ in shapes(active)} == {(0, DEPTH)}
+    assert starts == {"symbolic": True, "tower": False, "joint": True, **({"deepen": True} if cfg.deepen_steps else {})}
+    assert not continues(asdict(recipe_config(base)), cfg, cfg.symbolic_steps)  # routed from the reveal on

@@ -65,6 +65,9 @@ pointer, no hidden background, no early-answer loss, and every decoder layer tra
 `route_rows`: half the image rows have a uniformly random subset of their visual tokens stop being read at a
 random layer, pruned or rerouted (skipping layers and returning) in equal measure. They are declared variants:
 no signal or action is favoured, but the routing rewards reading the image early (RECIPES, TRAINING.md).
+"v3-then-drop" and "v3-grow-then-drop" add phase 4 with the tokens dropped at the input instead (a random share
+gone before the decoder, every object keeping one of its tokens, nothing returning); "v3-drop" and
+"v3-grow-drop" drop them so from the reveal to the end, at v3's length. Declared variants too.
 
 Every `log_every` steps one line goes to log.jsonl (loss, teacher-forced answer accuracy per family, learning
 rate, elapsed time); from the end of phase 2 on, a greedy evaluation on a small held-out set is logged every
@@ -318,6 +321,12 @@ RECIPES["v3-grow-then-route"] = {**RECIPES["v3-grow"], **_ROUTED_PHASE}
 _DROP_PHASE = {**_ROUTED_PHASE, "route_keep": (0.1, 0.9), "route_at_input": True, "route_spare_objects": True}
 RECIPES["v3-then-drop"] = {**RECIPES["v3"], **_DROP_PHASE}
 RECIPES["v3-grow-then-drop"] = {**RECIPES["v3-grow"], **_DROP_PHASE}
+# v3-drop, v3-grow-drop: the same dropping at the input from the reveal to the last step, in every phase that
+# trains the decoder (symbolic, deepen, joint), instead of in a phase added after them: the place readout and
+# the lookups form on scenes with pieces missing, at v3's length. Declared variants, for the same reasons.
+_DROP_THROUGHOUT = dict(route_rows=0.5, route_keep=(0.1, 0.9), route_at_input=True, route_spare_objects=True)
+RECIPES["v3-drop"] = {**RECIPES["v3"], **_DROP_THROUGHOUT}
+RECIPES["v3-grow-drop"] = {**RECIPES["v3-grow"], **_DROP_THROUGHOUT}
 
 
 def recipe_config(name: str, **overrides) -> TrainConfig:
