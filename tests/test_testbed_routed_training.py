@@ -249,3 +249,19 @@ def test_drop_throughout_drops_at_the_input_in_every_decoder_phase_from_the_reve
         starts[phase] = active is not None and {(first, back) for first, back, _ in shapes(active)} == {(0, DEPTH)}
     assert starts == {"symbolic": True, "tower": False, "joint": True, **({"deepen": True} if cfg.deepen_steps else {})}
     assert not continues(asdict(recipe_config(base)), cfg, cfg.symbolic_steps)  # routed from the reveal on
+
+
+def test_route_start_delays_routing_and_a_state_from_before_it_continues_into_it():
+    from dataclasses import asdict
+
+    from visroute.testbed.train import continues, first_routed_step
+
+    late = TrainConfig(route_rows=1.0, reveal=10, route_start=50)
+    assert route_activity(late, 49, 4, DEPTH) is None and route_activity(late, 50, 4, DEPTH) is not None
+    assert first_routed_step(asdict(late)) == 50
+    assert first_routed_step(asdict(TrainConfig(route_rows=1.0, reveal=10))) == 10  # the reveal
+    assert first_routed_step(asdict(TrainConfig(route_rows=1.0, route_phases=("joint",)))) == 6000 + 1500 + 400
+    assert first_routed_step(asdict(TrainConfig())) == float("inf")
+    base = asdict(TrainConfig(reveal=10))
+    assert continues(base, late, 50) and not continues(base, late, 51)
+    assert not continues(base, dataclasses.replace(late, seed=1), 50)

@@ -209,6 +209,10 @@ class TrainConfig:
                 "neither action nor any scoring signal is favoured (see route_activity)", "absent": 0.0})
     route_phases: tuple[str, ...] = field(default=("symbolic", "deepen", "joint", "routed"), metadata={
         "help": "the phases whose image rows route_rows routes", "absent": ("symbolic", "deepen", "joint", "routed")})
+    route_start: int = field(default=0, metadata={
+        "help": "first step of the whole run whose rows route_rows may route, in the phases route_phases names "
+                "(0: from the reveal on): a late start lets every family form on whole images first",
+        "absent": 0})
     route_keep: tuple[float, float] = field(default=(0.03, 0.75), metadata={
         "help": "least and most share of the visual tokens a routed row keeps (drawn uniformly)",
         "absent": (0.03, 0.75)})
@@ -478,9 +482,10 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int,
     tokens never return (nothing before them to reward); with `cfg.route_spare_objects`, `objects[r]` lists the
     tokens each object of row r shows, and each keeps at least one of them.
     Draws come from a generator of their own (seed, step), so the rest of the batch is what it is without
-    routing; no routing before the reveal ends."""
+    routing; no routing before the reveal ends, nor before `cfg.route_start`."""
     name, d, _ = cfg.phase(step)
-    if cfg.route_rows <= 0 or name not in cfg.route_phases or (name == "symbolic" and d < cfg.reveal):
+    if (cfg.route_rows <= 0 or name not in cfg.route_phases or (name == "symbolic" and d < cfg.reveal)
+            or step < cfg.route_start):
         return None
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919)
     n = GRID * GRID
@@ -1290,24 +1295,37 @@ def export_state(state_path: str | Path, folder: str | Path) -> Path:
     return export(model.eval(), folder)
 
 
-PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_keep", "route_reroute", "route_at_input",
-           "route_spare_objects")  # settings that act in phase 4 only
+PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_start", "route_keep", "route_reroute",
+           "route_at_input", "route_spare_objects")  # phase 4's length and the routing: see continues
 
 
 def continues(saved: dict, cfg: TrainConfig, step: int) -> bool:
     """Whether a state saved at `step` with the settings `saved` is the state of a run with settings `cfg`:
-    the same recipe, or one that differs only in phase 4 (`routed_steps` and the routing) where the state has not
-    gone past phase 3 and neither routes before phase 4. So a finished v3 run continues into v3-then-route."""
+    the same recipe, or one that differs only in phase 4 (`routed_steps`) and the routing where the state has not
+    gone past phase 3 and neither has routed a row yet. So a finished v3 run continues into v3-then-route, and a
+    v3 state from before `route_start` into v3 with routing from there."""
     a, b = _recipe(saved), _recipe(asdict(cfg))
     if a == b:
         return True
     if {k: v for k, v in a.items() if k not in PHASE_4} != {k: v for k, v in b.items() if k not in PHASE_4}:
         return False
 
-    def routes_early(r: dict) -> bool:
-        return r.get("route_rows", 0) > 0 and any(p != "routed" for p in r.get("route_phases", ()))
+    return step <= cfg.steps - cfg.routed_steps and step <= first_routed_step(a) and step <= first_routed_step(b)
 
-    return step <= cfg.steps - cfg.routed_steps and not routes_early(a) and not routes_early(b)
+
+def first_routed_step(recipe: dict) -> float:
+    """The first step whose rows `route_rows` routes under the settings `recipe` (inf: none), as route_activity
+    decides it: in a phase of `route_phases`, not before the reveal ends nor before `route_start`."""
+    if recipe.get("route_rows", 0) <= 0:
+        return math.inf
+    start = 0
+    for name in PHASES:
+        length = recipe[f"{name}_steps"]
+        first = max(start + (recipe["reveal"] if name == "symbolic" else 0), recipe.get("route_start", 0))
+        if name in recipe.get("route_phases", ()) and first < start + length:
+            return first
+        start += length
+    return math.inf
 
 
 def _recipe(cfg: dict) -> dict:
