@@ -485,9 +485,7 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int,
     tokens each object of row r shows, and each keeps at least one of them.
     Draws come from a generator of their own (seed, step), so the rest of the batch is what it is without
     routing; no routing before the reveal ends, nor before `cfg.route_start`."""
-    name, d, _ = cfg.phase(step)
-    if (cfg.route_rows <= 0 or name not in cfg.route_phases or (name == "symbolic" and d < cfg.reveal)
-            or step < cfg.route_start):
+    if not routes_at(cfg, step):
         return None
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919)
     n = GRID * GRID
@@ -512,6 +510,14 @@ def route_activity(cfg: TrainConfig, step: int, rows: int, depth: int,
             back = int(torch.randint(layer + 1, depth, (1,), generator=g))  # reroute: back at a later layer
         active[r, layer:back] = kept
     return active
+
+
+def routes_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether `cfg.route_rows` may route rows at `step`: in a phase of `cfg.route_phases`, after the reveal,
+    from `cfg.route_start` on."""
+    name, d, _ = cfg.phase(step)
+    return (cfg.route_rows > 0 and name in cfg.route_phases and not (name == "symbolic" and d < cfg.reveal)
+            and step >= cfg.route_start)
 
 
 def inactive_positions(image: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -1316,17 +1322,16 @@ def continues(saved: dict, cfg: TrainConfig, step: int) -> bool:
 
 
 def first_routed_step(recipe: dict) -> float:
-    """The first step whose rows `route_rows` routes under the settings `recipe` (inf: none), as route_activity
-    decides it: in a phase of `route_phases`, not before the reveal ends nor before `route_start`."""
-    if recipe.get("route_rows", 0) <= 0:
-        return math.inf
+    """The first step whose rows `route_rows` routes under the settings `recipe` (inf: none), as `routes_at`
+    decides it. Within a phase the routed steps run from its start (in phase 1, the reveal's end) or from
+    `route_start`, whichever is later, to its end, so that step is the only one of the phase to ask."""
+    cfg = TrainConfig(**recipe)
     start = 0
     for name in PHASES:
-        length = recipe[f"{name}_steps"]
-        first = max(start + (recipe["reveal"] if name == "symbolic" else 0), recipe.get("route_start", 0))
-        if name in recipe.get("route_phases", ()) and first < start + length:
+        first = max(start + (cfg.reveal if name == "symbolic" else 0), cfg.route_start)
+        if first < min(start + getattr(cfg, f"{name}_steps"), cfg.steps) and routes_at(cfg, first):
             return first
-        start += length
+        start += getattr(cfg, f"{name}_steps")
     return math.inf
 
 
