@@ -251,6 +251,43 @@ def test_drop_throughout_drops_at_the_input_in_every_decoder_phase_from_the_reve
     assert not continues(asdict(recipe_config(base)), cfg, cfg.symbolic_steps)  # routed from the reveal on
 
 
+@pytest.mark.parametrize("name, base, first", [("v3-late-drop", "v3", 5500), ("v3-grow-late-drop", "v3-grow", 5000)])
+def test_late_drop_drops_at_the_input_from_its_first_step_on_and_continues_a_base_state_from_before(name, base, first):
+    from dataclasses import asdict
+
+    from visroute.testbed.train import continues, first_routed_step
+
+    cfg, drop = recipe_config(name), recipe_config(f"{base}-drop")
+    assert cfg.steps == recipe_config(base).steps  # no phase added
+    for key in ("route_rows", "route_keep", "route_at_input", "route_spare_objects"):
+        assert getattr(cfg, key) == getattr(drop, key)
+    assert first_routed_step(asdict(cfg)) == first
+    objects = [[[5], [60, 61]]] * 16
+    assert route_activity(cfg, first - 1, 16, DEPTH, objects) is None
+    routed = [step for step in (first, cfg.steps - 1) if route_activity(cfg, step, 16, DEPTH, objects) is not None]
+    assert routed == [first, cfg.steps - 1] and cfg.phase(cfg.steps - 1)[0] == "joint"
+    assert continues(asdict(recipe_config(base)), cfg, first)
+    assert not continues(asdict(recipe_config(base)), cfg, first + 1)
+
+
+def test_a_routed_state_continues_only_into_a_run_that_routed_every_earlier_step_alike():
+    from dataclasses import asdict
+
+    from visroute.testbed.train import continues
+
+    drop = TrainConfig(route_rows=0.5, route_at_input=True, reveal=10, symbolic_steps=100, deepen_steps=0,
+                       tower_steps=10, joint_steps=20)
+    whole_after = dataclasses.replace(drop, routed_steps=30, route_phases=("symbolic", "deepen", "joint"))
+    saved = asdict(drop)
+    assert continues(saved, whole_after, drop.steps)  # phase 4 routes nothing; every earlier step alike
+    assert not continues(saved, whole_after, drop.steps + 1)  # a state inside phase 4
+    assert not continues(saved, dataclasses.replace(whole_after, route_keep=(0.2, 0.9)), drop.steps)
+    assert not continues(saved, dataclasses.replace(whole_after, route_phases=("symbolic", "deepen")), drop.steps)
+    assert continues(saved, dataclasses.replace(whole_after, route_phases=("symbolic", "deepen")), 110)
+    assert not continues(saved, dataclasses.replace(whole_after, route_start=50), 50 + 1)
+    assert continues(saved, dataclasses.replace(whole_after, route_start=50), 10)  # before either routed
+
+
 def test_route_start_delays_routing_and_a_state_from_before_it_continues_into_it():
     from dataclasses import asdict
 
