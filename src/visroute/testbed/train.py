@@ -1311,9 +1311,8 @@ def export_state(state_path: str | Path, folder: str | Path) -> Path:
     return export(model.eval(), folder)
 
 
-PHASE_4 = ("routed_steps", "route_rows", "route_phases", "route_start", "route_keep", "route_reroute",
-           "route_at_input", "route_spare_objects")  # phase 4's length and the routing: see continues
 ROUTING = ("route_rows", "route_keep", "route_reroute", "route_at_input", "route_spare_objects")  # how a row routes
+PHASE_4 = ("routed_steps", "route_phases", "route_start", *ROUTING)  # phase 4's length, where and how rows route
 
 
 def continues(saved: dict, cfg: TrainConfig, step: int) -> bool:
