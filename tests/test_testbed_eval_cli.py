@@ -76,3 +76,34 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     assert 0 < sum(acc["over budget"].values())  # the set holds items that do not fit in 6 tokens
     assert {c["what"] for c in checks if c["family"] == "relation_grounding"} == {
         "unrouted", "blind - majority", "oracle loss @L2:6", "random loss @L2:6"}
+
+
+def test_by_form_prints_each_question_forms_accuracy_from_the_per_item_results(tmp_path, capsys):
+    """`--by-form` splits a family by question form; its rows follow from the per-item results, counted here from
+    the items' own templates, and each family's forms average (by items) to the family's accuracy."""
+    import json
+
+    from visroute.testbed import HELDOUT_SEED, make_items
+
+    out = tmp_path / "reports.json"
+    assert main(["testbed", "eval", "--by-form", "--limit", "27", "--blind", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    reports = json.loads(out.read_text())
+    template = {it.id: (it.family, it.template) for it in make_items(300, HELDOUT_SEED)[:27]}
+    for name in ("unrouted", "blind"):
+        right: dict[tuple[str, str], list[bool]] = {}
+        for r in reports[name]["items"]:
+            right.setdefault(template[r["id"]], []).append(r["correct"])
+        for fam in {f for f, _ in right}:
+            forms = [v for (f, _), v in right.items() if f == fam]
+            assert sum(map(sum, forms)) / sum(map(len, forms)) == reports[name]["accuracy"][fam]
+    lines = text.split("accuracy per question form")[1].split("reports written")[0].strip().splitlines()
+    assert lines[0].split() == ["family", "/", "form", "items", "unrouted", "blind"]
+    assert len(lines) - 1 == len(right) > 9  # more forms than families
+    for line in lines[1:]:
+        fam, _, form, n, unrouted, blind = line.split()
+        hits = {name: [r["correct"] for r in reports[name]["items"] if template[r["id"]] == (fam, form)]
+                for name in ("unrouted", "blind")}
+        assert int(n) == len(hits["unrouted"]) == len(hits["blind"])
+        assert float(unrouted) == round(sum(hits["unrouted"]) / int(n), 3)
+        assert float(blind) == round(sum(hits["blind"]) / int(n), 3)

@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     e.add_argument("--limit", type=int, help="evaluate only the first N items")
     e.add_argument("--blind", action="store_true", help="also run the blind control (image removed)")
     e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to the config")
+    e.add_argument("--by-form", action="store_true",
+                   help="also print accuracy per question form (a family's mean can hide an unlearned form)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--json", help="write the reports (with per-item results) to this file")
     add_debug(e)
@@ -157,6 +159,7 @@ def _routing(args):
 
 def run_eval(args) -> int:
     from visroute.testbed import HELDOUT_SEED, Evaluator, format_table, load_model, make_items, read_dataset
+    from visroute.testbed.evaluate import format_form_table
 
     if args.method and (args.config or args.stages):
         raise ValueError("give one of --config, --stages or --method")
@@ -180,6 +183,9 @@ def run_eval(args) -> int:
         reports["blind"] = ev.run(None, blind=True, name="blind")
     print(f"{len(items)} items; model {args.model or 'shipped testbed checkpoint'}")
     print(format_table(reports, items))
+    if args.by_form:
+        print()
+        print(format_form_table(reports, items))
     if args.json:
         Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=1))
         print(f"reports written to {args.json}")

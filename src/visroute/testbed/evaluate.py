@@ -207,6 +207,31 @@ def evaluate(model, processor, items: list[Item], config=None, *, blind: bool = 
     return Evaluator(model, processor, items, batch_size=batch_size, progress=progress).run(config, blind=blind)
 
 
+def form_accuracy(report: EvalReport, items: list[Item]) -> dict[tuple[str, str], tuple[float, int]]:
+    """(family, question form) -> (share correct, items) of `report` on `items`, the set it ran on. A family's
+    accuracy can hide a form the model has not learned (one of two forms at chance still averages near 0.75)."""
+    form = {it.id: (it.family, it.template) for it in items}
+    by: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for r in report.results:
+        by[form[r.id]].append(r.correct)
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(by.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))}
+
+
+def format_form_table(reports: dict[str, EvalReport], items: list[Item]) -> str:
+    """Accuracy per family and question form, one column per report (`form_accuracy`)."""
+    per = {n: form_accuracy(r, items) for n, r in reports.items()}
+    forms = list(dict.fromkeys(k for acc in per.values() for k in acc))
+    width = max([14] + [len(n) + 1 for n in reports])
+    head = f"{'family / form':40s}{'items':>6s}" + "".join(f"{n:>{width}s}" for n in per)
+    lines = ["accuracy per question form", head]
+    for fam, template in forms:
+        n = next(acc[(fam, template)][1] for acc in per.values() if (fam, template) in acc)
+        lines.append(f"{fam + ' / ' + template:40s}{n:>6d}" + "".join(
+            f"{f'{acc[(fam, template)][0]:.3f}' if (fam, template) in acc else '-':>{width}s}" for acc in per.values()))
+    return "\n".join(lines)
+
+
 def format_table(reports: dict[str, EvalReport], items: list[Item] | None = None) -> str:
     """Accuracy per family (columns: one per report, plus the majority-answer rate when `items` are given),
     then avg_T, K/V share and the mean retention recall of each stage of the routed reports."""
