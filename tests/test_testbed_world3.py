@@ -3,6 +3,8 @@ objects) and the v3 training targets, checked against the drawn pixels and again
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -437,6 +439,39 @@ def test_a_finished_run_kept_as_its_compact_state_loads_by_name(tmp_path, monkey
         tb.load_model("tiny-b")
 
 
+def test_a_compact_state_packed_with_xz_loads_by_name_and_resumes(tmp_path, monkeypatch):
+    """The repository keeps compact states packed with xz (`PACKED_STATE`): such a run loads by name with the
+    same weights as from the plain file, and a stopped one resumes from it to the end."""
+    import lzma
+    import shutil
+
+    import visroute.testbed as tb
+    from visroute.testbed.train import COMPACT_STATE, PACKED_STATE, train
+
+    runs = tmp_path / "training"
+    train(_tiny_v3(runs / "plain"), progress=False)
+    shutil.copytree(runs / "plain", runs / "packed", ignore=shutil.ignore_patterns("model", "train_state.pt"))
+    packed = runs / "packed" / PACKED_STATE
+    packed.write_bytes(lzma.compress((runs / "packed" / COMPACT_STATE).read_bytes()))
+    (runs / "packed" / COMPACT_STATE).unlink()
+    (runs / "plain" / "train_state.pt").unlink()
+    shutil.rmtree(runs / "plain" / "model")
+    monkeypatch.setattr(tb, "training_dir", lambda: runs)
+    monkeypatch.setattr(tb, "models_dir", lambda: tmp_path / "no-models")
+    assert tb.candidate_names() == ["packed", "plain"]
+    want, got = tb.load_model("plain")[0].state_dict(), tb.load_model("packed")[0].state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    assert train(_tiny_v3(tmp_path / "stopped"), progress=False, stop_at=2) is None
+    stopped = tmp_path / "stopped"
+    (stopped / PACKED_STATE).write_bytes(lzma.compress((stopped / COMPACT_STATE).read_bytes()))
+    (stopped / COMPACT_STATE).unlink()
+    (stopped / "train_state.pt").unlink()
+    assert train(_tiny_v3(stopped), resume=True, progress=False) is not None
+    lines = [json.loads(x) for x in (stopped / "log.jsonl").read_text().splitlines() if '"phase"' in x]
+    assert lines[-1]["step"] == 7
+
+
 def test_curve_command_plots_a_run_in_progress(tmp_path, capsys):
     import json
 
@@ -484,3 +519,25 @@ def test_blank_tokens_show_only_background_and_the_blank_context_comes_before_ev
         added = sorted(set(later.hops[-1]) - set(it.hops[-1]))
         assert added == [t for t in blank if t > max(shown)][-8:]
     assert added_any > len(items) // 2
+
+
+def test_bfloat16_products_only_on_a_cpu_with_bfloat16_units(monkeypatch):
+    """`bf16` multiplies in bfloat16 only where the CPU has bfloat16 units (elsewhere PyTorch's bfloat16 products
+    are many times slower than float32 ones), and a state continues under the other precision."""
+    from dataclasses import asdict
+
+    from visroute.testbed import train as train_module
+    from visroute.testbed.modeling import build_model
+    from visroute.testbed.train import continues, precision
+
+    model = build_model("tiny", 0)
+    product = lambda: (torch.ones(2, 2) @ torch.ones(2, 2)).dtype  # noqa: E731
+    for units, bf16, want in [(True, True, torch.bfloat16), (False, True, torch.float32),
+                              (True, False, torch.float32)]:
+        monkeypatch.setattr(train_module, "bf16_units", lambda: units)
+        with precision(model, _tiny_v3("x", bf16=bf16)):
+            assert product() == want, (units, bf16)
+    assert product() == torch.float32
+    saved = asdict(_tiny_v3("x", bf16=True))
+    assert continues(saved, _tiny_v3("x", bf16=False), 3)
+    assert not continues(saved, _tiny_v3("x", bf16=False, seed=1), 3)

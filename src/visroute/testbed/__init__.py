@@ -70,10 +70,10 @@ def candidate_names() -> list[str]:
     """Models kept only as a finished training run's compact state (`training_dir`): loadable by name like the
     shipped ones, not shipped (the tests that every shipped model meets its bars do not cover them; TRAINING.md
     says which bars each meets)."""
-    from visroute.testbed.train import COMPACT_STATE
+    from visroute.testbed.train import compact_state
 
     folder = training_dir()
-    runs = sorted(p.name for p in folder.iterdir() if (p / COMPACT_STATE).exists()) if folder.is_dir() else []
+    runs = sorted(p.name for p in folder.iterdir() if compact_state(p)) if folder.is_dir() else []
     return [n for n in runs if n not in model_names()]
 
 
@@ -88,13 +88,12 @@ def model_path(model: str | Path | None = None) -> Path:
     if (named / "config.json").exists():
         return named
     if str(model) in candidate_names():
-        from visroute.testbed.train import COMPACT_STATE, export_state
+        from visroute.testbed.train import compact_state, export_state
 
-        run = training_dir() / str(model)
-        folder = run / "model"
-        if not (folder / "config.json").exists() or (
-                (folder / "config.json").stat().st_mtime < (run / COMPACT_STATE).stat().st_mtime):
-            export_state(run / COMPACT_STATE, folder)
+        state = compact_state(training_dir() / str(model))
+        folder = state.parent / "model"
+        if not (folder / "config.json").exists() or (folder / "config.json").stat().st_mtime < state.stat().st_mtime:
+            export_state(state, folder)
         return folder
     raise FileNotFoundError(f"no testbed model {str(model)!r}: neither a checkpoint folder nor one of the names "
                             f"{', '.join(model_names() + candidate_names())}")

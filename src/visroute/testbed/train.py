@@ -53,7 +53,8 @@ to predict a colour in one question and a coordinate in another). AdamW with
 a warmup and cosine decay in every phase, gradient clipping at 1. Decoder weights start at std fan_in**-0.5
 rather than Hugging Face's 0.02, and word embeddings at std 1: at 0.02 the small decoder stays at chance for
 hundreds of steps. With `bf16` the matrix products run in bfloat16 (autocast; attention and the loss stay in
-float32): on CPUs with bfloat16 units that is much faster, and the weights are kept and exported in float32.
+float32) on CPUs with bfloat16 units, where that is much faster, and in float32 on others, where bfloat16 is far
+slower (`bf16_units`); the weights are kept and exported in float32 either way.
 
 Recipes (`RECIPES`, `recipe_config`; `visroute testbed train --recipe NAME`): "v2" is the TrainConfig defaults
 described above (the shipped model). "v3" builds no answer in: world-3 scenes (`world`: textures, clutter,
@@ -83,6 +84,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
+import lzma
 import math
 import random
 import time
@@ -113,7 +116,8 @@ END_TO_END = ("joint", "routed")  # the phases that train the whole model on ren
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Fields whose metadata says `"recipe": False` do not change the trained
-    weights (where and how often things are written, threads); a resumed run may change only those."""
+    weights beyond rounding (where and how often things are written, threads, the products' precision); a
+    resumed run may change only those."""
 
     out: str = field(default="runs/testbed", metadata={
         "help": "run folder: log, training state, exported model", "recipe": False})
@@ -234,7 +238,8 @@ class TrainConfig:
                 "through a linear head used in training only, predicts which colours and shapes the image holds "
                 "(multi-label cross-entropy)", "absent": 0.0})
     bf16: bool = field(default=True, metadata={
-        "help": "matrix products in bfloat16 (autocast); attention, loss and weights stay float32"})
+        "help": "matrix products in bfloat16 (autocast) where the CPU has bfloat16 units (AVX512-BF16 or AMX), "
+                "float32 elsewhere; attention, loss and weights stay float32", "recipe": False})
     threads: int = field(default=2, metadata={"help": "torch CPU threads", "recipe": False})
     log_every: int = field(default=10, metadata={"help": "steps between two log lines", "recipe": False})
     eval_every: int = field(default=200, metadata={
@@ -1018,10 +1023,22 @@ def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
     return out.to(dtype), weights
 
 
+def bf16_units() -> bool:
+    """Whether this CPU has bfloat16 units. Without them PyTorch's bfloat16 matrix products take a slow path:
+    on a 2-core AVX2 machine a training step of the v3 drop phase took about 25 s in bfloat16, against about 2 s
+    in float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def uses_bf16(cfg: TrainConfig) -> bool:
+    """Whether a run with `cfg` multiplies in bfloat16 on this machine (`cfg.bf16` and bfloat16 units)."""
+    return cfg.bf16 and bf16_units()
+
+
 @contextlib.contextmanager
 def precision(model, cfg: TrainConfig):
-    """Within: bfloat16 autocast with float32 attention when `cfg.bf16`, else nothing changes."""
-    if not cfg.bf16:
+    """Within: bfloat16 autocast with float32 attention when `uses_bf16(cfg)`, else nothing changes."""
+    if not uses_bf16(cfg):
         yield
         return
     from transformers import AttentionInterface
@@ -1131,10 +1148,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
     joined = {f: s for f, s in cfg.unlock_steps().items() if s == 0} if cfg.gate else cfg.unlock_steps()
     window = _Window()
     rewarm_from = None  # after a resume from the compact state: the step its fresh optimizer starts at
-    if resume and not state_path.exists() and compact_path.exists():
-        state_path, rewarm_from = compact_path, -1
+    if resume and not state_path.exists() and compact_state(out) is not None:
+        state_path, rewarm_from = compact_state(out), -1
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_state(state_path)
         if not continues(state["config"], cfg, state["step"]):
             raise ValueError(f"{state_path} was written with other training settings: {state['config']}")
         model.load_state_dict(state["model"])
@@ -1160,6 +1177,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
         held_out_accuracy(model, processor, held_out[:1])
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    if start < cfg.steps:
+        tqdm.write(f"matrix products in {'bfloat16' if uses_bf16(cfg) else 'float32'}"
+                   + ("" if uses_bf16(cfg) or not cfg.bf16 else " (this CPU has no bfloat16 units)"))
     t_last = t_saved = time.perf_counter()
     opt, opt_phase = None, None
     for step in range(start, cfg.steps):
@@ -1230,6 +1250,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at
 
 
 COMPACT_STATE = "train_state_compact.pt"
+PACKED_STATE = COMPACT_STATE + ".xz"  # the compact state as a repository keeps it (`xz -9`: about 30% smaller)
+
+
+def compact_state(run: str | Path) -> Path | None:
+    """The compact state of the run folder `run`: the file the run writes, else its xz-packed copy, else None."""
+    for name in (COMPACT_STATE, PACKED_STATE):
+        if (Path(run) / name).exists():
+            return Path(run) / name
+    return None
+
+
+def load_state(path: str | Path) -> dict:
+    """A saved training state (train_state.pt, the compact one, or the compact one packed with xz)."""
+    path = Path(path)
+    if path.suffix == ".xz":
+        return torch.load(io.BytesIO(lzma.decompress(path.read_bytes())), map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def stored_config(cfg: TrainConfig) -> dict:
@@ -1297,10 +1334,10 @@ def export(model, folder: str | Path) -> Path:
 
 
 def export_state(state_path: str | Path, folder: str | Path) -> Path:
-    """Export the model held by a saved training state (train_state.pt or the compact one) as a Hugging Face
-    folder, as the run would have at its end: how a model kept in a repository only as its compact state
+    """Export the model held by a saved training state (any that `load_state` reads) as a Hugging Face folder,
+    as the run would have at its end: how a model kept in a repository only as its compact state
     (`training/NAME/`) is loaded by name. The compact state's bfloat16 weights come back as float32."""
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = load_state(state_path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in known})
     if state["step"] < cfg.steps:
