@@ -35,7 +35,26 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     assert f"{sum(c['met'] for c in checks)} of {len(checks)} checks met" in text
     model, processor = load_model()
     items = make_items(18, HELDOUT_SEED)
-    assert Evaluator(model, processor, items, progress=False).run(None).accuracy() == acc["unrouted"]
+    plain = Evaluator(model, processor, items, progress=False).run(None)
+    assert plain.accuracy() == acc["unrouted"]
+    # each check's 95% interval: a bootstrap over the family's items, paired for the losses
+    from visroute import RoutingConfig, Stage
+    from visroute.evaluation.metrics import bootstrap_ci, paired_bootstrap_diff
+
+    oracle = Evaluator(model, processor, items, progress=False).run(RoutingConfig("prune", "oracle", [Stage(2, 6)]))
+    by_id = {r.id: r for r in oracle.results}
+    right = {r.id: float(r.correct) for r in plain.results}
+    for fam in {it.family for it in items}:
+        ids = sorted(it.id for it in items if it.family == fam)
+        (unrouted_check,) = [c for c in checks if c["family"] == fam and c["what"] == "unrouted"]
+        assert tuple(unrouted_check["interval"]) == bootstrap_ci([right[i] for i in ids])
+        lo, hi = unrouted_check["interval"]
+        assert lo <= unrouted_check["value"] <= hi
+        loss = [c for c in checks if c["family"] == fam and c["what"] == "oracle loss @L2:6"]
+        if loss:
+            want = paired_bootstrap_diff([right[i] for i in ids], [float(by_id[i].correct) for i in ids])
+            assert tuple(loss[0]["interval"]) == want[1:] and abs(loss[0]["value"] - want[0]) < 1e-9
+    assert "| 95% interval |" in text
     for c in checks:
         fam = c["family"]
         if c["what"] == "unrouted":
@@ -44,7 +63,6 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
             assert c["value"] == acc["unrouted"][fam] - acc["oracle"][fam]
         elif c["what"] == "random loss @L2:6":
             assert c["met"] == (acc["unrouted"][fam] - acc["random"][fam] >= 0.2 - 1e-9)
-    from visroute import RoutingConfig, Stage
     from visroute.testbed import with_blank_context, with_bordering_tokens
 
     wide = Evaluator(model, processor, [with_bordering_tokens(it) for it in items], progress=False)
@@ -107,3 +125,22 @@ def test_by_form_prints_each_question_forms_accuracy_from_the_per_item_results(t
         assert int(n) == len(hits["unrouted"]) == len(hits["blind"])
         assert float(unrouted) == round(sum(hits["unrouted"]) / int(n), 3)
         assert float(blind) == round(sum(hits["blind"]) / int(n), 3)
+
+
+def test_a_check_knows_when_its_bar_lies_inside_its_interval():
+    """The report names the checks whose bar lies inside their 95% interval: on both sides for the blind margin,
+    never for a check without an interval."""
+    from visroute.testbed.quality import Check, format_bars
+
+    inside = Check("counting", "oracle loss @L3:8", 0.08, "<= 0.05", False, (0.02, 0.14))
+    outside = Check("counting", "unrouted", 0.91, ">= 0.75", True, (0.85, 0.96))
+    blind_low = Check("counting", "blind - majority", -0.06, "within +-0.10", True, (-0.14, 0.02))
+    blind_mid = Check("counting", "blind - majority", 0.0, "within +-0.10", True, (-0.05, 0.05))
+    cosine = Check("visual tokens", "background cosine", 0.45, "<= 0.90", True)
+    assert [c.bar_inside_interval for c in (inside, outside, blind_low, blind_mid, cosine)] == [
+        True, False, True, False, False]
+    text = format_bars([inside, outside, blind_low, blind_mid, cosine], {"unrouted": {}}, 100)
+    assert "| counting | oracle loss @L3:8 | +0.080 | +0.02 .. +0.14 | <= 0.05 | **no** |" in text
+    assert "| visual tokens | background cosine | 0.450 | - | <= 0.90 | yes |" in text
+    assert text.endswith("2 with the bar inside the 95% interval (the items drawn decide them): "
+                         "counting oracle loss @L3:8 (missed), counting blind - majority (met)")

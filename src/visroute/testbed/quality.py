@@ -21,6 +21,10 @@ background. `exact_oracle` keeps each item's relevant tokens and nothing else ("
 they hold nothing about the objects) or from after them ("exact+blank after": they may have read them). Where
 the blank tokens from before help as much as those from after, the oracle's loss is the context the model was
 trained with (how many tokens its attention spreads over), not missing information.
+
+Each check carries a 95% percentile-bootstrap interval over the set's items of its family (paired for the losses:
+the same items resampled for both configs). A bar inside a check's interval is decided by which items were drawn
+as much as by the model: a larger set, or other item seeds, decide it (TRAINING.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from visroute.evaluation.metrics import bootstrap_ci, paired_bootstrap_diff
 from visroute.testbed.questions import FAMILIES, MULTI_HOP_FAMILIES, VISION_FAMILIES
 
 if TYPE_CHECKING:
@@ -51,13 +56,25 @@ BACKGROUND_COS = 0.90
 
 @dataclass
 class Check:
-    """One bar: what is measured, the value, the bar and whether it is met."""
+    """One bar: what is measured, the value, the bar, whether it is met, and the value's 95% bootstrap interval
+    over the items (None for the construction bars, which are not accuracies)."""
 
     family: str
     what: str
     value: float
     bar: str
     met: bool
+    interval: tuple[float, float] | None = None
+
+    @property
+    def bar_inside_interval(self) -> bool:
+        """Whether the bar's threshold lies within the interval: the items drawn decide the check."""
+        if self.interval is None:
+            return False
+        threshold = float(self.bar.split()[-1].lstrip("+-"))  # ">= 0.95", "<= 0.05", "within +-0.10"
+        if self.what == "blind - majority":
+            return any(self.interval[0] <= t <= self.interval[1] for t in (-threshold, threshold))
+        return self.interval[0] <= threshold <= self.interval[1]
 
 
 def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Check], dict[str, dict[str, float]]]:
@@ -73,11 +90,13 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
     oracle = RoutingConfig("prune", "oracle", [Stage(layer, keep)])
     bordered = evaluator.on([with_bordering_tokens(it) for it in evaluator.items])
     unrouted, oracle_run = evaluator.run(None, name="unrouted"), evaluator.run(oracle, name="oracle")
+    blind = evaluator.run(None, blind=True, name="blind")
+    random_run = evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random")
     acc = {
         "unrouted": unrouted.accuracy(),
-        "blind": evaluator.run(None, blind=True, name="blind").accuracy(),
+        "blind": blind.accuracy(),
         "oracle": oracle_run.accuracy(),
-        "random": evaluator.run(RoutingConfig("prune", "random", [Stage(layer, keep)]), name="random").accuracy(),
+        "random": random_run.accuracy(),
         "oracle+border": bordered.run(oracle, name="oracle+border").accuracy(),
         "oracle exact": exact_oracle(evaluator, evaluator.items, layer),
         "exact+blank before": exact_oracle(evaluator, [with_blank_context(it, keep) for it in evaluator.items],
@@ -87,28 +106,43 @@ def check_bars(evaluator, layer: int = LAYER, keep: int = KEEP) -> tuple[list[Ch
         "majority": majority_rates(evaluator.items),
         **split_by_budget(unrouted.results, oracle_run.results),
     }
+    right = {name: _correct_by_family(report.results) for name, report in
+             (("unrouted", unrouted), ("blind", blind), ("oracle", oracle_run), ("random", random_run))}
     checks = []
     for fam in FAMILIES:
         if fam not in acc["unrouted"]:
             continue
         u = acc["unrouted"][fam]
-        checks.append(Check(fam, "unrouted", u, f">= {UNROUTED_BARS[fam]:.2f}", u >= UNROUTED_BARS[fam]))
+        checks.append(Check(fam, "unrouted", u, f">= {UNROUTED_BARS[fam]:.2f}", u >= UNROUTED_BARS[fam],
+                            bootstrap_ci(right["unrouted"][fam])))
+        blind_ci = bootstrap_ci(right["blind"][fam])
         gap = acc["blind"][fam] - acc["majority"][fam]
         if fam in VISION_FAMILIES:
             checks.append(Check(fam, "blind - majority", gap, f"within +-{BLIND_MARGIN:.2f}",
-                                abs(gap) <= BLIND_MARGIN + 1e-9))
+                                abs(gap) <= BLIND_MARGIN + 1e-9,
+                                (blind_ci[0] - acc["majority"][fam], blind_ci[1] - acc["majority"][fam])))
         else:
             b = acc["blind"][fam]
-            checks.append(Check(fam, "blind", b, f">= {UNROUTED_BARS[fam]:.2f}", b >= UNROUTED_BARS[fam]))
+            checks.append(Check(fam, "blind", b, f">= {UNROUTED_BARS[fam]:.2f}", b >= UNROUTED_BARS[fam], blind_ci))
             continue
         loss = u - acc["oracle"][fam]
         checks.append(Check(fam, f"oracle loss @L{layer}:{keep}", loss, f"<= {ORACLE_LOSS:.2f}",
-                            loss <= ORACLE_LOSS + 1e-9))
+                            loss <= ORACLE_LOSS + 1e-9,
+                            paired_bootstrap_diff(right["unrouted"][fam], right["oracle"][fam])[1:]))
         if fam in MULTI_HOP_FAMILIES:
             loss = u - acc["random"][fam]
             checks.append(Check(fam, f"random loss @L{layer}:{keep}", loss, f">= {RANDOM_LOSS:.2f}",
-                                loss >= RANDOM_LOSS - 1e-9))
+                                loss >= RANDOM_LOSS - 1e-9,
+                                paired_bootstrap_diff(right["unrouted"][fam], right["random"][fam])[1:]))
     return checks + alignment_checks(evaluator.model, evaluator.items), acc
+
+
+def _correct_by_family(results: list[ItemResult]) -> dict[str, list[float]]:
+    """Per family, 1.0 or 0.0 for each item, ordered by item id, so two runs of the same items pair up."""
+    out: dict[str, list[float]] = {}
+    for r in sorted(results, key=lambda r: r.id):
+        out.setdefault(r.family, []).append(float(r.correct))
+    return out
 
 
 def exact_oracle(evaluator, items, layer: int = LAYER) -> dict[str, float]:
@@ -168,13 +202,20 @@ def format_bars(checks: list[Check], acc: dict[str, dict[str, float]], n_items: 
         if fam in acc["unrouted"]:
             cells = (f"{acc[c][fam]:.3f}" if fam in acc[c] else "-" for c in cols)
             lines.append(f"| {fam} | " + " | ".join(cells) + " |")
-    lines += ["", "| family | check | value | bar | met |", "|---|---|---|---|---|"]
+    lines += ["", "| family | check | value | 95% interval | bar | met |", "|---|---|---|---|---|---|"]
     for c in checks:
-        value = f"{c.value:+.3f}" if c.what not in ("unrouted", "blind", "background cosine") else f"{c.value:.3f}"
-        lines.append(f"| {c.family} | {c.what} | {value} | {c.bar} | {'yes' if c.met else '**no**'} |")
+        signed = c.what not in ("unrouted", "blind", "background cosine")
+        value = f"{c.value:+.3f}" if signed else f"{c.value:.3f}"
+        interval = "-" if c.interval is None else (f"{c.interval[0]:+.2f} .. {c.interval[1]:+.2f}" if signed
+                                                   else f"{c.interval[0]:.2f} .. {c.interval[1]:.2f}")
+        lines.append(f"| {c.family} | {c.what} | {value} | {interval} | {c.bar} | {'yes' if c.met else '**no**'} |")
     missed = [c for c in checks if not c.met]
+    close = [c for c in checks if c.bar_inside_interval]
     lines += ["", f"{len(checks) - len(missed)} of {len(checks)} checks met"
               + ("" if not missed else ": missed " + ", ".join(f"{c.family} {c.what}" for c in missed))]
+    if close:
+        lines.append(f"{len(close)} with the bar inside the 95% interval (the items drawn decide them): "
+                     + ", ".join(f"{c.family} {c.what} ({'met' if c.met else 'missed'})" for c in close))
     return "\n".join(lines)
 
 
