@@ -651,7 +651,7 @@ def test_the_readme_documents_every_grid_key():
     models_line = next(l for l in block.splitlines() if l.startswith("# models:"))
     shared = {k: v for k, v in grid["model"].items() if k not in ("path", "label")}
     multi = parse_grid({**grid, "model": shared, **yaml.safe_load(models_line[2:].split("#")[0])})
-    assert [m.label for m in multi.models] == ["testbed-v2", "testbed-v3-a"] and multi.models[1].batch_size == 8
+    assert [m.label for m in multi.models] == ["testbed-v2", "testbed-v3-b-drop4k"] and multi.models[1].batch_size == 8
 
 
 def test_study_grids_lists_the_shipped_grids_and_their_paths(capsys):
