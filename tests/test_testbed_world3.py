@@ -316,9 +316,10 @@ def test_token_alignment_finds_what_v2_built_in():
 
 
 def _extra_models() -> list[str]:
-    from visroute.testbed import DEFAULT_MODEL, model_names
+    """Every model the repository keeps besides the package's: `models/` folders and finished training runs."""
+    from visroute.testbed import DEFAULT_MODEL, candidate_names, model_names
 
-    return [n for n in model_names() if n != DEFAULT_MODEL]
+    return [n for n in model_names() if n != DEFAULT_MODEL] + candidate_names()
 
 
 @pytest.mark.parametrize("name", _extra_models())

@@ -68,8 +68,8 @@ def training_dir() -> Path:
 
 def candidate_names() -> list[str]:
     """Models kept only as a finished training run's compact state (`training_dir`): loadable by name like the
-    shipped ones, not shipped (the tests that every shipped model meets its bars do not cover them; TRAINING.md
-    says which bars each meets)."""
+    shipped ones and tested like them against the unrouted bars on a small fixed set (TRAINING.md says which of
+    the other bars each meets)."""
     from visroute.testbed.train import compact_state
 
     folder = training_dir()
