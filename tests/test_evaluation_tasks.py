@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from visroute.cli import main
-from visroute.testbed import HELDOUT_SEED, make_items, write_dataset
+from visroute.testbed import DEFAULT_WORLD, HELDOUT_SEED, make_items, write_dataset
 
 N = 6  # items per family
 
@@ -198,10 +198,12 @@ def test_testbed_task_generates_the_world_it_is_given():
     def questions(items):
         return [(it.question, it.answers[0] if hasattr(it, "answers") else it.answer) for it in items]
 
-    three, two = make_items(6, HELDOUT_SEED, world=3), make_items(6, HELDOUT_SEED)
+    three, two = make_items(6, HELDOUT_SEED, world=3), make_items(6, HELDOUT_SEED, world=2)
     assert questions(three) != questions(two)  # the two worlds draw different scenes and questions
     assert questions(build_task("testbed", n=6, world=3).load(None)) == questions(three)
-    assert questions(build_task("testbed", n=6).load(None)) == questions(two)
+    assert questions(build_task("testbed", n=6, world=2).load(None)) == questions(two)
+    # without the option: the world the shipped model was trained on
+    assert DEFAULT_WORLD == 3 and questions(build_task("testbed", n=6).load(None)) == questions(three)
     with pytest.raises(ValueError, match="world must be 2 or 3"):
         build_task("testbed", n=6, world=4).load(None)
 

@@ -42,13 +42,13 @@ def test_blind_pass_is_the_question_without_the_image(study):
     no pixels), generated here directly, one question at a time."""
     import torch
 
-    from visroute.testbed import HELDOUT_SEED, load_model, make_items
+    from visroute.testbed import DEFAULT_WORLD, HELDOUT_SEED, load_model, make_items
     from visroute.testbed.modeling import prompt
 
     _, db = study
     model, processor = load_model()
     expected = {}
-    for it in make_items(N, HELDOUT_SEED):
+    for it in make_items(N, HELDOUT_SEED, world=DEFAULT_WORLD):  # the testbed task's default world
         inputs = processor(text=[prompt(it.question, image=False)], return_tensors="pt")
         assert "pixel_values" not in inputs
         with torch.no_grad():
@@ -96,12 +96,12 @@ def test_costs_and_recall_per_row(study):
     assert 0 < s["prune/random/L4/k0.1"].flops < 1 and 0 < s["prune/random/L4/k0.1"].kv < 1
     # equal schedules, equal budgets: prune and reroute hold the same avg_T
     assert s["prune/last_token_attention/L1-3-5/k0.1"].avg_T == s["reroute/last_token_attention/L1-3-5/k0.1"].avg_T
-    from visroute.testbed import HELDOUT_SEED, make_items
+    from visroute.testbed import DEFAULT_WORLD, HELDOUT_SEED, make_items
 
     rec = s["prune/oracle/L0/k0.1"].recall()
     assert len(rec) == 1 and rec[0][0] > s["prune/random/L0/k0.1"].recall()[0][0]
     # recall per hop: two-hop families (hop 2: the object found through the one the question names) add a hop
-    assert len(rec[0]) == max(len(it.hops) for it in make_items(N, HELDOUT_SEED)) == 2
+    assert len(rec[0]) == max(len(it.hops) for it in make_items(N, HELDOUT_SEED, world=DEFAULT_WORLD)) == 2
 
 
 def test_report_writes_markdown_and_plots(study):

@@ -8,6 +8,7 @@ import torch
 
 from visroute import RoutingConfig, Stage
 from visroute.testbed import (
+    DEFAULT_WORLD,
     HELDOUT_SEED,
     VISION_FAMILIES,
     Evaluator,
@@ -27,7 +28,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def items():
-    return make_items(180, seed=TEST_SEED)  # 20 of every family
+    return make_items(180, seed=TEST_SEED, world=DEFAULT_WORLD)  # 20 of every family, on its own scenes
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_unrouted_accuracy_meets_every_family_bar(unrouted):
 
 def test_blind_control_falls_to_the_majority_rate_except_for_the_blind_solvable_family(shipped):
     model, processor = shipped
-    items = make_items(600, seed=TEST_SEED + 1)  # text only: cheap, so a larger set
+    items = make_items(600, seed=TEST_SEED + 1, world=DEFAULT_WORLD)  # text only: cheap, so a larger set
     blind = Evaluator(model, processor, items, batch_size=100, progress=False).run(None, blind=True).accuracy()
     majority = majority_rates(items)
     for fam in VISION_FAMILIES:

@@ -42,7 +42,9 @@ def test_make_command_is_deterministic(tmp_path):
     assert len(pngs) == 12
     assert all((a / "images" / p).read_bytes() == (b / "images" / p).read_bytes() for p in pngs)
     loaded = read_dataset(a)
-    fresh = make_items(12, seed=5)
+    from visroute.testbed import DEFAULT_WORLD
+
+    fresh = make_items(12, seed=5, world=DEFAULT_WORLD)  # the command's default scene generator
     assert [x.to_dict("-") for x in loaded] == [y.to_dict("-") for y in fresh]
     assert np.array_equal(np.asarray(loaded[3].image()), np.asarray(fresh[3].image()))
 

@@ -23,7 +23,7 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     stage; each check follows from the accuracies it prints, and the exit status says whether all are met."""
     import json
 
-    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed import DEFAULT_WORLD, HELDOUT_SEED, Evaluator, load_model, make_items
     from visroute.testbed.quality import UNROUTED_BARS
 
     out = tmp_path / "bars.json"
@@ -34,7 +34,7 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     assert status == (0 if all(c["met"] for c in checks) else 1)
     assert f"{sum(c['met'] for c in checks)} of {len(checks)} checks met" in text
     model, processor = load_model()
-    items = make_items(18, HELDOUT_SEED)
+    items = make_items(18, HELDOUT_SEED, world=DEFAULT_WORLD)  # the command's default world
     plain = Evaluator(model, processor, items, progress=False).run(None)
     assert plain.accuracy() == acc["unrouted"]
     # each check's 95% interval: a bootstrap over the family's items, paired for the losses
@@ -101,13 +101,13 @@ def test_by_form_prints_each_question_forms_accuracy_from_the_per_item_results(t
     the items' own templates, and each family's forms average (by items) to the family's accuracy."""
     import json
 
-    from visroute.testbed import HELDOUT_SEED, make_items
+    from visroute.testbed import DEFAULT_WORLD, HELDOUT_SEED, make_items
 
     out = tmp_path / "reports.json"
     assert main(["testbed", "eval", "--by-form", "--limit", "27", "--blind", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     reports = json.loads(out.read_text())
-    template = {it.id: (it.family, it.template) for it in make_items(300, HELDOUT_SEED)[:27]}
+    template = {it.id: (it.family, it.template) for it in make_items(300, HELDOUT_SEED, world=DEFAULT_WORLD)[:27]}
     for name in ("unrouted", "blind"):
         right: dict[tuple[str, str], list[bool]] = {}
         for r in reports[name]["items"]:

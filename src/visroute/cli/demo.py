@@ -125,13 +125,13 @@ def format_summary(reports: dict, flops: dict[str, float], items) -> str:
 def run(args) -> int:
     import torch
 
-    from visroute.testbed import Evaluator, load_model, make_items
+    from visroute.testbed import DEFAULT_WORLD, Evaluator, load_model, make_items
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     torch.manual_seed(0)
     model, processor = load_model(args.model)
-    items = make_items(args.n, seed=DEMO_SEED)
+    items = make_items(args.n, seed=DEMO_SEED, world=DEFAULT_WORLD)
     num_visual = items[0].num_visual
     configs = demo_configs(model.config.text_config.num_hidden_layers, num_visual, args.keep, args.layer)
     print(f"visroute demo: the testbed model ({model.config.text_config.num_hidden_layers} decoder layers, "

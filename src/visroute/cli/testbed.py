@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--families", help="comma-separated subset of the question families")
-    m.add_argument("--world", type=int, choices=(2, 3), default=2,
-                   help="scene generator: 2 (the shipped model's world) or 3 (textures, clutter, distractors, lures)")
+    m.add_argument("--world", type=int, choices=(2, 3), default=None,
+                   help="scene generator: 3 (textures, clutter, distractors, lures; the shipped model's world and the "
+                        "default, `visroute.testbed.DEFAULT_WORLD`) or 2 (plain scenes, the v2 model's)")
     add_debug(m)
     m.set_defaults(func=run_make)
 
@@ -41,7 +42,8 @@ def add_parser(sub) -> None:
     e.add_argument("--data", help="dataset folder from `testbed make` (default: the held-out set, generated)")
     e.add_argument("--n", type=int, default=300, help="size of the generated held-out set")
     e.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
-    e.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
+    e.add_argument("--world", type=int, choices=(2, 3), default=None,
+                   help="scene generator of the generated set (default: the shipped model's, 3)")
     e.add_argument("--limit", type=int, help="evaluate only the first N items")
     e.add_argument("--blind", action="store_true", help="also run the blind control (image removed)")
     e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to the config")
@@ -58,7 +60,8 @@ def add_parser(sub) -> None:
                                    "(default: the shipped one)")
     b.add_argument("--n", type=int, default=900, help="size of the generated held-out set (families take turns)")
     b.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
-    b.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
+    b.add_argument("--world", type=int, choices=(2, 3), default=None,
+                   help="scene generator of the generated set (default: the shipped model's, 3)")
     b.add_argument("--layer", type=int, default=None, help="layer of the prune stage (default: the bar's, 3)")
     b.add_argument("--keep", type=int, default=None, help="visual tokens it keeps (default: the bar's, 8)")
     b.add_argument("--batch-size", type=int, default=64)
@@ -70,7 +73,8 @@ def add_parser(sub) -> None:
     lay.add_argument("--model", help="testbed model: a name or a checkpoint folder (default: the shipped one)")
     lay.add_argument("--n", type=int, default=270, help="size of the generated held-out set (families take turns)")
     lay.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
-    lay.add_argument("--world", type=int, choices=(2, 3), default=2, help="scene generator of the generated set")
+    lay.add_argument("--world", type=int, choices=(2, 3), default=None,
+                   help="scene generator of the generated set (default: the shipped model's, 3)")
     lay.add_argument("--keep", type=int, default=None, help="visual tokens the stage keeps (default: the bars', 8)")
     lay.add_argument("--batch-size", type=int, default=64)
     lay.add_argument("--json", help="write the accuracies to this file")
@@ -84,13 +88,20 @@ def add_parser(sub) -> None:
     c.set_defaults(func=run_curve)
 
 
+def _world(args) -> int:
+    """The scene generator `--world` names, else the one the shipped model was trained on."""
+    from visroute.testbed import DEFAULT_WORLD
+
+    return DEFAULT_WORLD if args.world is None else args.world
+
+
 def run_make(args) -> int:
     from visroute.testbed.data import make_items, write_dataset
 
     families = [f.strip() for f in args.families.split(",")] if args.families else None
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    path = write_dataset(make_items(args.n, args.seed, families, world=args.world), args.out)
+    path = write_dataset(make_items(args.n, args.seed, families, world=_world(args)), args.out)
     print(f"wrote {args.n} items to {path}")
     return 0
 
@@ -100,7 +111,7 @@ def _train_flags(t) -> None:
 
     t.add_argument("--recipe", choices=list(RECIPES), default="v3",
                    help="the recipe whose values the flags not given take (TRAINING.md; default v3; v2: the "
-                        "shipped model's recipe, the defaults each flag lists)")
+                        "v2 model's recipe, the defaults each flag lists)")
     add_dataclass_flags(t, TrainConfig)
     t.set_defaults(**{f.name: _NOT_GIVEN for f in dataclasses.fields(TrainConfig)})  # see train_config
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
@@ -167,7 +178,7 @@ def run_eval(args) -> int:
     if args.data:
         items = read_dataset(args.data)
     else:
-        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
+        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
     if args.limit is not None:
         items = items[: args.limit]
     if not items:
@@ -199,7 +210,7 @@ def run_bars(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
     model, processor = load_model(args.model)
     ev = Evaluator(model, processor, items, batch_size=args.batch_size)
     checks, acc = check_bars(ev, LAYER if args.layer is None else args.layer, KEEP if args.keep is None else args.keep)
@@ -217,10 +228,10 @@ def run_layers(args) -> int:
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     keep = KEEP if args.keep is None else args.keep
-    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=args.world)
+    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
     model, processor = load_model(args.model)
     acc = random_by_layer(Evaluator(model, processor, items, batch_size=args.batch_size), keep)
-    print(f"model {args.model or 'shipped testbed checkpoint'}; {len(items)} held-out items, world {args.world}")
+    print(f"model {args.model or 'shipped testbed checkpoint'}; {len(items)} held-out items, world {_world(args)}")
     print(format_layers(acc, keep))
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in acc.items()}, indent=1))

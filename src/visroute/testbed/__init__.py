@@ -43,7 +43,8 @@ def checkpoint_path() -> Path:
     return Path(__file__).resolve().parent / "checkpoint"
 
 
-DEFAULT_MODEL = "testbed-v2"  # the name of the checkpoint shipped in the package
+DEFAULT_MODEL = "testbed-v3-b-drop4k"  # the name of the checkpoint shipped in the package
+DEFAULT_WORLD = 3  # the scene generator it was trained on: the command line's and the harness task's default
 MODELS_ENV = "VISROUTE_TESTBED_MODELS"  # a folder of further named checkpoints (default: models/ in the repository)
 
 
@@ -114,7 +115,7 @@ def load_model(path: str | Path | None = None, dtype=None):
 
 
 __all__ = [
-    "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL",
+    "checkpoint_path", "load_model", "model_path", "model_names", "models_dir", "DEFAULT_MODEL", "DEFAULT_WORLD",
     "candidate_names", "training_dir",
     "Item", "make_item", "make_items", "read_dataset", "write_dataset",
     "blank_tokens", "with_blank_context", "with_bordering_tokens",

@@ -51,7 +51,7 @@ from visroute.testbed.scenes import (
 )
 
 HELDOUT_SEED = 1000  # the held-out evaluation set; training draws from a separate stream
-WORLDS = (2, 3)  # scene generators: 2 the shipped model's world, 3 the one with traps (scenes.py, add_traps)
+WORLDS = (2, 3)  # scene generators: 2 the plain one (v2's), 3 the one with traps (scenes.py, add_traps; v3's)
 
 
 @dataclass

@@ -48,7 +48,7 @@ ORACLE_LOSS = 0.05
 RANDOM_LOSS = 0.20
 # Set before the v3 models trained (`token_alignment`, on world-3 items): a model's object tokens are no closer to
 # the sum of their own colour and shape word embeddings than to another colour's by more than ALIGNMENT_GAP (the
-# shipped v2 model: about 0.4), and its background tokens at one grid position in two images have a mean cosine of at
+# v2 model: about 0.4), and its background tokens at one grid position in two images have a mean cosine of at
 # most BACKGROUND_COS (v2: about 0.97).
 ALIGNMENT_GAP = 0.15
 BACKGROUND_COS = 0.90

@@ -57,11 +57,12 @@ float32) on CPUs with bfloat16 units, where that is much faster, and in float32 
 slower (`bf16_units`); the weights are kept and exported in float32 either way.
 
 Recipes (`RECIPES`, `recipe_config`; `visroute testbed train --recipe NAME`): "v2" is the TrainConfig defaults
-described above (the shipped model). "v3" builds no answer in: world-3 scenes (`world`: textures, clutter,
-salient distractors, lures, touching and overlapping objects), symbolic tokens from fixed random codes rather than
-word embeddings (`targets` "codes", see SymbolicTokens), the tower's pooled [CLS] trained to say which colours and
-shapes the image holds (`tower_cls`, phases 2 and 3, through a linear head used in training only), no hop
-pointer, no hidden background, no early-answer loss, and every decoder layer trained from the first step.
+described above (testbed-v2, the default before v3). "v3" builds no answer in: world-3 scenes (`world`:
+textures, clutter, salient distractors, lures, touching and overlapping objects), symbolic tokens from fixed
+random codes rather than word embeddings (`targets` "codes", see SymbolicTokens), the tower's pooled [CLS] trained
+to say which colours and shapes the image holds (`tower_cls`, phases 2 and 3, through a linear head used in
+training only), no hop pointer, no hidden background, no early-answer loss, and every decoder layer trained from
+the first step.
 "v3-grow" is v3 with the decoder grown 6 -> 12. "v3-then-route" and "v3-grow-then-route" add phase 4 with
 `route_rows`: half the image rows have a uniformly random subset of their visual tokens stop being read at a
 random layer, pruned or rerouted (skipping layers and returning) in equal measure. They are declared variants:
@@ -292,7 +293,7 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict] = {
-    # v2: the TrainConfig defaults (the shipped model).
+    # v2: the TrainConfig defaults (testbed-v2, the default model before v3).
     "v2": {},
     # v3: visual tokens the model learns (random codes, not word embeddings), the v3 world, a tower [CLS] trained
     # on what the image holds, no auxiliary loss that favours one signal (no hop pointer, no hidden background,

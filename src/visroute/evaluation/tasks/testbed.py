@@ -14,6 +14,7 @@ import numpy as np
 from visroute.evaluation.tasks import register_task
 from visroute.evaluation.tasks.base import Task, TaskItem
 from visroute.families import ImageFrame
+from visroute.testbed import DEFAULT_WORLD
 from visroute.testbed.data import HELDOUT_SEED, make_items, read_dataset
 from visroute.testbed.scenes import IMAGE_SIZE
 
@@ -60,7 +61,8 @@ class TestbedTask(Task):
     options = {"n": (300, "items to generate when no data is given"),
                "seed": (None, "seed of the generated set (default: the held-out seed)"),
                "families": (None, "question families to keep (default: all)"),
-               "world": (2, "scene generator of the generated set: 2, or 3 (textures, clutter, distractors, lures)")}
+               "world": (DEFAULT_WORLD, "scene generator of the generated set: 3 (textures, clutter, distractors, "
+                                        "lures; the shipped model's world), or 2 (plain scenes)")}
     required_keys = ()
 
     def load(self, limit: int | None) -> list[TaskItem]:
