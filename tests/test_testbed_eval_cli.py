@@ -23,7 +23,7 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     stage; each check follows from the accuracies it prints, and the exit status says whether all are met."""
     import json
 
-    from visroute.testbed import DEFAULT_WORLD, HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed import DEFAULT_MODEL, DEFAULT_WORLD, HELDOUT_SEED, Evaluator, load_model, make_items
     from visroute.testbed.quality import UNROUTED_BARS
 
     out = tmp_path / "bars.json"
@@ -33,6 +33,7 @@ def test_testbed_bars_checks_every_bar_against_the_runs_it_reports(tmp_path, cap
     acc, checks = report["accuracy"], report["checks"]
     assert status == (0 if all(c["met"] for c in checks) else 1)
     assert f"{sum(c['met'] for c in checks)} of {len(checks)} checks met" in text
+    assert f"model {DEFAULT_MODEL} (shipped)" in text  # which model was checked, by name
     model, processor = load_model()
     items = make_items(18, HELDOUT_SEED, world=DEFAULT_WORLD)  # the command's default world
     plain = Evaluator(model, processor, items, progress=False).run(None)

@@ -88,6 +88,13 @@ def add_parser(sub) -> None:
     c.set_defaults(func=run_curve)
 
 
+def _model_name(args) -> str:
+    """The model `--model` names, else the shipped one's name."""
+    from visroute.testbed import DEFAULT_MODEL
+
+    return args.model or f"{DEFAULT_MODEL} (shipped)"
+
+
 def _world(args) -> int:
     """The scene generator `--world` names, else the one the shipped model was trained on."""
     from visroute.testbed import DEFAULT_WORLD
@@ -192,7 +199,7 @@ def run_eval(args) -> int:
         reports[label] = ev.run(config, name=label)
     if args.blind:
         reports["blind"] = ev.run(None, blind=True, name="blind")
-    print(f"{len(items)} items; model {args.model or 'shipped testbed checkpoint'}")
+    print(f"{len(items)} items; model {_model_name(args)}")
     print(format_table(reports, items))
     if args.by_form:
         print()
@@ -214,7 +221,7 @@ def run_bars(args) -> int:
     model, processor = load_model(args.model)
     ev = Evaluator(model, processor, items, batch_size=args.batch_size)
     checks, acc = check_bars(ev, LAYER if args.layer is None else args.layer, KEEP if args.keep is None else args.keep)
-    print(f"model {args.model or 'shipped testbed checkpoint'}")
+    print(f"model {_model_name(args)}")
     print(format_bars(checks, acc, len(items)))
     if args.json:
         Path(args.json).write_text(json.dumps({"accuracy": acc, "checks": [c.__dict__ for c in checks]}, indent=1))
@@ -231,7 +238,7 @@ def run_layers(args) -> int:
     items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
     model, processor = load_model(args.model)
     acc = random_by_layer(Evaluator(model, processor, items, batch_size=args.batch_size), keep)
-    print(f"model {args.model or 'shipped testbed checkpoint'}; {len(items)} held-out items, world {_world(args)}")
+    print(f"model {_model_name(args)}; {len(items)} held-out items, world {_world(args)}")
     print(format_layers(acc, keep))
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in acc.items()}, indent=1))
