@@ -9,6 +9,7 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
+from visroute.testbed import DEFAULT_WORLD
 from visroute.testbed.data import make_items, read_dataset
 from visroute.testbed.questions import FAMILIES
 from visroute.testbed.scenes import ALL_COLORS, GRID, PATCH, PRIOR_SHAPES, SHAPES, object_tokens, random_scene, render
@@ -42,8 +43,6 @@ def test_make_command_is_deterministic(tmp_path):
     assert len(pngs) == 12
     assert all((a / "images" / p).read_bytes() == (b / "images" / p).read_bytes() for p in pngs)
     loaded = read_dataset(a)
-    from visroute.testbed import DEFAULT_WORLD
-
     fresh = make_items(12, seed=5, world=DEFAULT_WORLD)  # the command's default scene generator
     assert [x.to_dict("-") for x in loaded] == [y.to_dict("-") for y in fresh]
     assert np.array_equal(np.asarray(loaded[3].image()), np.asarray(fresh[3].image()))

@@ -26,9 +26,7 @@ def add_parser(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--families", help="comma-separated subset of the question families")
-    m.add_argument("--world", type=int, choices=(2, 3), default=None,
-                   help="scene generator: 3 (textures, clutter, distractors, lures; the shipped model's world and the "
-                        "default, `visroute.testbed.DEFAULT_WORLD`) or 2 (plain scenes, the v2 model's)")
+    _add_world(m)
     add_debug(m)
     m.set_defaults(func=run_make)
 
@@ -42,8 +40,7 @@ def add_parser(sub) -> None:
     e.add_argument("--data", help="dataset folder from `testbed make` (default: the held-out set, generated)")
     e.add_argument("--n", type=int, default=300, help="size of the generated held-out set")
     e.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
-    e.add_argument("--world", type=int, choices=(2, 3), default=None,
-                   help="scene generator of the generated set (default: the shipped model's, 3)")
+    _add_world(e)
     e.add_argument("--limit", type=int, help="evaluate only the first N items")
     e.add_argument("--blind", action="store_true", help="also run the blind control (image removed)")
     e.add_argument("--unrouted", action="store_true", help="also run the unrouted model next to the config")
@@ -60,8 +57,7 @@ def add_parser(sub) -> None:
                                    "(default: the shipped one)")
     b.add_argument("--n", type=int, default=900, help="size of the generated held-out set (families take turns)")
     b.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
-    b.add_argument("--world", type=int, choices=(2, 3), default=None,
-                   help="scene generator of the generated set (default: the shipped model's, 3)")
+    _add_world(b)
     b.add_argument("--layer", type=int, default=None, help="layer of the prune stage (default: the bar's, 3)")
     b.add_argument("--keep", type=int, default=None, help="visual tokens it keeps (default: the bar's, 8)")
     b.add_argument("--batch-size", type=int, default=64)
@@ -73,8 +69,7 @@ def add_parser(sub) -> None:
     lay.add_argument("--model", help="testbed model: a name or a checkpoint folder (default: the shipped one)")
     lay.add_argument("--n", type=int, default=270, help="size of the generated held-out set (families take turns)")
     lay.add_argument("--seed", type=int, default=None, help="seed of the generated set (default: the held-out seed)")
-    lay.add_argument("--world", type=int, choices=(2, 3), default=None,
-                   help="scene generator of the generated set (default: the shipped model's, 3)")
+    _add_world(lay)
     lay.add_argument("--keep", type=int, default=None, help="visual tokens the stage keeps (default: the bars', 8)")
     lay.add_argument("--batch-size", type=int, default=64)
     lay.add_argument("--json", help="write the accuracies to this file")
@@ -86,6 +81,13 @@ def add_parser(sub) -> None:
     c.add_argument("--out", help="PNG to write (default: curve.png in the run folder)")
     add_debug(c)
     c.set_defaults(func=run_curve)
+
+
+def _add_world(p) -> None:
+    # resolved at run time (`_world`): the parser must not import the testbed, which imports torch
+    p.add_argument("--world", type=int, choices=(2, 3), default=None,
+                   help="scene generator: 3 (textures, clutter, distractors, lures; the shipped model's world and the "
+                        "default, `visroute.testbed.DEFAULT_WORLD`) or 2 (plain scenes, the v2 model's)")
 
 
 def _model_name(args) -> str:
@@ -100,6 +102,13 @@ def _world(args) -> int:
     from visroute.testbed import DEFAULT_WORLD
 
     return DEFAULT_WORLD if args.world is None else args.world
+
+
+def _generated_items(args) -> list:
+    """The held-out set `--n`, `--seed` (default: the held-out seed) and `--world` name."""
+    from visroute.testbed import HELDOUT_SEED, make_items
+
+    return make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
 
 
 def run_make(args) -> int:
@@ -176,7 +185,7 @@ def _routing(args):
 
 
 def run_eval(args) -> int:
-    from visroute.testbed import HELDOUT_SEED, Evaluator, format_table, load_model, make_items, read_dataset
+    from visroute.testbed import Evaluator, format_table, load_model, read_dataset
     from visroute.testbed.evaluate import format_form_table
 
     if args.method and (args.config or args.stages):
@@ -185,7 +194,7 @@ def run_eval(args) -> int:
     if args.data:
         items = read_dataset(args.data)
     else:
-        items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
+        items = _generated_items(args)
     if args.limit is not None:
         items = items[: args.limit]
     if not items:
@@ -212,12 +221,12 @@ def run_eval(args) -> int:
 
 def run_bars(args) -> int:
     """Exit status 0 when every bar is met, 1 when one is missed."""
-    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed import Evaluator, load_model
     from visroute.testbed.quality import KEEP, LAYER, check_bars, format_bars
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
+    items = _generated_items(args)
     model, processor = load_model(args.model)
     ev = Evaluator(model, processor, items, batch_size=args.batch_size)
     checks, acc = check_bars(ev, LAYER if args.layer is None else args.layer, KEEP if args.keep is None else args.keep)
@@ -229,13 +238,13 @@ def run_bars(args) -> int:
 
 
 def run_layers(args) -> int:
-    from visroute.testbed import HELDOUT_SEED, Evaluator, load_model, make_items
+    from visroute.testbed import Evaluator, load_model
     from visroute.testbed.quality import KEEP, format_layers, random_by_layer
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     keep = KEEP if args.keep is None else args.keep
-    items = make_items(args.n, HELDOUT_SEED if args.seed is None else args.seed, world=_world(args))
+    items = _generated_items(args)
     model, processor = load_model(args.model)
     acc = random_by_layer(Evaluator(model, processor, items, batch_size=args.batch_size), keep)
     print(f"model {_model_name(args)}; {len(items)} held-out items, world {_world(args)}")
